@@ -1,0 +1,53 @@
+"""The ``sponlab`` command line: one command per pipeline stage, exactly as DVC runs them.
+
+Every command reads ``--params`` (default ``params.yaml``), validates it before any heavy work and
+takes explicit input/output paths whose defaults match ``dvc.yaml``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+
+import typer
+
+app = typer.Typer(
+    help="sponlab: TEAL activation sparsification and SPON bias compensation, stage by stage.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+# Stage modules under stages/ (installed as sponlab.stages); each exposes ``main`` and a docstring.
+STAGES: list[str] = [
+    "base",
+    "prepare",
+    "calibrate",
+    "dense",
+    "train",
+    "evaluate",
+    "summarize",
+    "plots",
+]
+
+
+@app.callback()
+def _setup(verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logging.")) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+
+
+def _register() -> None:
+    for name in STAGES:
+        module = importlib.import_module(f"sponlab.stages.{name}")
+        doc = (module.__doc__ or "").strip().splitlines()
+        app.command(name.replace("_", "-"), help=doc[0] if doc else None)(module.main)
+
+
+_register()
+
+if __name__ == "__main__":
+    app()

