@@ -26,8 +26,9 @@ STAGES: list[str] = [
     "dense",
     "train",
     "evaluate",
-    "summarize",
-    "plots",
+    "spectrum",
+    "sae",
+    "importance",
 ]
 
 
@@ -49,5 +50,18 @@ def _register() -> None:
 
 _register()
 
+
+def main() -> None:
+    """Console entry point: parameter and site errors end with a one-line message, exit code 2."""
+    from sponlab.config import ConfigError
+    from sponlab.sites import SiteError
+
+    try:
+        app()
+    except (ConfigError, SiteError) as err:
+        typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
+        raise SystemExit(2) from err
+
+
 if __name__ == "__main__":
-    app()
+    main()

@@ -1,0 +1,138 @@
+"""Evaluation: perplexity, KL to the dense model and per-layer hidden-state shift.
+
+The dense reference (log-probs and residual-stream hidden states on the first ``detail`` test
+blocks) is captured once by the dense stage and reused by every evaluated configuration.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from sponlab.sites import SiteMap
+from sponlab.sparsify import SparsifySpec, SparsityStats, sparsified
+from sponlab.spon import SponBiases, maybe_attached
+
+
+@dataclass
+class DenseReference:
+    """Dense outputs on the detail blocks.
+
+    logp: [N, T, V] next-token log-probs (stored fp16: top tokens keep ~5e-4 precision).
+    hidden: [N, L+1, T, D] residual stream (embeddings, then the output of each layer).
+    """
+
+    logp: torch.Tensor
+    hidden: torch.Tensor
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {"logp": self.logp, "hidden": self.hidden}
+
+
+@dataclass
+class VariantMetrics:
+    """Metrics of one model variant (dense, TEAL-only, TEAL+SPON) on the test blocks."""
+
+    ppl: float
+    nll: float
+    tokens: int
+    kl: float | None = None
+    shift_l2: list[float] = field(default_factory=list)  # per hidden-state index, mean over tokens
+    shift_rel: list[float] = field(default_factory=list)  # ||h - h_dense|| / ||h_dense||
+
+    def summary(self) -> dict:
+        return {"ppl": self.ppl, "nll": self.nll, "tokens": self.tokens, "kl": self.kl}
+
+
+def next_token_nll(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Summed NLL of predicting ``ids[:, 1:]`` from ``logits[:, :-1]`` (fp32 scalar)."""
+    return F.cross_entropy(
+        logits[:, :-1].float().reshape(-1, logits.shape[-1]),
+        ids[:, 1:].reshape(-1),
+        reduction="sum",
+    )
+
+
+def hidden_stack(hidden_states: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """HF ``hidden_states`` tuple -> [B, L+1, T, D] fp32."""
+    return torch.stack([h.float() for h in hidden_states], dim=1)
+
+
+def capture_dense(model: nn.Module, blocks: torch.Tensor, batch_size: int) -> DenseReference:
+    """Dense log-probs and hidden states for ``blocks`` ([N, T])."""
+    device = next(model.parameters()).device
+    logps, hiddens = [], []
+    with torch.no_grad():
+        for start in tqdm(range(0, len(blocks), batch_size), desc="dense capture", leave=False):
+            out = model(blocks[start : start + batch_size].to(device), output_hidden_states=True)
+            logps.append(F.log_softmax(out.logits.float(), dim=-1).half().cpu())
+            hiddens.append(hidden_stack(out.hidden_states).cpu())
+    return DenseReference(logp=torch.cat(logps), hidden=torch.cat(hiddens))
+
+
+def evaluate_variant(
+    model: nn.Module,
+    site_map: SiteMap,
+    blocks: torch.Tensor,
+    batch_size: int,
+    spec: SparsifySpec | None = None,
+    biases: SponBiases | None = None,
+    reference: DenseReference | None = None,
+    stats: SparsityStats | None = None,
+    desc: str = "eval",
+) -> VariantMetrics:
+    """Perplexity on ``blocks``; with ``reference``, KL and hidden shift on its first blocks."""
+    device = next(model.parameters()).device
+    detail = len(reference.logp) if reference is not None else 0
+    nll, tokens = 0.0, 0
+    kl_sum, kl_tokens = 0.0, 0
+    l2_sum: torch.Tensor | None = None
+    rel_sum: torch.Tensor | None = None
+    with (
+        torch.no_grad(),
+        sparsified(model, site_map, spec, stats),
+        maybe_attached(biases, model, site_map),
+    ):
+        for start in tqdm(range(0, len(blocks), batch_size), desc=desc, leave=False):
+            ids = blocks[start : start + batch_size].to(device)  # [B, T]
+            want_detail = start < detail
+            out = model(ids, output_hidden_states=want_detail)
+            nll += float(next_token_nll(out.logits, ids))
+            tokens += ids.shape[0] * (ids.shape[1] - 1)
+            if not want_detail:
+                continue
+            stop = min(start + len(ids), detail)
+            n = stop - start
+            ref_logp = reference.logp[start:stop].to(device).float()  # [n, T, V]
+            logp = F.log_softmax(out.logits[:n].float(), dim=-1)
+            kl_tok = F.kl_div(logp, ref_logp, log_target=True, reduction="none").sum(-1)  # [n, T]
+            kl_sum += float(kl_tok.sum())
+            kl_tokens += kl_tok.numel()
+            hidden = hidden_stack(out.hidden_states)[:n]  # [n, L+1, T, D]
+            ref_hidden = reference.hidden[start:stop].to(device)
+            diff = (hidden - ref_hidden).norm(dim=-1)  # [n, L+1, T]
+            rel = diff / ref_hidden.norm(dim=-1).clamp_min(1e-12)
+            l2 = diff.sum(dim=(0, 2)).cpu()
+            rl = rel.sum(dim=(0, 2)).cpu()
+            l2_sum = l2 if l2_sum is None else l2_sum + l2
+            rel_sum = rl if rel_sum is None else rel_sum + rl
+    metrics = VariantMetrics(ppl=math.exp(nll / tokens), nll=nll / tokens, tokens=tokens)
+    if reference is not None and kl_tokens:
+        per_token = kl_tokens  # number of (block, position) pairs
+        metrics.kl = kl_sum / per_token
+        metrics.shift_l2 = (l2_sum / per_token).tolist()  # type: ignore[operator]
+        metrics.shift_rel = (rel_sum / per_token).tolist()  # type: ignore[operator]
+    return metrics
+
+
+def damage_recovered(ppl_dense: float, ppl_teal: float, ppl_spon: float) -> float | None:
+    """(ppl_teal - ppl_spon) / (ppl_teal - ppl_dense); None when TEAL did no damage."""
+    damage = ppl_teal - ppl_dense
+    if abs(damage) < 1e-9:
+        return None
+    return (ppl_teal - ppl_spon) / damage

@@ -1,0 +1,1 @@
+"""All figures of sponlab (matplotlib, Agg backend, PNG), one submodule per analysis."""

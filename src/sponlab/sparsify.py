@@ -1,0 +1,248 @@
+"""Activation sparsification of linear-layer inputs: TEAL thresholds and per-token top-k.
+
+Sparsification is a forward *pre*-hook on each chosen ``nn.Linear``: it rewrites the input to
+``x * (|x| > t)`` so the layer still performs exactly one matmul. Hooks live in the
+:func:`sparsified` context manager, which always removes them.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from sponlab.sites import Site, SiteMap, sort_sites
+
+log = logging.getLogger(__name__)
+
+METHODS = ("teal", "topk")
+
+
+@dataclass
+class SparsityStats:
+    """Counts of zeroed vs total input entries per site (sparsified token positions only)."""
+
+    zeros: dict[Site, torch.Tensor] = field(default_factory=dict)
+    totals: dict[Site, int] = field(default_factory=dict)
+
+    def add(self, site: Site, keep: torch.Tensor) -> None:
+        dropped = (~keep).sum()
+        self.zeros[site] = self.zeros.get(site, 0) + dropped
+        self.totals[site] = self.totals.get(site, 0) + keep.numel()
+
+    def achieved(self) -> dict[Site, float]:
+        """Fraction of entries zeroed, per site."""
+        return {s: float(self.zeros[s]) / max(self.totals[s], 1) for s in sort_sites(self.zeros)}
+
+
+@dataclass(frozen=True)
+class SparsifySpec:
+    """What to sparsify and how.
+
+    ``thresholds`` (``teal``) maps each site to its calibrated magnitude threshold. ``dense_prefix``
+    keeps the first N positions of every sequence dense (a dense prefill followed by sparse decoding).
+    """
+
+    method: str
+    sparsity: float
+    sites: tuple[Site, ...]
+    thresholds: Mapping[Site, float] | None = None
+    dense_prefix: int = 0
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"sparsify method must be one of {METHODS}, got {self.method!r}")
+        if not 0 <= self.sparsity < 1:
+            raise ValueError(f"sparsity must be in [0, 1), got {self.sparsity}")
+        if self.method == "teal":
+            missing = [
+                s.key for s in self.sites if self.thresholds is None or s not in self.thresholds
+            ]
+            if missing:
+                raise ValueError(f"teal needs a threshold for every site; missing {missing[:5]}")
+
+
+def teal_mask(x: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
+    """Entries to keep: ``|x| > threshold``.  x: [..., D] -> bool [..., D]."""
+    return x.abs() > threshold
+
+
+def topk_mask(x: torch.Tensor, sparsity: float) -> torch.Tensor:
+    """Per-token magnitude top-k: keep the ``(1 - sparsity) * D`` largest |x| of each row."""
+    dim = x.shape[-1]
+    drop = round(sparsity * dim)
+    if drop == 0:
+        return torch.ones_like(x, dtype=torch.bool)
+    cut = x.abs().kthvalue(drop, dim=-1, keepdim=True).values  # [..., 1]
+    return x.abs() > cut
+
+
+def _make_hook(spec: SparsifySpec, site: Site, threshold: torch.Tensor | None, stats):
+    def hook(_module: nn.Module, args: tuple) -> tuple:
+        x = args[0]  # [B, T, D]
+        keep = teal_mask(x, threshold) if threshold is not None else topk_mask(x, spec.sparsity)
+        if spec.dense_prefix > 0:
+            keep[:, : spec.dense_prefix] = True
+        if stats is not None:
+            stats.add(site, keep[:, spec.dense_prefix :])
+        return (x * keep, *args[1:])
+
+    return hook
+
+
+@contextmanager
+def sparsified(
+    model: nn.Module,
+    site_map: SiteMap,
+    spec: SparsifySpec | None,
+    stats: SparsityStats | None = None,
+) -> Iterator[None]:
+    """Sparsify the inputs of ``spec.sites`` while inside the block (no-op for ``spec=None``)."""
+    handles = []
+    try:
+        if spec is not None:
+            for site in site_map.require(spec.sites):
+                linear = site_map.linear(model, site)
+                threshold = None
+                if spec.method == "teal":
+                    value = spec.thresholds[site]  # type: ignore[index]
+                    threshold = torch.tensor(
+                        value, dtype=linear.weight.dtype, device=linear.weight.device
+                    )
+                hook = _make_hook(spec, site, threshold, stats)
+                handles.append(linear.register_forward_pre_hook(hook))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+# ---------------------------------------------------------------- calibration
+
+
+@contextmanager
+def capture_inputs(
+    model: nn.Module, site_map: SiteMap, sites: Sequence[Site], sink
+) -> Iterator[None]:
+    """Call ``sink(site, x)`` with the input ``[B, T, D]`` of every site on each forward."""
+    handles = []
+    try:
+        for site in site_map.require(sites):
+
+            def hook(_m, args, site=site):
+                sink(site, args[0])
+
+            handles.append(site_map.linear(model, site).register_forward_pre_hook(hook))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def group_representatives(sites: Iterable[Site]) -> dict[Site, list[Site]]:
+    """One site per (layer, TEAL input group) standing for all sites that share its input."""
+    reps: dict[tuple[int, str], list[Site]] = {}
+    for site in sort_sites(sites):
+        reps.setdefault((site.layer, site.group), []).append(site)
+    return {members[0]: members for members in reps.values()}
+
+
+class HistogramQuantiles:
+    """Streaming |x| histogram on log-spaced bins: memory O(bins) per site, for large models."""
+
+    def __init__(self, bins: int = 8192, lo: float = 1e-8, hi: float = 1e4) -> None:
+        self.edges = torch.logspace(
+            torch.log10(torch.tensor(lo)), torch.log10(torch.tensor(hi)), bins + 1
+        )
+        self.counts = torch.zeros(bins + 2, dtype=torch.float64)  # underflow, bins, overflow
+
+    def update(self, values: torch.Tensor) -> None:
+        index = torch.bucketize(values.float().flatten().cpu(), self.edges)  # 0 .. bins+1
+        self.counts += torch.bincount(index, minlength=len(self.counts)).double()
+
+    def quantile(self, q: float) -> float:
+        """Value below which a fraction ``q`` of entries lie (linear inside a bin)."""
+        cdf = self.counts.cumsum(0) / self.counts.sum()
+        index = int(torch.searchsorted(cdf, torch.tensor(q, dtype=torch.float64)))
+        if index == 0:
+            return float(self.edges[0])
+        if index >= len(self.edges):
+            return float(self.edges[-1])
+        lo_cdf = float(cdf[index - 1])
+        frac = (q - lo_cdf) / max(float(self.counts[index] / self.counts.sum()), 1e-300)
+        lo, hi = float(self.edges[index - 1]), float(self.edges[index])
+        return lo + min(max(frac, 0.0), 1.0) * (hi - lo)
+
+
+def quantile_threshold(values: torch.Tensor, sparsity: float) -> float:
+    """Exact threshold t such that ``round(sparsity * n)`` of ``values`` satisfy ``v <= t``.
+
+    ``-inf`` for sparsity 0, so ``|x| > t`` keeps everything (identity).
+    """
+    flat = values.flatten()
+    k = round(sparsity * flat.numel())
+    if k == 0:
+        return float("-inf")
+    return float(flat.float().kthvalue(k).values)
+
+
+def calibrate_thresholds(
+    model: nn.Module,
+    site_map: SiteMap,
+    blocks: torch.Tensor,
+    sparsities: Sequence[float],
+    sites: Sequence[Site] | None = None,
+    method: str = "quantile",
+    batch_size: int = 8,
+) -> dict[float, dict[Site, float]]:
+    """Per-site thresholds that zero a fraction ``s`` of calibration inputs, for each ``s``.
+
+    One dense pass over ``blocks`` ([N, L] token ids). Sites sharing an input (q/k/v, gate/up) are
+    captured once and get the same threshold. ``method`` is ``quantile`` (exact; keeps all |x| of
+    the calibration set in CPU memory) or ``histogram`` (streaming, approximate).
+    """
+    sites = list(sites) if sites is not None else site_map.sites
+    reps = group_representatives(sites)
+    store: dict[Site, list[torch.Tensor] | HistogramQuantiles] = {
+        s: ([] if method == "quantile" else HistogramQuantiles()) for s in reps
+    }
+
+    def sink(site: Site, x: torch.Tensor) -> None:
+        values = x.detach().abs().reshape(-1, x.shape[-1])  # [B*T, D]
+        target = store[site]
+        if isinstance(target, list):
+            target.append(values.float().cpu())
+        else:
+            target.update(values)
+
+    device = next(model.parameters()).device
+    with torch.no_grad(), capture_inputs(model, site_map, list(reps), sink):
+        for start in tqdm(range(0, len(blocks), batch_size), desc="calibrate", leave=False):
+            model(blocks[start : start + batch_size].to(device))
+
+    out: dict[float, dict[Site, float]] = {s: {} for s in sparsities}
+    for rep, members in tqdm(reps.items(), desc="thresholds", leave=False):
+        target = store.pop(rep)
+        values = torch.cat(target) if isinstance(target, list) else None
+        for sparsity in sparsities:
+            if values is not None:
+                t = quantile_threshold(values, sparsity)
+            else:
+                t = float("-inf") if sparsity == 0 else target.quantile(sparsity)  # type: ignore[union-attr]
+            for site in members:
+                out[sparsity][site] = t
+    return out
+
+
+def thresholds_to_tensors(thresholds: Mapping[Site, float]) -> dict[str, torch.Tensor]:
+    """Safetensors payload: one fp32 scalar per site key."""
+    return {s.key: torch.tensor(t, dtype=torch.float32) for s, t in thresholds.items()}
+
+
+def thresholds_from_tensors(tensors: Mapping[str, torch.Tensor]) -> dict[Site, float]:
+    return {Site.from_key(k): float(v) for k, v in tensors.items()}

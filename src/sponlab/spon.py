@@ -1,0 +1,135 @@
+"""SPON: learned input-independent bias vectors ("spontaneous neurons") on chosen sites.
+
+Each site gets a vector trained to compensate the sparsification residual. ``output``
+parametrisation adds ``b`` to the layer output (``y = W S(x) + b``); ``input`` adds ``W a`` (a vector
+in the layer's input space). Parameters are fp32 and the addition happens in fp32 so a ~1e-3 bias is
+not lost in bf16. After training, :func:`fold_into_model` writes ``b`` (or ``W a``) into the layer's
+own bias: zero inference cost.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sponlab.sites import Site, SiteMap, sort_sites
+from sponlab.tensorio import load_tensors, save_tensors
+
+PARAMETRIZATIONS = ("output", "input")
+
+
+class SponBiases(nn.Module):
+    """One fp32 vector per site, zero-initialised. ``vector(site)`` returns its parameter."""
+
+    def __init__(
+        self, sites: Sequence[Site], dims: Mapping[Site, int], parametrization: str = "output"
+    ) -> None:
+        super().__init__()
+        if parametrization not in PARAMETRIZATIONS:
+            raise ValueError(
+                f"parametrization must be one of {PARAMETRIZATIONS}, got {parametrization!r}"
+            )
+        self.sites: list[Site] = sort_sites(sites)
+        self.parametrization = parametrization
+        self.vectors = nn.ParameterList(
+            nn.Parameter(torch.zeros(dims[s], dtype=torch.float32)) for s in self.sites
+        )
+        self._index = {s: i for i, s in enumerate(self.sites)}
+
+    @classmethod
+    def for_model(
+        cls,
+        model: nn.Module,
+        site_map: SiteMap,
+        sites: Sequence[Site],
+        parametrization: str = "output",
+    ) -> SponBiases:
+        """Zero biases sized from the model's linear layers (out_features or in_features)."""
+        dims = {}
+        for site in site_map.require(sites):
+            linear = site_map.linear(model, site)
+            dims[site] = linear.out_features if parametrization == "output" else linear.in_features
+        return cls(sites, dims, parametrization)
+
+    def vector(self, site: Site) -> nn.Parameter:
+        return self.vectors[self._index[site]]
+
+    def num_parameters(self) -> int:
+        return sum(v.numel() for v in self.vectors)
+
+    def output_bias(self, site: Site, linear: nn.Linear) -> torch.Tensor:
+        """The output-space bias of ``site`` in fp32: ``b`` or ``W a``.  -> [out_features]."""
+        vec = self.vector(site)
+        if self.parametrization == "output":
+            return vec
+        return F.linear(vec.to(linear.weight.dtype), linear.weight).float()
+
+    def state(self) -> dict[str, torch.Tensor]:
+        return {s.key: self.vector(s).detach().clone() for s in self.sites}
+
+    @contextmanager
+    def attached(self, model: nn.Module, site_map: SiteMap) -> Iterator[None]:
+        """Add each site's bias to its layer's output while inside the block."""
+        handles = []
+        try:
+            for site in site_map.require(self.sites):
+                linear = site_map.linear(model, site)
+
+                def hook(module: nn.Linear, _args: tuple, output: torch.Tensor, site=site):
+                    bias = self.output_bias(site, module)  # [out] fp32
+                    return (output.float() + bias).to(output.dtype)  # accumulate in fp32
+
+                handles.append(linear.register_forward_hook(hook))
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+
+
+@contextmanager
+def maybe_attached(
+    biases: SponBiases | None, model: nn.Module, site_map: SiteMap
+) -> Iterator[None]:
+    """``biases.attached`` or a no-op when there are no biases."""
+    if biases is None or not biases.sites:
+        yield
+        return
+    with biases.attached(model, site_map):
+        yield
+
+
+def fold_into_model(model: nn.Module, site_map: SiteMap, biases: SponBiases) -> None:
+    """Write each bias permanently into its layer's ``bias`` (created if the layer has none)."""
+    with torch.no_grad():
+        for site in biases.sites:
+            linear = site_map.linear(model, site)
+            add = biases.output_bias(site, linear)
+            if linear.bias is None:
+                linear.bias = nn.Parameter(add.to(linear.weight.dtype), requires_grad=False)
+            else:
+                linear.bias.copy_((linear.bias.float() + add).to(linear.bias.dtype))
+
+
+def save_biases(path: Path, biases: SponBiases, metadata: Mapping[str, Any]) -> Path:
+    """Safetensors keyed by site (``layers.3.down_proj``) with parametrisation in the metadata."""
+    meta = {**metadata, "parametrization": biases.parametrization, "format": "sponlab-biases/1"}
+    return save_tensors(path, biases.state(), meta)
+
+
+def load_biases(path: Path) -> tuple[SponBiases, dict[str, Any]]:
+    """Inverse of :func:`save_biases`."""
+    tensors, meta = load_tensors(path)
+    sites = [Site.from_key(k) for k in tensors]
+    biases = SponBiases(
+        sites, {s: tensors[s.key].numel() for s in sites}, meta.get("parametrization", "output")
+    )
+    with torch.no_grad():
+        for site in sites:
+            biases.vector(site).copy_(tensors[site.key])
+    return biases, meta

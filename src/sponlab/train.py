@@ -1,0 +1,185 @@
+"""SPON training: only the bias vectors learn, by KL(p_dense || p_sparse) distillation.
+
+The model is frozen. For each batch the dense teacher's next-token log-probabilities are computed
+once without grad (and, with ``teacher_cache``, kept in memory for later epochs); the sparsified
+student with biases attached is trained to match them with AdamW.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from sponlab.config import TrainParams
+from sponlab.sites import SiteMap
+from sponlab.sparsify import SparsifySpec, sparsified
+from sponlab.spon import SponBiases, maybe_attached
+
+log = logging.getLogger(__name__)
+
+
+class TrainingDivergedError(RuntimeError):
+    """The loss became NaN or infinite."""
+
+
+def kl_to_teacher(teacher_logp: torch.Tensor, student_logits: torch.Tensor) -> torch.Tensor:
+    """Mean over tokens of KL(p_teacher || p_student), computed in fp32.
+
+    teacher_logp: [B, T, V] log-probabilities; student_logits: [B, T, V] raw logits.
+    """
+    student_logp = F.log_softmax(student_logits.float(), dim=-1)
+    per_token = F.kl_div(student_logp, teacher_logp.float(), log_target=True, reduction="none")
+    return per_token.sum(-1).mean()
+
+
+def dense_logprobs(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    """Dense next-token log-probabilities [B, T, V] (fp32, no grad)."""
+    with torch.no_grad():
+        return F.log_softmax(model(ids).logits.float(), dim=-1)
+
+
+def lr_lambda(schedule: str, warmup: int, total: int):
+    """Multiplier of the base learning rate at each optimizer step."""
+
+    def factor(step: int) -> float:
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(total - warmup, 1)
+        if schedule == "cosine":
+            return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+        if schedule == "linear":
+            return max(0.0, 1 - progress)
+        return 1.0
+
+    return factor
+
+
+@dataclass
+class TrainResult:
+    """Per-step loss rows, per-epoch validation rows and wall time."""
+
+    steps: list[dict] = field(default_factory=list)
+    epochs: list[dict] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+class TeacherCache:
+    """Dense log-probs per block index, computed on first use (kept when ``keep``)."""
+
+    def __init__(self, model: nn.Module, blocks: torch.Tensor, keep: bool) -> None:
+        self.model, self.blocks, self.keep = model, blocks, keep
+        self.cache: dict[int, torch.Tensor] = {}
+
+    def get(self, index: torch.Tensor, device: torch.device) -> torch.Tensor:
+        missing = [int(i) for i in index if int(i) not in self.cache]
+        if missing:
+            logp = dense_logprobs(self.model, self.blocks[missing].to(device))
+            if not self.keep:
+                order = {j: k for k, j in enumerate(missing)}
+                return logp[[order[int(i)] for i in index]]
+            for k, j in enumerate(missing):
+                self.cache[j] = logp[k].cpu()
+        return torch.stack([self.cache[int(i)] for i in index]).to(device)
+
+
+def validation_kl(
+    model: nn.Module,
+    site_map: SiteMap,
+    spec: SparsifySpec | None,
+    biases: SponBiases | None,
+    teacher: TeacherCache,
+    batch_size: int,
+    device: torch.device,
+) -> float:
+    """Token-weighted mean KL(dense || sparse[+biases]) over all of ``teacher.blocks``."""
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for start in range(0, len(teacher.blocks), batch_size):
+            index = torch.arange(start, min(start + batch_size, len(teacher.blocks)))
+            target = teacher.get(index, device)  # dense: computed outside the hooks
+            with sparsified(model, site_map, spec), maybe_attached(biases, model, site_map):
+                logits = model(teacher.blocks[index].to(device)).logits
+            total += float(kl_to_teacher(target, logits)) * len(index)
+            count += len(index)
+    return total / max(count, 1)
+
+
+def train_spon(
+    model: nn.Module,
+    site_map: SiteMap,
+    spec: SparsifySpec,
+    biases: SponBiases,
+    train_blocks: torch.Tensor,
+    val_blocks: torch.Tensor,
+    settings: TrainParams,
+) -> TrainResult:
+    """Train ``biases`` in place; return the loss curve and per-epoch validation KL."""
+    device = next(model.parameters()).device
+    biases.to(device)
+    torch.manual_seed(settings.seed)
+    generator = torch.Generator().manual_seed(settings.seed)
+    steps_per_epoch = math.ceil(len(train_blocks) / settings.batch_size)
+    total_steps = steps_per_epoch * settings.epochs
+    optimizer = torch.optim.AdamW(
+        biases.parameters(), lr=settings.lr, weight_decay=settings.weight_decay
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lr_lambda(settings.schedule, settings.warmup_steps, total_steps)
+    )
+    teacher = TeacherCache(model, train_blocks, keep=settings.teacher_cache)
+    val_teacher = TeacherCache(model, val_blocks, keep=True)
+    result = TrainResult()
+    start = time.perf_counter()
+    val0 = validation_kl(model, site_map, spec, biases, val_teacher, settings.batch_size, device)
+    result.epochs.append({"epoch": 0, "step": 0, "val_kl": val0, "train_kl": float("nan")})
+    log.info("epoch 0: val KL %.5f (TEAL-only, biases at zero)", val0)
+    step = 0
+    bar = tqdm(total=total_steps, desc="train", leave=False)
+    for epoch in range(1, settings.epochs + 1):
+        order = torch.randperm(len(train_blocks), generator=generator)
+        epoch_loss = 0.0
+        for batch_start in range(0, len(order), settings.batch_size):
+            index = order[batch_start : batch_start + settings.batch_size]
+            target = teacher.get(index, device)  # [B, T, V], dense (no hooks active)
+            with sparsified(model, site_map, spec), biases.attached(model, site_map):
+                loss = kl_to_teacher(target, model(train_blocks[index].to(device)).logits)
+            if not torch.isfinite(loss):
+                raise TrainingDivergedError(
+                    f"non-finite loss {float(loss)} at step {step} (epoch {epoch}); "
+                    f"lower train.lr (now {settings.lr}) or check the thresholds"
+                )
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            grad_norm = nn.utils.clip_grad_norm_(
+                biases.parameters(), settings.grad_clip if settings.grad_clip > 0 else float("inf")
+            )
+            optimizer.step()
+            lr = scheduler.get_last_lr()[0]
+            scheduler.step()
+            step += 1
+            epoch_loss += float(loss) * len(index)
+            result.steps.append(
+                {
+                    "step": step,
+                    "epoch": epoch,
+                    "loss": float(loss),
+                    "lr": lr,
+                    "grad_norm": float(grad_norm),
+                }
+            )
+            bar.update(1)
+            bar.set_postfix(loss=f"{float(loss):.4f}")
+        val = validation_kl(model, site_map, spec, biases, val_teacher, settings.batch_size, device)
+        train_kl = epoch_loss / len(train_blocks)
+        result.epochs.append({"epoch": epoch, "step": step, "val_kl": val, "train_kl": train_kl})
+        log.info("epoch %d: train KL %.5f, val KL %.5f", epoch, train_kl, val)
+    bar.close()
+    result.seconds = time.perf_counter() - start
+    return result

@@ -1,0 +1,52 @@
+"""Calibrate TEAL thresholds for one sparsity on the calibration blocks (every site of the model)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from sponlab.stages.common import (
+    MODEL_OPTION,
+    PARAMS_OPTION,
+    load_base,
+    load_blocks,
+    read_params,
+    timed,
+)
+
+from sponlab.sparsify import calibrate_thresholds, thresholds_to_tensors
+from sponlab.tensorio import save_tensors
+
+
+def main(
+    sparsity: float = typer.Option(..., "--sparsity", help="Target fraction of zeroed inputs."),
+    params: Path = PARAMS_OPTION,
+    model: Path = MODEL_OPTION,
+    blocks: Path = typer.Option(Path("data/blocks/calib.safetensors"), "--blocks"),
+    out: Path = typer.Option(
+        None, "--out", help="Default: models/thresholds/s<sparsity>.safetensors"
+    ),
+) -> None:
+    cfg = read_params(params)
+    cfg.check_sparsity(sparsity)
+    out = out or Path(f"models/thresholds/s{sparsity:g}.safetensors")
+    loaded, site_map = load_base(cfg, model)
+    ids = load_blocks(blocks)
+    with timed(
+        f"calibrate {cfg.sparsify.threshold} thresholds at s={sparsity} on {tuple(ids.shape)}"
+    ):
+        thresholds = calibrate_thresholds(
+            loaded.model,
+            site_map,
+            ids,
+            [sparsity],
+            method=cfg.sparsify.threshold,
+            batch_size=cfg.eval.batch_size,
+        )[sparsity]
+    meta = {
+        "sparsity": sparsity,
+        "method": cfg.sparsify.threshold,
+        "model": str(model),
+        "calib_tokens": ids.numel(),
+    }
+    save_tensors(out, thresholds_to_tensors(thresholds), meta)

@@ -1,0 +1,75 @@
+"""Shared option types and helpers for the stage entries (kept tiny: stages stay thin)."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import typer
+
+from sponlab.config import Params, load_params
+
+log = logging.getLogger("sponlab.stages")
+
+PARAMS_OPTION = typer.Option(
+    Path("params.yaml"), "--params", help="Parameters file (validated first)."
+)
+MODEL_OPTION = typer.Option(
+    Path("models/base"), "--model", help="Base model directory (stage base)."
+)
+
+
+def read_params(path: Path) -> Params:
+    """Load and validate params (a ConfigError ends the CLI with a one-line message)."""
+    return load_params(path)
+
+
+@contextmanager
+def timed(what: str) -> Iterator[None]:
+    """Log how long ``what`` took."""
+    log.info("%s ...", what)
+    start = time.perf_counter()
+    yield
+    log.info("%s done in %.1fs", what, time.perf_counter() - start)
+
+
+@contextmanager
+def replace_dir(out: Path) -> Iterator[Path]:
+    """Yield a fresh temporary directory that replaces ``out`` only if the block succeeds."""
+    import shutil
+    import tempfile
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        yield tmp
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+
+
+def load_base(params: Params, model_dir: Path):
+    """Load the base model once per process, frozen, with its discovered sites."""
+    from sponlab.models import load_model
+    from sponlab.sites import discover_sites
+
+    loaded = load_model(model_dir, params.base.device, params.base.dtype)
+    return loaded, discover_sites(loaded.model)
+
+
+def load_blocks(path: Path):
+    """Token blocks [N, L] written by the prepare stage."""
+    from sponlab.tensorio import load_tensors
+
+    return load_tensors(path)[0]["input_ids"]
+
+
+def cell_path(root: Path, config: str, sparsity: float) -> Path:
+    """Per-cell location under ``root``: ``root/CONFIG/s0.5`` (matches dvc.yaml's matrix paths)."""
+    return Path(root) / config / f"s{sparsity:g}"

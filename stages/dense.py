@@ -1,0 +1,46 @@
+"""Dense baseline: test perplexity and the dense reference (log-probs, hidden states) for KL/shift."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from sponlab.stages.common import (
+    MODEL_OPTION,
+    PARAMS_OPTION,
+    load_base,
+    load_blocks,
+    read_params,
+    timed,
+)
+
+from sponlab.evaluate import capture_dense, evaluate_variant
+from sponlab.tensorio import save_tensors, write_json
+
+
+def main(
+    params: Path = PARAMS_OPTION,
+    model: Path = MODEL_OPTION,
+    blocks: Path = typer.Option(Path("data/blocks/test.safetensors"), "--blocks"),
+    out: Path = typer.Option(Path("data/dense"), "--out", help="Folder for reference.safetensors."),
+    metrics: Path = typer.Option(Path("metrics/dense.json"), "--metrics"),
+) -> None:
+    cfg = read_params(params)
+    loaded, site_map = load_base(cfg, model)
+    ids = load_blocks(blocks)
+    detail = ids[: cfg.eval.detail_blocks]
+    with timed(f"dense perplexity on {tuple(ids.shape)}"):
+        dense = evaluate_variant(loaded.model, site_map, ids, cfg.eval.batch_size, desc="dense")
+    with timed(f"dense reference on {tuple(detail.shape)}"):
+        reference = capture_dense(loaded.model, detail, cfg.eval.batch_size)
+    meta = {"model": str(model), "detail_blocks": len(detail), "hidden": "embeddings + each layer"}
+    save_tensors(out / "reference.safetensors", reference.tensors(), meta)
+    norms = reference.hidden.norm(dim=-1).mean(dim=(0, 2))  # [L+1]
+    write_json(
+        metrics,
+        {
+            **dense.summary(),
+            "num_layers": site_map.num_layers,
+            "hidden_norm_by_layer": [round(float(v), 4) for v in norms],
+        },
+    )

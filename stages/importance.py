@@ -1,0 +1,102 @@
+"""Per-layer importance of MLP activations and SAE features: values or loss gradients."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import typer
+from sponlab.stages.common import MODEL_OPTION, PARAMS_OPTION, read_params, replace_dir, timed
+
+from sponlab.analysis.importance import (
+    ImportanceParams,
+    build_batches,
+    finalize,
+    identity,
+    mlp_input_module,
+    params_dict,
+    resolve_layers,
+    run_importance,
+    sae_targets,
+    write_variants,
+)
+from sponlab.analysis.sae import load_saes, sae_layers
+from sponlab.config import analysis_params
+from sponlab.data import load_corpus, wants_bos
+from sponlab.models import load_model
+from sponlab.plots.importance import plot_variants
+from sponlab.sites import discover_sites
+from sponlab.tensorio import write_json
+
+
+def main(
+    params: Path = PARAMS_OPTION,
+    model: Path = MODEL_OPTION,
+    sae: Path = typer.Option(
+        Path("models/sae"), "--sae", help="SAE folder (layer_<i>.safetensors; stage sae)."
+    ),
+    out: Path = typer.Option(
+        Path("reports/importance"), "--out", help="Folder for <features>/*.npz, .npy, figures."
+    ),
+    metrics: Path = typer.Option(Path("metrics/importance.json"), "--metrics"),
+) -> None:
+    p = read_params(params)
+    cfg: ImportanceParams = analysis_params(p, "importance")
+    lm = load_model(model, p.base.device, p.base.dtype)
+    sitemap = discover_sites(lm.model)
+    layers = resolve_layers(cfg.layers, sitemap.num_layers)
+    d_in = mlp_input_module(lm.model, sitemap, layers[0]).in_features
+    targets_layers: dict[str, Any] = {}
+    if "mlp" in cfg.features:
+        targets_layers["mlp"] = layers
+    if "sae" in cfg.features:
+        chosen = [i for i in sae_layers(sae) if i in layers]
+        if not chosen:
+            raise typer.BadParameter(f"no SAE in {sae} for the selected layers {cfg.layers}")
+        targets_layers["sae"] = load_saes(sae, chosen, d_in=d_in)
+    docs = load_corpus(p.data.source, p.data.seed)[cfg.split]
+    bos = wants_bos(lm.tokenizer, p.data.bos)
+    batches = build_batches(
+        docs, lm.tokenizer, cfg.samples, cfg.max_length, cfg.batch_size, cfg.min_tokens, bos
+    )
+    context = {"model": str(model), "model_type": lm.model.config.model_type, "split": cfg.split}
+    summary: dict[str, Any] = {"config": params_dict(cfg), **context, "passes": {}, "files": {}}
+    with replace_dir(out) as tmp:
+        for aggregate_by in cfg.aggregate_by:
+            targets = {
+                "mlp": {i: identity for i in targets_layers.get("mlp", [])},
+                "sae": sae_targets(targets_layers.get("sae", {}), aggregate_by),
+            }
+            targets = {name: t for name, t in targets.items() if t}
+            result = run_importance(lm.model, sitemap, batches, aggregate_by, targets)
+            summary["passes"][aggregate_by] = {
+                "seconds": result.seconds,
+                "tokens": result.tokens,
+                "tokens_per_s": result.tokens_per_s,
+                "batches": result.batches,
+            }
+            for features in targets:
+                variants = finalize(result, features, cfg)
+                with timed(f"write {features} {aggregate_by} results and figures"):
+                    written = write_variants(tmp / features, variants, result, cfg, context)
+                    plot_variants(
+                        tmp / features / "figures",
+                        variants,
+                        cfg.layer_figures,
+                        "SAE feature" if features == "sae" else "MLP dimension",
+                    )
+                summary["files"].update({f"{features}/{k}.npz": v for k, v in written.items()})
+        write_json(tmp / "metadata.json", summary)
+    write_json(metrics, headline(summary, targets_layers))
+
+
+def headline(summary: dict[str, Any], targets_layers: dict[str, Any]) -> dict[str, Any]:
+    """Timing of each pass (and gradients / values ratio) plus what was analysed."""
+    passes = summary["passes"]
+    out: dict[str, Any] = {
+        "passes": passes,
+        "layers": {name: sorted(v) for name, v in targets_layers.items()},
+    }
+    if "values" in passes and "gradients" in passes:
+        out["gradients_over_values"] = passes["gradients"]["seconds"] / passes["values"]["seconds"]
+    return out

@@ -1,0 +1,79 @@
+"""Train small sparse autoencoders on the base model's MLP activations (for the importance stage)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from pathlib import Path
+
+import typer
+from sponlab.stages.common import MODEL_OPTION, PARAMS_OPTION, read_params, replace_dir, timed
+
+from sponlab.analysis.importance import build_batches, collect_mlp_inputs, resolve_layers
+from sponlab.analysis.sae import save_sae, train_sae
+from sponlab.config import analysis_params
+from sponlab.data import load_corpus, wants_bos
+from sponlab.models import load_model
+from sponlab.plots.importance import plot_sae_training
+from sponlab.sites import discover_sites
+from sponlab.tensorio import write_json
+
+
+def main(
+    params: Path = PARAMS_OPTION,
+    model: Path = MODEL_OPTION,
+    out: Path = typer.Option(
+        Path("models/sae"), "--out", help="Folder for layer_<i>.safetensors (one SAE per layer)."
+    ),
+    report: Path = typer.Option(
+        Path("reports/sae"), "--report", help="Folder for the training curves (JSON, PNG)."
+    ),
+    metrics: Path = typer.Option(Path("metrics/sae.json"), "--metrics"),
+) -> None:
+    p = read_params(params)
+    cfg = analysis_params(p, "sae")
+    lm = load_model(model, p.base.device, p.base.dtype)
+    sitemap = discover_sites(lm.model)
+    layers = resolve_layers(cfg.layers, sitemap.num_layers)
+    docs = load_corpus(p.data.source, p.data.seed)[cfg.split]
+    batches = build_batches(
+        docs,
+        lm.tokenizer,
+        cfg.samples,
+        cfg.max_length,
+        cfg.batch_size,
+        cfg.min_tokens,
+        wants_bos(lm.tokenizer, p.data.bos),
+    )
+    with timed(f"collect down_proj inputs of layers {layers} ({cfg.split})"):
+        acts = collect_mlp_inputs(lm.model, sitemap, layers, batches)
+    results = {}
+    with replace_dir(out) as tmp:
+        for layer in layers:
+            with timed(f"train SAE layer {layer} ({acts[layer].shape[0]} tokens)"):
+                result = train_sae(
+                    acts[layer],
+                    cfg.expansion,
+                    cfg.l1,
+                    cfg.lr,
+                    cfg.steps,
+                    cfg.token_batch,
+                    cfg.holdout,
+                    cfg.seed + layer,
+                )
+            extra = {k: result.metrics[k] for k in ("fve", "l0", "mse", "dead_fraction")}
+            save_sae(
+                tmp, layer, result.sae, str(model), {**extra, "l1": cfg.l1, "steps": cfg.steps}
+            )
+            results[layer] = result
+    with replace_dir(report) as tmp:
+        write_json(tmp / "history.json", {str(i): r.history for i, r in results.items()})
+        plot_sae_training({i: r.history for i, r in results.items()}, tmp / "training.png")
+    write_json(
+        metrics,
+        {
+            "layers": {str(i): r.metrics for i, r in results.items()},
+            "mean_fve": sum(r.metrics["fve"] for r in results.values()) / len(results),
+            "mean_l0": sum(r.metrics["l0"] for r in results.values()) / len(results),
+            "config": asdict(cfg),
+        },
+    )
