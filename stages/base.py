@@ -5,9 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
-from sponlab.stages.common import PARAMS_OPTION, read_params, replace_dir, timed
 
 from sponlab.models import export_default_model, export_hub_model
+from sponlab.stages.common import PARAMS_OPTION, read_params, replace_dir, timed
 
 
 def main(

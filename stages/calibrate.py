@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
+
+from sponlab.sparsify import calibrate_thresholds, thresholds_to_tensors
 from sponlab.stages.common import (
     MODEL_OPTION,
     PARAMS_OPTION,
@@ -13,8 +15,6 @@ from sponlab.stages.common import (
     read_params,
     timed,
 )
-
-from sponlab.sparsify import calibrate_thresholds, thresholds_to_tensors
 from sponlab.tensorio import save_tensors
 
 

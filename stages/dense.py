@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
+
+from sponlab.evaluate import capture_dense, evaluate_variant
 from sponlab.stages.common import (
     MODEL_OPTION,
     PARAMS_OPTION,
@@ -13,8 +15,6 @@ from sponlab.stages.common import (
     read_params,
     timed,
 )
-
-from sponlab.evaluate import capture_dense, evaluate_variant
 from sponlab.tensorio import save_tensors, write_json
 
 
@@ -41,6 +41,7 @@ def main(
         {
             **dense.summary(),
             "num_layers": site_map.num_layers,
+            "parameters": sum(p.numel() for p in loaded.model.parameters()),
             "hidden_norm_by_layer": [round(float(v), 4) for v in norms],
         },
     )

@@ -5,6 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
+
+from sponlab.evaluate import DenseReference, damage_recovered, evaluate_variant
+from sponlab.experiment import sparsify_spec
+from sponlab.sparsify import SparsityStats, thresholds_from_tensors
+from sponlab.spon import load_biases
 from sponlab.stages.common import (
     MODEL_OPTION,
     PARAMS_OPTION,
@@ -15,11 +20,6 @@ from sponlab.stages.common import (
     timed,
 )
 from sponlab.stages.train import write_rows
-
-from sponlab.evaluate import DenseReference, damage_recovered, evaluate_variant
-from sponlab.experiment import sparsify_spec
-from sponlab.sparsify import SparsityStats, thresholds_from_tensors
-from sponlab.spon import load_biases
 from sponlab.tensorio import load_tensors, read_json, write_json
 
 

@@ -6,7 +6,6 @@ from pathlib import Path
 from typing import Any
 
 import typer
-from sponlab.stages.common import MODEL_OPTION, PARAMS_OPTION, read_params, replace_dir, timed
 
 from sponlab.analysis.importance import (
     ImportanceParams,
@@ -26,6 +25,7 @@ from sponlab.data import load_corpus, wants_bos
 from sponlab.models import load_model
 from sponlab.plots.importance import plot_variants
 from sponlab.sites import discover_sites
+from sponlab.stages.common import MODEL_OPTION, PARAMS_OPTION, read_params, replace_dir, timed
 from sponlab.tensorio import write_json
 
 

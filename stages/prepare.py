@@ -5,10 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
-from sponlab.stages.common import MODEL_OPTION, PARAMS_OPTION, read_params, timed
 from transformers import AutoTokenizer
 
 from sponlab.data import SPLITS, BlockSpec, load_corpus, make_blocks, wants_bos
+from sponlab.stages.common import MODEL_OPTION, PARAMS_OPTION, read_params, timed
 from sponlab.tensorio import save_tensors
 
 

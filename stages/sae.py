@@ -6,7 +6,6 @@ from dataclasses import asdict
 from pathlib import Path
 
 import typer
-from sponlab.stages.common import MODEL_OPTION, PARAMS_OPTION, read_params, replace_dir, timed
 
 from sponlab.analysis.importance import build_batches, collect_mlp_inputs, resolve_layers
 from sponlab.analysis.sae import save_sae, train_sae
@@ -15,6 +14,7 @@ from sponlab.data import load_corpus, wants_bos
 from sponlab.models import load_model
 from sponlab.plots.importance import plot_sae_training
 from sponlab.sites import discover_sites
+from sponlab.stages.common import MODEL_OPTION, PARAMS_OPTION, read_params, replace_dir, timed
 from sponlab.tensorio import write_json
 
 

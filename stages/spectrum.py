@@ -5,12 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
-from sponlab.stages.common import MODEL_OPTION, PARAMS_OPTION, read_params, replace_dir, timed
 
 from sponlab.analysis.spectrum import analyse, headline_metrics, load_weights
 from sponlab.analysis.spectrum_report import render_report, write_tables
 from sponlab.config import analysis_params
 from sponlab.plots.spectrum import plot_all
+from sponlab.stages.common import MODEL_OPTION, PARAMS_OPTION, read_params, replace_dir, timed
 from sponlab.tensorio import write_json, write_text
 
 

@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import csv
+from dataclasses import replace
 from pathlib import Path
 
 import typer
+
+from sponlab.experiment import bias_sites, sparsify_spec
+from sponlab.sparsify import thresholds_from_tensors
+from sponlab.spon import SponBiases, save_biases
 from sponlab.stages.common import (
     MODEL_OPTION,
     PARAMS_OPTION,
@@ -15,10 +20,6 @@ from sponlab.stages.common import (
     read_params,
     timed,
 )
-
-from sponlab.experiment import bias_sites, sparsify_spec
-from sponlab.sparsify import thresholds_from_tensors
-from sponlab.spon import SponBiases, save_biases
 from sponlab.tensorio import load_tensors, write_json
 from sponlab.train import TrainResult, train_spon
 
@@ -53,6 +54,7 @@ def main(
     spec = sparsify_spec(
         cfg, alloc, sparsity, site_map, thresholds_from_tensors(load_tensors(thresholds)[0])
     )
+    settings = cfg.train if alloc.seed is None else replace(cfg.train, seed=alloc.seed)
     result = TrainResult()
     if sites:
         with timed(
@@ -65,7 +67,7 @@ def main(
                 biases,
                 load_blocks(data / "train.safetensors"),
                 load_blocks(data / "val.safetensors"),
-                cfg.train,
+                settings,
             )
     meta = {
         "model": str(model),
@@ -74,7 +76,7 @@ def main(
         "layers": alloc.layers.describe(),
         "modules": list(alloc.modules),
         "sparsify_modules": list(alloc.sparsify_modules),
-        "method": cfg.sparsify.method,
+        "method": cfg.sparsify.method, "seed": settings.seed,
     }
     write_rows(out / "loss.csv", result.steps, ["step", "epoch", "loss", "lr", "grad_norm"])
     write_rows(out / "val.csv", result.epochs, ["epoch", "step", "val_kl", "train_kl"])

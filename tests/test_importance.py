@@ -300,9 +300,9 @@ def test_save_and_load_importance(tmp_path):
 
 def test_stages_end_to_end(tmp_path, monkeypatch):
     import yaml
+
     from sponlab.stages import importance as importance_stage
     from sponlab.stages import sae as sae_stage
-
     from sponlab.tiny import save_tiny
 
     model_dir = save_tiny(tmp_path / "model", "llama", layers=2, hidden=32)

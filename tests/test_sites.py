@@ -41,7 +41,7 @@ def test_site_key_round_trip_and_strict_parsing():
 
 def test_unknown_module_error_lists_available(llama):
     _, site_map = llama
-    with pytest.raises(SiteError, match="available:.*q_proj"):
+    with pytest.raises(SiteError, match=r"available:.*q_proj"):
         site_map.select([0], ["dense_h_to_4h"])
     with pytest.raises(SiteError, match="out of range"):
         site_map.select([7], ["q_proj"])

@@ -335,7 +335,6 @@ def test_report_tables(result):
 
 def test_stage_writes_report_figures_and_metrics(tmp_path):
     from sponlab.stages.spectrum import main
-
     from sponlab.tensorio import read_json
 
     model_dir = save_tiny(tmp_path / "model", "qwen3", seed=3)

@@ -26,9 +26,13 @@ STAGES: list[str] = [
     "dense",
     "train",
     "evaluate",
+    "summarize",
+    "plots",
     "spectrum",
     "sae",
     "importance",
+    "interpret",
+    "layer_importance",
 ]
 
 

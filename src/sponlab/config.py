@@ -175,6 +175,7 @@ class AllocationConfig:
     modules: tuple[str, ...]
     sparsify_modules: tuple[str, ...]
     parametrization: str = "output"
+    seed: int | None = None  # overrides train.seed (e.g. a second-seed control of a config)
 
     @property
     def has_biases(self) -> bool:
@@ -260,6 +261,7 @@ def _parse_config(
         modules=sec.modules("modules", allow_empty=True),
         sparsify_modules=sec.modules("sparsify_modules", list(default_sparsify)),
         parametrization=sec.choice("parametrization", PARAMETRIZATIONS, default_param),
+        seed=sec.number("seed", None, lo=0, integer=True) if "seed" in sec.data else None,
     )
     sec.finish()
     return cfg

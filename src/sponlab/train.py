@@ -18,6 +18,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from sponlab.config import TrainParams
+from sponlab.models import freeze
 from sponlab.sites import SiteMap
 from sponlab.sparsify import SparsifySpec, sparsified
 from sponlab.spon import SponBiases, maybe_attached
@@ -122,6 +123,7 @@ def train_spon(
 ) -> TrainResult:
     """Train ``biases`` in place; return the loss curve and per-epoch validation KL."""
     device = next(model.parameters()).device
+    freeze(model)  # only the biases learn
     biases.to(device)
     torch.manual_seed(settings.seed)
     generator = torch.Generator().manual_seed(settings.seed)
@@ -164,18 +166,19 @@ def train_spon(
             lr = scheduler.get_last_lr()[0]
             scheduler.step()
             step += 1
-            epoch_loss += float(loss) * len(index)
+            value = loss.item()
+            epoch_loss += value * len(index)
             result.steps.append(
                 {
                     "step": step,
                     "epoch": epoch,
-                    "loss": float(loss),
+                    "loss": value,
                     "lr": lr,
                     "grad_norm": float(grad_norm),
                 }
             )
             bar.update(1)
-            bar.set_postfix(loss=f"{float(loss):.4f}")
+            bar.set_postfix(loss=f"{value:.4f}")
         val = validation_kl(model, site_map, spec, biases, val_teacher, settings.batch_size, device)
         train_kl = epoch_loss / len(train_blocks)
         result.epochs.append({"epoch": epoch, "step": step, "val_kl": val, "train_kl": train_kl})

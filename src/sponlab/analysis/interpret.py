@@ -1,0 +1,408 @@
+"""What trained SPON biases encode: statistics, random baselines and cross-config similarity.
+
+Every bias is compared in the *output space* of its linear layer (``b``, or ``W a`` for the input
+parametrisation), where it is added to the layer's output. Norms are also reported relative to the
+site's dense activation scale (RMS of the dense output of that layer on test tokens), so sites of
+different width and magnitude can be ranked together. Every cosine comes with its chance level:
+the expected ``|cos|`` between a fixed vector and a uniformly random direction in the same
+dimension, ``Γ(d/2) / (√π Γ((d+1)/2)) ≈ sqrt(2 / (π d))``, and an empirical mean over random
+Gaussian vectors. Sibling modules: :mod:`sponlab.analysis.alignment` (mean error, PCA),
+:mod:`sponlab.analysis.prompts` (prompt categories), :mod:`sponlab.analysis.layers` (leave-one-
+layer-out importance).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from sponlab.config import AllocationConfig, ConfigError, Section
+from sponlab.sites import Site, SiteMap, sort_sites
+from sponlab.spon import SponBiases
+
+CUMULATIVE = ("measured", "estimated")
+PHASES = ("early", "middle", "late")
+
+
+# --- params -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LayerImportanceParams:
+    """``interpret.layers``: leave-one-layer-out perplexity on validation blocks."""
+
+    config: str = "UNIF-ALL"
+    val_blocks: int = 4
+    batch_size: int = 4
+    cumulative: str = "measured"
+    targets: tuple[float, ...] = (0.8, 0.9, 0.95)
+
+
+@dataclass(frozen=True)
+class InterpretParams:
+    """The ``interpret`` section of params.yaml."""
+
+    sparsity: float = 0.5
+    configs: tuple[str, ...] = ("UNIF-ALL", "ATTN-ONLY")
+    similarity: tuple[str, ...] = (
+        "UNIF-ALL",
+        "UNIF-ALL-SEED1",
+        "TOP-50",
+        "TOP-75",
+        "BOTTOM-50",
+        "ATTN-ONLY",
+    )
+    blocks: int = 4
+    batch_size: int = 4
+    pca_components: int = 8
+    pca_tokens: int = 256
+    random_vectors: int = 100
+    seed: int = 0
+    near_zero: float = 1e-3
+    heatmap_dims: int = 64
+    prompts: str = "builtin"
+    categories: tuple[str, ...] | None = None  # None: every category of the prompt file
+    prompts_per_category: int = 20
+    prompt_batch: int = 8
+    max_prompt_tokens: int = 64
+    layers: LayerImportanceParams = field(default_factory=LayerImportanceParams)
+
+
+def _names(sec: Section, name: str, default: Any, allow_all: bool = False) -> Any:
+    value = sec.get(name, default if isinstance(default, str) else list(default))
+    if allow_all and value == "all":
+        return None
+    ok = isinstance(value, list) and value and all(isinstance(v, str) and v for v in value)
+    if not ok or len(set(value)) != len(value):
+        extra = "'all' or " if allow_all else ""
+        raise sec.fail(name, f"must be {extra}a non-empty list of distinct names, got {value!r}")
+    return tuple(value)
+
+
+def _targets(sec: Section) -> tuple[float, ...]:
+    value = sec.get("targets", [0.8, 0.9, 0.95])
+    ok = isinstance(value, list) and value
+    ok = ok and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
+    if not ok or not all(0 < v <= 1 for v in value):
+        raise sec.fail("targets", f"must be a non-empty list of fractions in (0, 1], got {value!r}")
+    return tuple(sorted(float(v) for v in value))
+
+
+def parse_layer_params(sec: Section) -> LayerImportanceParams:
+    params = LayerImportanceParams(
+        config=sec.string("config", "UNIF-ALL"),
+        val_blocks=sec.number("val_blocks", 4, lo=1, integer=True),
+        batch_size=sec.number("batch_size", 4, lo=1, integer=True),
+        cumulative=sec.choice("cumulative", CUMULATIVE, "measured"),
+        targets=_targets(sec),
+    )
+    sec.finish()
+    return params
+
+
+def parse_params(sec: Section) -> InterpretParams:
+    """Validate the ``interpret`` section (config names are checked against ``configs`` later)."""
+    sparsity = sec.number("sparsity", 0.5, lo=0, hi=1)
+    if sparsity >= 1:
+        raise sec.fail("sparsity", f"must be in [0, 1), got {sparsity}")
+    params = InterpretParams(
+        sparsity=sparsity,
+        configs=_names(sec, "configs", InterpretParams.configs),
+        similarity=_names(sec, "similarity", InterpretParams.similarity),
+        blocks=sec.number("blocks", 4, lo=1, integer=True),
+        batch_size=sec.number("batch_size", 4, lo=1, integer=True),
+        pca_components=sec.number("pca_components", 8, lo=0, integer=True),
+        pca_tokens=sec.number("pca_tokens", 256, lo=2, integer=True),
+        random_vectors=sec.number("random_vectors", 100, lo=2, integer=True),
+        seed=sec.number("seed", 0, lo=0, integer=True),
+        near_zero=sec.number("near_zero", 1e-3, lo=0, hi=1),
+        heatmap_dims=sec.number("heatmap_dims", 64, lo=1, integer=True),
+        prompts=sec.string("prompts", "builtin"),
+        categories=_names(sec, "categories", "all", allow_all=True),
+        prompts_per_category=sec.number("prompts_per_category", 20, lo=1, integer=True),
+        prompt_batch=sec.number("prompt_batch", 8, lo=1, integer=True),
+        max_prompt_tokens=sec.number("max_prompt_tokens", 64, lo=2, integer=True),
+        layers=parse_layer_params(sec.section("layers")),
+    )
+    sec.finish()
+    if len(params.similarity) < 2:
+        raise sec.fail(
+            "similarity", f"must name at least two configs, got {list(params.similarity)}"
+        )
+    return params
+
+
+def check_configs(
+    names: Sequence[str], configs: Mapping[str, AllocationConfig], swept: Sequence[str], key: str
+) -> None:
+    """Each name must be a swept config with biases (otherwise no trained checkpoint exists)."""
+    for name in names:
+        if name not in configs:
+            raise ConfigError(
+                f"params.yaml: {key} names unknown config {name!r}; defined: {sorted(configs)}"
+            )
+        if name not in swept:
+            raise ConfigError(
+                f"params.yaml: {key}: config {name!r} is not in sweep.configs {list(swept)}, "
+                "so it has no trained biases"
+            )
+        if not configs[name].has_biases:
+            raise ConfigError(f"params.yaml: {key}: config {name!r} has no SPON biases (TEAL-only)")
+
+
+def first_blocks(blocks: torch.Tensor, count: int, key: str) -> torch.Tensor:
+    """The first ``count`` blocks [count, T]; a clear error when there are fewer."""
+    if count > len(blocks):
+        raise ConfigError(f"params.yaml: {key} = {count} but only {len(blocks)} blocks exist")
+    return blocks[:count]
+
+
+# --- vectors and statistics -------------------------------------------------------------------
+
+
+def output_vectors(
+    biases: SponBiases, model: nn.Module, site_map: SiteMap
+) -> dict[Site, torch.Tensor]:
+    """Output-space bias of every site (``b`` or ``W a``), fp32 on CPU.  -> {site: [out]}."""
+    with torch.no_grad():
+        return {
+            s: biases.output_bias(s, site_map.linear(model, s)).detach().float().cpu()
+            for s in biases.sites
+        }
+
+
+def excess_kurtosis(x: torch.Tensor) -> float:
+    """Population excess kurtosis ``E[(x-μ)^4] / σ^4 - 3`` (0 for a Gaussian; nan if constant)."""
+    x = x.double().flatten()
+    centred = x - x.mean()
+    var = centred.pow(2).mean()
+    if float(var) == 0.0:
+        return math.nan
+    return float(centred.pow(4).mean() / var.pow(2) - 3.0)
+
+
+def vector_stats(b: torch.Tensor, act_rms: float | None = None, near_zero: float = 1e-3) -> dict:
+    """Statistics of one bias vector ``b`` [D]; ``*_rel`` divide by the dense activation RMS.
+
+    ``l2_rel = ||b|| / (act_rms sqrt(D))`` is the bias RMS over the activation RMS; ``frac_zero`` counts
+    entries with ``|b_i| <= near_zero * act_rms`` (or ``<= near_zero`` without a scale).
+    """
+    b = b.double().flatten()
+    dim = b.numel()
+    l2 = float(b.norm())
+    max_abs = float(b.abs().max())
+    scale = act_rms if act_rms else 1.0
+    row = {
+        "dim": dim,
+        "mean": float(b.mean()),
+        "std": float(b.std(unbiased=False)),
+        "l2": l2,
+        "max_abs": max_abs,
+        "kurtosis": excess_kurtosis(b),
+        "frac_pos": float((b > 0).double().mean()),
+        "frac_zero": float((b.abs() <= near_zero * scale).double().mean()),
+        "act_rms": act_rms if act_rms is not None else math.nan,
+        "l2_rel": l2 / (scale * math.sqrt(dim)) if act_rms else math.nan,
+        "max_rel": max_abs / scale if act_rms else math.nan,
+    }
+    return row
+
+
+def bias_stat_rows(
+    vectors: Mapping[Site, torch.Tensor], act_rms: Mapping[Site, float], near_zero: float
+) -> list[dict]:
+    """One row per site: layer, module and :func:`vector_stats`."""
+    return [
+        {
+            "site": s.key,
+            "layer": s.layer,
+            "module": s.module,
+            **vector_stats(vectors[s], act_rms.get(s), near_zero),
+        }
+        for s in sort_sites(vectors)
+    ]
+
+
+def layer_norm_rows(stat_rows: Sequence[Mapping[str, Any]]) -> list[dict]:
+    """Per layer: L2 over all its sites, relative L2 (bias energy over activation energy), ranks."""
+    layers: dict[int, dict[str, float]] = {}
+    for row in stat_rows:
+        acc = layers.setdefault(row["layer"], {"sq": 0.0, "act_sq": 0.0, "sites": 0})
+        acc["sq"] += row["l2"] ** 2
+        acc["act_sq"] += (
+            (row["act_rms"] ** 2) * row["dim"] if not math.isnan(row["act_rms"]) else math.nan
+        )
+        acc["sites"] += 1
+    rows = [
+        {
+            "layer": layer,
+            "sites": int(acc["sites"]),
+            "l2": math.sqrt(acc["sq"]),
+            "l2_rel": math.sqrt(acc["sq"] / acc["act_sq"]) if acc["act_sq"] > 0 else math.nan,
+        }
+        for layer, acc in sorted(layers.items())
+    ]
+    for key in ("l2", "l2_rel"):
+        order = sorted(rows, key=lambda r: -r[key] if not math.isnan(r[key]) else math.inf)
+        for rank, row in enumerate(order, start=1):
+            row[f"rank_{key}"] = rank
+    return rows
+
+
+# --- cosines and chance levels ----------------------------------------------------------------
+
+
+def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Cosine similarity of two vectors (nan when either is zero)."""
+    a, b = a.double().flatten(), b.double().flatten()
+    denom = float(a.norm() * b.norm())
+    return float(a @ b) / denom if denom > 0 else math.nan
+
+
+def expected_abs_cos(dim: int) -> float:
+    """Exact E|cos| between a fixed vector and a uniform random direction in ``dim`` dimensions."""
+    return math.exp(math.lgamma(dim / 2) - math.lgamma((dim + 1) / 2)) / math.sqrt(math.pi)
+
+
+def random_abs_cos(reference: torch.Tensor, count: int, generator: torch.Generator) -> float:
+    """Mean |cos| between ``reference`` [D] and ``count`` random Gaussian vectors (chance level)."""
+    ref = reference.double().flatten()
+    noise = torch.randn(count, ref.numel(), generator=generator, dtype=torch.float64)  # [n, D]
+    cos = (noise @ ref) / (noise.norm(dim=1) * ref.norm()).clamp_min(1e-300)
+    return float(cos.abs().mean())
+
+
+class RandomBaseline:
+    """Empirical chance level of |cos| per dimension, cached: the mean |cos| between a fixed random
+    reference and ``count`` random Gaussian vectors (by symmetry the same for any reference)."""
+
+    def __init__(self, count: int, seed: int = 0) -> None:
+        self.count, self.seed = count, seed
+        self.cache: dict[int, float] = {}
+
+    def __call__(self, dim: int) -> float:
+        if dim not in self.cache:
+            generator = torch.Generator().manual_seed(self.seed + dim)
+            reference = torch.randn(dim, generator=generator, dtype=torch.float64)
+            self.cache[dim] = random_abs_cos(reference, self.count, generator)
+        return self.cache[dim]
+
+
+# --- cross-config / cross-seed similarity -----------------------------------------------------
+
+
+def same_allocation(a: AllocationConfig, b: AllocationConfig) -> bool:
+    """True when two configs differ at most in name and seed (a cross-seed control pair)."""
+    return (a.layers, a.modules, a.sparsify_modules, a.parametrization) == (
+        b.layers,
+        b.modules,
+        b.sparsify_modules,
+        b.parametrization,
+    )
+
+
+def similarity_rows(
+    vecs_a: Mapping[Site, torch.Tensor],
+    vecs_b: Mapping[Site, torch.Tensor],
+    baseline: RandomBaseline,
+) -> list[dict]:
+    """Per shared site: cosine, norm ratio and the random-direction chance level of |cos|."""
+    rows = []
+    for site in sort_sites(set(vecs_a) & set(vecs_b)):
+        a, b = vecs_a[site], vecs_b[site]
+        rows.append(
+            {
+                "site": site.key,
+                "layer": site.layer,
+                "module": site.module,
+                "cos": cosine(a, b),
+                "norm_ratio": float(b.norm() / a.norm()) if float(a.norm()) > 0 else math.nan,
+                "random_abs_cos": baseline(a.numel()),
+                "chance_abs_cos": expected_abs_cos(a.numel()),
+            }
+        )
+    return rows
+
+
+def nanmean(values: Sequence[float]) -> float:
+    arr = np.asarray(values, dtype=float)
+    return float(np.nanmean(arr)) if arr.size and not np.isnan(arr).all() else math.nan
+
+
+def similarity_summary(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """Mean signed and absolute cosine over shared sites vs the mean chance level."""
+    return {
+        "shared_sites": len(rows),
+        "mean_cos": nanmean([r["cos"] for r in rows]),
+        "mean_abs_cos": nanmean([abs(r["cos"]) for r in rows]),
+        "random_abs_cos": nanmean([r["random_abs_cos"] for r in rows]),
+        "chance_abs_cos": nanmean([r["chance_abs_cos"] for r in rows]),
+    }
+
+
+def shift_rows(
+    teal_l2: Sequence[float],
+    spon_l2: Sequence[float],
+    teal_rel: Sequence[float],
+    spon_rel: Sequence[float],
+) -> list[dict]:
+    """Per hidden state (0 = embeddings, i = output of layer i-1): shifts and drift reduction.
+
+    ``drift_reduction = 1 - spon_rel / teal_rel`` (nan where TEAL-only does not shift at all).
+    """
+    rows = []
+    for i, (tl2, sl2, trel, srel) in enumerate(
+        zip(teal_l2, spon_l2, teal_rel, spon_rel, strict=True)
+    ):
+        rows.append(
+            {
+                "index": i,
+                "layer": i - 1,
+                "teal_l2": tl2,
+                "spon_l2": sl2,
+                "teal_rel": trel,
+                "spon_rel": srel,
+                "drift_reduction": 1.0 - srel / trel if trel > 1e-12 else math.nan,
+            }
+        )
+    return rows
+
+
+def drift_by_layer(rows: Sequence[Mapping[str, Any]]) -> dict[int, float]:
+    """``{layer: drift reduction at that layer's output}`` from :func:`shift_rows` rows."""
+    return {int(r["layer"]): r["drift_reduction"] for r in rows if r["layer"] >= 0}
+
+
+def summarize(rows: Sequence[Mapping[str, Any]], keys: Sequence[str]) -> dict[str, float]:
+    """Mean (nan-aware) of each ``key`` over ``rows``."""
+    return {k: nanmean([r[k] for r in rows]) for k in keys if rows and k in rows[0]}
+
+
+# --- small shared helpers ---------------------------------------------------------------------
+
+
+def phase_of(layer: int, num_layers: int) -> str:
+    """``early`` / ``middle`` / ``late``: thirds of the layer stack (``np.array_split`` sizes)."""
+    for name, chunk in zip(PHASES, np.array_split(np.arange(num_layers), 3), strict=True):
+        if layer in chunk:
+            return name
+    raise ValueError(f"layer {layer} outside 0..{num_layers - 1}")
+
+
+def clean(obj: Any) -> Any:
+    """JSON-safe copy: nan/inf -> None, numpy scalars -> Python, floats rounded to 6 significant."""
+    if isinstance(obj, Mapping):
+        return {str(k): clean(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [clean(v) for v in obj]
+    if isinstance(obj, (np.floating, np.integer)):
+        obj = obj.item()
+    if isinstance(obj, float):
+        return None if not math.isfinite(obj) else float(f"{obj:.6g}")
+    return obj

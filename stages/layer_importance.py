@@ -1,0 +1,93 @@
+"""Layer importance of SPON biases: leave-one-layer-out perplexity on validation blocks.
+
+Writes reports/interpret/layers/ (layers.csv, curves.csv, importance.png) and a metrics JSON with
+the benefit, the number of layers for each target fraction and early/middle/late shares.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import typer
+
+from sponlab.analysis import interpret as ia
+from sponlab.analysis import layers as la
+from sponlab.analysis.alignment import collect_moments
+from sponlab.config import analysis_params
+from sponlab.experiment import sparsify_spec
+from sponlab.plots.interpret import plot_layer_importance
+from sponlab.sparsify import thresholds_from_tensors
+from sponlab.spon import load_biases
+from sponlab.stages.common import (
+    MODEL_OPTION,
+    PARAMS_OPTION,
+    cell_path,
+    load_base,
+    load_blocks,
+    read_params,
+    replace_dir,
+    timed,
+)
+from sponlab.stages.interpret import read_shift, write_csv
+from sponlab.tensorio import load_tensors, write_json
+
+
+def main(
+    params: Path = PARAMS_OPTION,
+    model: Path = MODEL_OPTION,
+    blocks: Path = typer.Option(Path("data/blocks/val.safetensors"), "--blocks"),
+    thresholds: Path = typer.Option(
+        Path("models/thresholds"), "--thresholds", help="Folder of s<sparsity>.safetensors."
+    ),
+    spon: Path = typer.Option(Path("models/spon"), "--spon", help="Root of CONFIG/s<s>/biases."),
+    evals: Path = typer.Option(
+        Path("metrics/eval"), "--evals", help="Root of CONFIG/s<s>/shift.csv (test drift)."
+    ),
+    out: Path = typer.Option(Path("reports/interpret/layers"), "--out"),
+    metrics: Path = typer.Option(Path("metrics/interpret_layers.json"), "--metrics"),
+) -> None:
+    p = read_params(params)
+    ip: ia.InterpretParams = analysis_params(p, "interpret")
+    lp, s = ip.layers, p.check_sparsity(ip.sparsity)
+    ia.check_configs([lp.config], p.configs, p.sweep_configs, "interpret.layers.config")
+    loaded, site_map = load_base(p, model)
+    biases = load_biases(cell_path(spon, lp.config, s) / "biases.safetensors")[0].to(loaded.device)
+    thr = thresholds_from_tensors(load_tensors(thresholds / f"s{s:g}.safetensors")[0])
+    spec = sparsify_spec(p, p.config(lp.config), s, site_map, thr)
+    ids = ia.first_blocks(load_blocks(blocks), lp.val_blocks, "interpret.layers.val_blocks")
+    start = time.perf_counter()
+    with timed(f"leave-one-layer-out on {tuple(ids.shape)} ({lp.cumulative} cumulative curve)"):
+        result = la.leave_one_layer_out(
+            loaded.model, site_map, ids, lp.batch_size, spec, biases, lp.cumulative == "measured"
+        )
+    seconds = time.perf_counter() - start
+    # bias norm per layer, relative to the dense output scale on the same validation tokens
+    vectors = ia.output_vectors(biases, loaded.model, site_map)
+    dense = collect_moments(loaded.model, site_map, list(vectors), ids, lp.batch_size)
+    stats = ia.bias_stat_rows(vectors, {x: dense.rms(x) for x in vectors}, ip.near_zero)
+    norms = {r["layer"]: r for r in ia.layer_norm_rows(stats)}
+    drift = ia.drift_by_layer(read_shift(cell_path(evals, lp.config, s) / "shift.csv"))
+    rows = la.importance_rows(result, site_map.num_layers, norms, drift)
+    curves = la.cumulative_curves(result)
+    ranked = result.ranked()
+    with replace_dir(out) as folder:
+        write_csv(folder / "layers.csv", rows)
+        write_csv(
+            folder / "curves.csv",
+            [
+                {"k": k + 1, "layer_added": layer, **{n: c[k] for n, c in curves.items()}}
+                | ({"ppl_topk": result.topk[k]} if result.topk else {})
+                for k, layer in enumerate(ranked)
+            ],
+        )
+        title = f"{lp.config} s={s:g}: leave-one-layer-out on {ids.numel()} val tokens"
+        plot_layer_importance(rows, curves, lp.targets, title, folder / "importance.png")
+    summary = la.importance_summary(result, rows, curves, lp.targets, site_map.num_layers)
+    write_json(
+        metrics,
+        ia.clean(
+            {"config": lp.config, "sparsity": s, "val_tokens": ids.numel(), **summary}
+            | {"seconds": seconds}
+        ),
+    )

@@ -1,0 +1,50 @@
+"""Figures (PNG) and long-format plot data of the sweep for offline viewing and dvc plots."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+import typer
+
+from sponlab.plots import pipeline as figures
+from sponlab.stages.common import PARAMS_OPTION, cell_path, read_params
+from sponlab.summary import sparsity_key
+from sponlab.tensorio import atomic_path, read_json
+
+
+def main(
+    params: Path = PARAMS_OPTION,
+    summary: Path = typer.Option(Path("metrics/tables/summary.csv"), "--summary"),
+    dense_metrics: Path = typer.Option(Path("metrics/dense.json"), "--dense-metrics"),
+    evals: Path = typer.Option(Path("metrics/eval"), "--evals"),
+    trained: Path = typer.Option(Path("models/spon"), "--trained"),
+    out: Path = typer.Option(Path("plots/sweep"), "--out", help="Folder for PNGs and CSV data."),
+) -> None:
+    cfg = read_params(params)
+    frame = pd.read_csv(summary)
+    dense_ppl = read_json(dense_metrics)["ppl"]
+    figures.ppl_by_config(frame, dense_ppl, out / "ppl_by_config.png")
+    figures.damage_recovered(frame, out / "damage_recovered.png")
+    figures.pareto(frame, out / "pareto.png")
+    curves, shifts = {}, []
+    for config in cfg.sweep_configs:
+        for s in cfg.sparsities:
+            loss = pd.read_csv(cell_path(trained, config, s) / "loss.csv")
+            if len(loss):
+                curves[f"{config} s={s:g}"] = loss
+            shift = pd.read_csv(cell_path(evals, config, s) / "shift.csv")
+            shifts.append(shift.assign(config=config, sparsity=s))
+    figures.loss_curves(curves, out / "loss_curves.png")
+    shift_all = pd.concat(shifts, ignore_index=True)
+    for s in cfg.sparsities:
+        per_config = {c: g for c, g in shift_all[shift_all["sparsity"] == s].groupby("config", sort=False)}
+        figures.shift_by_layer(
+            per_config, f"Hidden-state shift vs dense, s={s:g}", out / f"shift_{sparsity_key(s)}.png"
+        )
+    long_loss = pd.concat(
+        [c.assign(cell=label) for label, c in curves.items()], ignore_index=True
+    ) if curves else pd.DataFrame(columns=["step", "loss", "cell"])
+    for name, data in (("loss.csv", long_loss), ("shift.csv", shift_all)):
+        with atomic_path(out / name) as tmp:
+            data.to_csv(tmp, index=False)

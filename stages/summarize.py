@@ -1,0 +1,39 @@
+"""Summarise the sweep: table with module-matched TEAL baselines, Pareto frontier, nested metrics."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from sponlab.stages.common import PARAMS_OPTION, cell_path, read_params
+from sponlab.summary import cell_result, nested_metrics, summary_table, to_latex, to_markdown
+from sponlab.tensorio import atomic_path, read_json, write_json, write_text
+
+
+def main(
+    params: Path = PARAMS_OPTION,
+    evals: Path = typer.Option(Path("metrics/eval"), "--evals", help="Evaluate cells root."),
+    trained: Path = typer.Option(Path("models/spon"), "--trained", help="Train cells root."),
+    dense_metrics: Path = typer.Option(Path("metrics/dense.json"), "--dense-metrics"),
+    metrics: Path = typer.Option(Path("metrics/summary.json"), "--metrics"),
+    tables: Path = typer.Option(Path("metrics/tables"), "--tables", help="summary.{csv,md,tex}"),
+) -> None:
+    cfg = read_params(params)
+    dense = read_json(dense_metrics)
+    cells = [
+        cell_result(
+            read_json(cell_path(evals, config, s) / "metrics.json"),
+            read_json(cell_path(trained, config, s) / "train.json"),
+            dense["parameters"],
+        )
+        for config in cfg.sweep_configs
+        for s in cfg.sparsities
+    ]
+    frame = summary_table(cells)
+    with atomic_path(tables / "summary.csv") as tmp:
+        frame.to_csv(tmp, index=False)
+    write_text(tables / "summary.md", to_markdown(frame))
+    write_text(tables / "summary.tex", to_latex(frame))
+    write_json(metrics, nested_metrics(frame, dense["ppl"]))
+    typer.echo(to_markdown(frame))

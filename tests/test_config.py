@@ -1,0 +1,60 @@
+from pathlib import Path
+
+import pytest
+import yaml
+
+from sponlab.config import ConfigError, load_params, parse_params
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def shipped():
+    return yaml.safe_load((ROOT / "params.yaml").read_text())
+
+
+def test_shipped_params_parse():
+    params = load_params(ROOT / "params.yaml")
+    for name in ("BASELINE-TEAL", "UNIF-ALL", "TOP-50", "TOP-75", "BOTTOM-50", "ATTN-ONLY"):
+        assert name in params.sweep_configs
+    assert params.sparsities[:2] == (0.5, 0.6)
+    assert not params.configs["BASELINE-TEAL"].has_biases
+    assert params.configs["ATTN-ONLY"].modules == ("o_proj",)
+
+
+@pytest.mark.parametrize(
+    ("path", "value", "message"),
+    [
+        (("sparsify", "method"), "tael", r"sparsify.method must be one of \['teal', 'topk'\], got 'tael'"),
+        (("sweep", "sparsities"), [0.5, 1.2], r"sweep.sparsities\[1\] must be a number in \[0, 1\)"),
+        (("sweep", "configs"), ["NOPE"], r"sweep.configs\[0\] names unknown config 'NOPE'"),
+        (("train", "lr"), -1, r"train.lr must be > 0"),
+        (("train", "epochs"), 1.5, r"train.epochs must be an integer"),
+        (("base", "device"), "gpu", r"base.device has an invalid value 'gpu'"),
+        (("configs", "TOP-50", "layers"), {"first": 2}, r"configs.TOP-50.layers must be"),
+        (("configs", "UNIF-ALL", "modules"), ["mlp"], r"configs.UNIF-ALL.modules has unknown module"),
+        (("train", "lrr"), 0.1, r"unknown key\(s\) \['train.lrr'\]"),
+    ],
+)
+def test_bad_values_name_the_key_and_allowed_values(path, value, message):
+    raw = shipped()
+    node = raw
+    for key in path[:-1]:
+        node = node[key]
+    node[path[-1]] = value
+    with pytest.raises(ConfigError, match=message):
+        parse_params(raw)
+
+
+def test_cli_reports_bad_params_without_traceback(tmp_path):
+    from typer.testing import CliRunner
+
+    from sponlab.cli import app
+
+    raw = shipped()
+    raw["sparsify"]["method"] = "tael"
+    bad = tmp_path / "params.yaml"
+    bad.write_text(yaml.safe_dump(raw))
+    result = CliRunner().invoke(app, ["calibrate", "--sparsity", "0.5", "--params", str(bad)])
+    assert result.exit_code != 0
+    assert isinstance(result.exception, ConfigError)
+    assert not (tmp_path / "models").exists()

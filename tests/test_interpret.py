@@ -1,0 +1,287 @@
+"""Interpret / layer-importance computations on tiny models with known answers."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from sklearn.decomposition import PCA
+
+from sponlab.analysis import interpret as ia
+from sponlab.analysis import layers as la
+from sponlab.analysis.alignment import (
+    alignment_row,
+    alignment_rows,
+    collect_moments,
+    principal_components,
+)
+from sponlab.analysis.prompts import (
+    Variant,
+    load_prompt_sets,
+    prompt_batches,
+    prompt_effects,
+    select_prompts,
+)
+from sponlab.config import AllocationConfig, ConfigError, Section
+from sponlab.sites import LayerSelection, Site
+from sponlab.sparsify import SparsifySpec, calibrate_thresholds, capture_inputs, sparsified
+from sponlab.spon import SponBiases
+from sponlab.tiny import tiny_tokenizer
+
+
+def teal(model, site_map, blocks, sparsity=0.5):
+    thresholds = calibrate_thresholds(model, site_map, blocks, [sparsity])[sparsity]
+    return SparsifySpec("teal", sparsity, tuple(site_map.sites), thresholds)
+
+
+def no_hooks(model, site_map):
+    """No hook left on any projection (transformers itself keeps hooks on other modules)."""
+    linears = [site_map.linear(model, s) for s in site_map.sites]
+    return all(not m._forward_pre_hooks and not m._forward_hooks for m in linears)
+
+
+# --- params -------------------------------------------------------------------------------------
+
+
+def test_params_defaults_and_errors_name_the_key():
+    params = ia.parse_params(Section({}, "interpret", "p.yaml"))
+    assert params.layers.cumulative == "measured" and params.categories is None
+    cases = [
+        ({"layers": {"cumulative": "greedy"}}, r"interpret\.layers\.cumulative.*measured"),
+        ({"sparsity": 1.0}, r"interpret\.sparsity"),
+        ({"similarity": ["UNIF-ALL"]}, r"interpret\.similarity"),
+        ({"categories": "math"}, r"interpret\.categories"),
+        ({"layers": {"targets": [0.8, 1.5]}}, r"interpret\.layers\.targets"),
+        ({"colour": "red"}, r"unknown key.*interpret\.colour"),
+    ]
+    for raw, message in cases:
+        with pytest.raises(ConfigError, match=message):
+            ia.parse_params(Section(raw, "interpret", "p.yaml"))
+
+
+def test_check_configs_rejects_untrained_and_teal_only():
+    alloc = AllocationConfig("A", LayerSelection("all"), ("o_proj",), ("o_proj",))
+    base = AllocationConfig("T", LayerSelection("none"), (), ("o_proj",))
+    configs = {"A": alloc, "T": base}
+    ia.check_configs(["A"], configs, ["A", "T"], "k")
+    with pytest.raises(ConfigError, match=r"not in sweep\.configs"):
+        ia.check_configs(["A"], configs, ["T"], "k")
+    with pytest.raises(ConfigError, match="no SPON biases"):
+        ia.check_configs(["T"], configs, ["A", "T"], "k")
+    with pytest.raises(ConfigError, match="unknown config 'X'"):
+        ia.check_configs(["X"], configs, ["A"], "k")
+
+
+# --- statistics and chance levels -----------------------------------------------------------
+
+
+def test_vector_stats_known_values():
+    row = ia.vector_stats(torch.tensor([1.0, -1.0, 1.0, -1.0]), act_rms=2.0)
+    assert row["mean"] == 0 and row["std"] == 1 and row["l2"] == 2 and row["max_abs"] == 1
+    assert row["kurtosis"] == pytest.approx(-2.0)
+    assert row["frac_pos"] == 0.5
+    assert row["l2_rel"] == pytest.approx(0.5) and row["max_rel"] == pytest.approx(0.5)
+    zeros = ia.vector_stats(torch.tensor([0.0, 1e-5, 1.0, -1.0]), act_rms=1.0, near_zero=1e-3)
+    assert zeros["frac_zero"] == 0.5
+    gen = torch.Generator().manual_seed(0)
+    assert abs(ia.excess_kurtosis(torch.randn(200_000, generator=gen))) < 0.05
+    laplace = torch.distributions.Laplace(0.0, 1.0).sample((200_000,))
+    assert ia.excess_kurtosis(laplace) == pytest.approx(3.0, abs=0.2)
+
+
+def test_random_baseline_matches_sqrt_2_over_pi_d():
+    for dim in (16, 64, 576):
+        exact = ia.expected_abs_cos(dim)
+        assert exact == pytest.approx(math.sqrt(2 / (math.pi * dim)), rel=0.07)
+        assert ia.RandomBaseline(4000, seed=1)(dim) == pytest.approx(exact, rel=0.05)
+    assert ia.expected_abs_cos(2) == pytest.approx(2 / math.pi)  # E|cos θ|, θ uniform
+
+
+def test_layer_norm_rows_rank_layers():
+    vecs = {Site(0, "o_proj"): torch.ones(4), Site(1, "o_proj"): 3 * torch.ones(4)}
+    rms = {Site(0, "o_proj"): 1.0, Site(1, "o_proj"): 10.0}
+    rows = ia.layer_norm_rows(ia.bias_stat_rows(vecs, rms, 1e-3))
+    assert [r["rank_l2"] for r in rows] == [2, 1]  # layer 1 has the larger bias
+    assert [r["rank_l2_rel"] for r in rows] == [1, 2]  # but the smaller one relative to scale
+    assert rows[0]["l2_rel"] == pytest.approx(1.0) and rows[1]["l2_rel"] == pytest.approx(0.3)
+
+
+def test_shift_rows_drift_reduction():
+    rows = ia.shift_rows([0, 1, 2], [0, 1, 1], [0.0, 1.0, 2.0], [0.0, 0.5, 2.0])
+    assert math.isnan(rows[0]["drift_reduction"])
+    assert [r["drift_reduction"] for r in rows[1:]] == [0.5, 0.0]
+    assert ia.drift_by_layer(rows) == {0: 0.5, 1: 0.0}
+
+
+# --- similarity -------------------------------------------------------------------------------
+
+
+def test_similarity_identical_negated_and_seed_pairs():
+    gen = torch.Generator().manual_seed(0)
+    a = {Site(i, "o_proj"): torch.randn(32, generator=gen) for i in range(3)}
+    base = ia.RandomBaseline(50)
+    same = ia.similarity_summary(ia.similarity_rows(a, {k: v.clone() for k, v in a.items()}, base))
+    assert same["mean_cos"] == pytest.approx(1.0) and same["shared_sites"] == 3
+    neg = ia.similarity_summary(ia.similarity_rows(a, {k: -v for k, v in a.items()}, base))
+    assert neg["mean_cos"] == pytest.approx(-1.0) and neg["mean_abs_cos"] == pytest.approx(1.0)
+    partial = ia.similarity_rows(a, {Site(1, "o_proj"): a[Site(1, "o_proj")]}, base)
+    assert len(partial) == 1
+    assert same["chance_abs_cos"] == pytest.approx(ia.expected_abs_cos(32))
+    x = AllocationConfig("X", LayerSelection("all"), ("o_proj",), ("o_proj",))
+    assert ia.same_allocation(
+        x, AllocationConfig("Y", x.layers, x.modules, x.sparsify_modules, seed=1)
+    )
+    assert not ia.same_allocation(
+        x, AllocationConfig("Z", x.layers, ("q_proj",), x.sparsify_modules)
+    )
+
+
+# --- alignment --------------------------------------------------------------------------------
+
+
+def test_bias_equal_to_mean_error_has_cosine_one(llama, blocks):
+    model, site_map = llama
+    spec = teal(model, site_map, blocks)
+    sites = site_map.sites
+    dense = collect_moments(model, site_map, sites, blocks, 4)
+    sparse = collect_moments(model, site_map, sites, blocks, 4, spec)
+    assert no_hooks(model, site_map)
+    errors = {s: (dense.mean(s) - sparse.mean(s)).float() for s in sites}
+    rows = alignment_rows(errors, dense, sparse, model, site_map, {}, ia.RandomBaseline(20))
+    assert all(r["cos_global"] == pytest.approx(1.0) for r in rows)
+    assert all(r["error_explained"] == pytest.approx(1.0, abs=1e-6) for r in rows)
+    # without sparsification the layer's own-mask error is exactly zero
+    site = Site(1, "down_proj")
+    assert torch.count_nonzero(dense.local_error(site, site_map.linear(model, site))) == 0
+
+
+def test_local_error_is_weight_times_mean_masked_input(llama, blocks):
+    model, site_map = llama
+    spec = teal(model, site_map, blocks)
+    site = Site(2, "o_proj")
+    linear = site_map.linear(model, site)
+    seen = []
+    # the capture hook is registered first, so it sees the raw (unsparsified) input
+    with (
+        torch.no_grad(),
+        capture_inputs(model, site_map, [site], lambda s, x: seen.append(x)),
+        sparsified(model, site_map, spec),
+    ):
+        model(blocks)
+    x = seen[0].reshape(-1, seen[0].shape[-1]).double()
+    dropped = x * (x.abs() <= spec.thresholds[site])  # x - S(x)
+    expected = dropped.mean(0) @ linear.weight.double().T
+    sparse = collect_moments(model, site_map, [site], blocks, 6, spec)
+    torch.testing.assert_close(sparse.local_error(site, linear), expected, rtol=1e-4, atol=1e-6)
+
+
+def test_pca_matches_sklearn_and_centring_hides_the_mean():
+    gen = torch.Generator().manual_seed(0)
+    data = torch.randn(200, 12, generator=gen) * torch.linspace(3, 0.5, 12)
+    mean = torch.zeros(12)
+    mean[-1] = 50.0  # large mean along the lowest-variance axis
+    data = data + mean
+    comps, ratio = principal_components(data, 4)
+    ref = PCA(n_components=4).fit(data.double().numpy())
+    cos = np.abs(np.sum(comps.numpy() * ref.components_, axis=1))
+    np.testing.assert_allclose(cos, 1.0, atol=1e-6)
+    np.testing.assert_allclose(ratio.numpy(), ref.explained_variance_ratio_, rtol=1e-6)
+    row = alignment_row(mean, mean, mean, data.mean(0), comps, ia.RandomBaseline(20))
+    assert row["cos_dense_mean"] == pytest.approx(1.0, abs=1e-3)
+    assert row["max_abs_cos_pc"] < 0.05  # the mean direction is invisible to centred PCA
+
+
+# --- layer importance -------------------------------------------------------------------------
+
+
+def test_leave_one_out_zero_biases_give_zero_importance(llama, blocks):
+    model, site_map = llama
+    spec = teal(model, site_map, blocks)
+    zero = SponBiases.for_model(model, site_map, site_map.sites)
+    result = la.leave_one_layer_out(model, site_map, blocks, 3, spec, zero, measure_topk=True)
+    assert result.benefit == 0.0
+    assert all(v == 0.0 for v in result.importance().values())
+    curves = la.cumulative_curves(result)
+    assert all(math.isnan(v) for v in curves["measured"])
+    assert la.layers_needed(curves["measured"], 0.9) is None
+
+
+def test_leave_one_out_finds_the_only_nonzero_layer(llama, blocks):
+    model, site_map = llama
+    spec = teal(model, site_map, blocks)
+    biases = SponBiases.for_model(model, site_map, site_map.sites)
+    with torch.no_grad():
+        for site in biases.sites:
+            if site.layer == 1:
+                biases.vector(site).normal_(0, 0.5, generator=torch.Generator().manual_seed(3))
+    result = la.leave_one_layer_out(model, site_map, blocks, 3, spec, biases, measure_topk=False)
+    imp = result.importance()
+    assert imp[1] == pytest.approx(result.benefit) and imp[1] != 0
+    assert all(imp[layer] == 0.0 for layer in (0, 2, 3))
+    assert result.ranked()[0 if imp[1] > 0 else -1] == 1
+
+
+def test_cumulative_fractions_and_phase_shares():
+    assert la.estimated_fractions([3.0, 1.0, 0.0, -1.0]) == pytest.approx([0.75, 1.0, 1.0, 1.0])
+    measured = la.measured_fractions(10.0, 6.0, [8.0, 6.5, 6.0])
+    assert measured == pytest.approx([0.5, 0.875, 1.0])
+    assert [la.layers_needed(measured, t) for t in (0.5, 0.8, 0.9)] == [1, 2, 3]
+    shares = la.phase_shares({0: 1.0, 1: 1.0, 2: 2.0, 3: 0.0, 4: 0.0, 5: -5.0}, 6)
+    assert shares == pytest.approx({"early": 0.5, "middle": 0.5, "late": 0.0})
+    assert [ia.phase_of(i, 30) for i in (0, 9, 10, 19, 20, 29)] == [
+        "early",
+        "early",
+        "middle",
+        "middle",
+        "late",
+        "late",
+    ]
+
+
+# --- prompts ----------------------------------------------------------------------------------
+
+
+def test_builtin_prompt_sets():
+    sets = load_prompt_sets()
+    assert set(sets) >= {"math", "code", "commonsense", "factual", "safety"}
+    for prompts in sets.values():
+        assert len(prompts) >= 20 and len(set(prompts)) == len(prompts)
+    assert list(select_prompts(sets, ["code"], 3)) == ["code"]
+    with pytest.raises(ConfigError, match="unknown"):
+        select_prompts(sets, ["poetry"], 3)
+
+
+def test_prompt_effects_exclude_padding(llama, blocks):
+    model, site_map = llama
+    spec = teal(model, site_map, blocks)
+    biases = SponBiases.for_model(model, site_map, site_map.sites)
+    with torch.no_grad():
+        for vec in biases.vectors:
+            vec.normal_(0, 0.05, generator=torch.Generator().manual_seed(1))
+    tok = tiny_tokenizer()
+    prompts = ["w1 w2 w3 w4 w5 w6 w7 w8 w9", "w10 w11", "w12 w13 w14 w15 w16"]
+    variants = {"teal": Variant(spec), "spon": Variant(spec, biases)}
+    batched = prompt_batches(prompts, tok, 3, 64, bos=True)
+    assert batched[0].attention_mask.sum(1).tolist() == [10, 6, 3]
+    together = prompt_effects(model, site_map, batched, variants)
+    single = [prompt_batches([p], tok, 1, 64, bos=True)[0] for p in prompts]
+    apart = prompt_effects(model, site_map, single, variants)
+    for name in variants:
+        assert together[name].tokens == apart[name].tokens == 19
+        assert together[name].kl == pytest.approx(apart[name].kl, rel=1e-4, abs=1e-7)
+        np.testing.assert_allclose(together[name].shift_rel, apart[name].shift_rel, rtol=1e-4)
+    assert together["spon"].kl != together["teal"].kl
+    assert no_hooks(model, site_map)
+
+
+def test_output_vectors_of_input_parametrisation(llama):
+    model, site_map = llama
+    site = Site(0, "down_proj")
+    biases = SponBiases.for_model(model, site_map, [site], parametrization="input")
+    with torch.no_grad():
+        biases.vector(site).fill_(0.1)
+    vec = ia.output_vectors(biases, model, site_map)[site]
+    weight = site_map.linear(model, site).weight
+    torch.testing.assert_close(vec, weight @ torch.full((weight.shape[1],), 0.1))
