@@ -38,13 +38,19 @@ def main(
     figures.loss_curves(curves, out / "loss_curves.png")
     shift_all = pd.concat(shifts, ignore_index=True)
     for s in cfg.sparsities:
-        per_config = {c: g for c, g in shift_all[shift_all["sparsity"] == s].groupby("config", sort=False)}
+        per_config = {
+            c: g for c, g in shift_all[shift_all["sparsity"] == s].groupby("config", sort=False)
+        }
         figures.shift_by_layer(
-            per_config, f"Hidden-state shift vs dense, s={s:g}", out / f"shift_{sparsity_key(s)}.png"
+            per_config,
+            f"Hidden-state shift vs dense, s={s:g}",
+            out / f"shift_{sparsity_key(s)}.png",
         )
-    long_loss = pd.concat(
-        [c.assign(cell=label) for label, c in curves.items()], ignore_index=True
-    ) if curves else pd.DataFrame(columns=["step", "loss", "cell"])
+    long_loss = (
+        pd.concat([c.assign(cell=label) for label, c in curves.items()], ignore_index=True)
+        if curves
+        else pd.DataFrame(columns=["step", "loss", "cell"])
+    )
     for name, data in (("loss.csv", long_loss), ("shift.csv", shift_all)):
         with atomic_path(out / name) as tmp:
             data.to_csv(tmp, index=False)

@@ -76,7 +76,8 @@ def main(
         "layers": alloc.layers.describe(),
         "modules": list(alloc.modules),
         "sparsify_modules": list(alloc.sparsify_modules),
-        "method": cfg.sparsify.method, "seed": settings.seed,
+        "method": cfg.sparsify.method,
+        "seed": settings.seed,
     }
     write_rows(out / "loss.csv", result.steps, ["step", "epoch", "loss", "lr", "grad_norm"])
     write_rows(out / "val.csv", result.epochs, ["epoch", "step", "val_kl", "train_kl"])

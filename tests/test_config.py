@@ -24,14 +24,26 @@ def test_shipped_params_parse():
 @pytest.mark.parametrize(
     ("path", "value", "message"),
     [
-        (("sparsify", "method"), "tael", r"sparsify.method must be one of \['teal', 'topk'\], got 'tael'"),
-        (("sweep", "sparsities"), [0.5, 1.2], r"sweep.sparsities\[1\] must be a number in \[0, 1\)"),
+        (
+            ("sparsify", "method"),
+            "tael",
+            r"sparsify.method must be one of \['teal', 'topk'\], got 'tael'",
+        ),
+        (
+            ("sweep", "sparsities"),
+            [0.5, 1.2],
+            r"sweep.sparsities\[1\] must be a number in \[0, 1\)",
+        ),
         (("sweep", "configs"), ["NOPE"], r"sweep.configs\[0\] names unknown config 'NOPE'"),
         (("train", "lr"), -1, r"train.lr must be > 0"),
         (("train", "epochs"), 1.5, r"train.epochs must be an integer"),
         (("base", "device"), "gpu", r"base.device has an invalid value 'gpu'"),
         (("configs", "TOP-50", "layers"), {"first": 2}, r"configs.TOP-50.layers must be"),
-        (("configs", "UNIF-ALL", "modules"), ["mlp"], r"configs.UNIF-ALL.modules has unknown module"),
+        (
+            ("configs", "UNIF-ALL", "modules"),
+            ["mlp"],
+            r"configs.UNIF-ALL.modules has unknown module",
+        ),
         (("train", "lrr"), 0.1, r"unknown key\(s\) \['train.lrr'\]"),
     ],
 )

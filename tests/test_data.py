@@ -9,7 +9,13 @@ def test_builtin_corpus_splits_are_disjoint_real_text():
     assert set(corpus) == {"calib", "train", "val", "test"}
     sets = {k: set(v) for k, v in corpus.items()}
     # evaluation text never appears in calibration/training text, nor val in test
-    for a, b in [("val", "test"), ("val", "calib"), ("val", "train"), ("test", "calib"), ("test", "train")]:
+    for a, b in [
+        ("val", "test"),
+        ("val", "calib"),
+        ("val", "train"),
+        ("test", "calib"),
+        ("test", "train"),
+    ]:
         assert not sets[a] & sets[b], (a, b)
     # calib/train are disjoint sets of C4 lines (the file repeats a few boilerplate lines verbatim)
     assert len(sets["calib"] & sets["train"]) < 0.02 * len(sets["train"])

@@ -52,7 +52,7 @@ def repo(tmp_path_factory) -> Path:
     model_dir = save_tiny(root / "tiny-model", "llama", layers=2, hidden=32)
     work = root / "repo"
     files = run(["git", "ls-files"], ROOT).split()
-    for name in files + ["dvc.yaml", "params.yaml", ".dvcignore"]:
+    for name in [*files, "dvc.yaml", "params.yaml", ".dvcignore"]:
         source = ROOT / name
         if source.is_file():
             (work / name).parent.mkdir(parents=True, exist_ok=True)

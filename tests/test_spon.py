@@ -54,8 +54,17 @@ def test_biases_are_fp32_even_for_bf16_models():
 
 
 def settings(**kw):
-    base = dict(lr=0.01, epochs=2, batch_size=4, schedule="cosine", warmup_steps=0,
-                weight_decay=0.0, grad_clip=1.0, seed=0, teacher_cache=True)
+    base = dict(
+        lr=0.01,
+        epochs=2,
+        batch_size=4,
+        schedule="cosine",
+        warmup_steps=0,
+        weight_decay=0.0,
+        grad_clip=1.0,
+        seed=0,
+        teacher_cache=True,
+    )
     return TrainParams(**{**base, **kw})
 
 
@@ -87,8 +96,14 @@ def test_teacher_cache_does_not_change_results(llama):
     runs = []
     for cache in (True, False):
         biases = SponBiases.for_model(model, site_map, site_map.select([0], ["o_proj"]))
-        runs.append(train_spon(model, site_map, spec, biases, train, train[:4], settings(teacher_cache=cache)))
-    assert [s["loss"] for s in runs[0].steps] == pytest.approx([s["loss"] for s in runs[1].steps], rel=1e-5)
+        runs.append(
+            train_spon(
+                model, site_map, spec, biases, train, train[:4], settings(teacher_cache=cache)
+            )
+        )
+    assert [s["loss"] for s in runs[0].steps] == pytest.approx(
+        [s["loss"] for s in runs[1].steps], rel=1e-5
+    )
 
 
 def test_non_finite_loss_stops_training(llama):
