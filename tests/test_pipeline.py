@@ -25,11 +25,12 @@ BIN = Path(sys.executable).parent
 CONFIGS = ["BASELINE-TEAL", "UNIF-ALL", "ATTN-ONLY"]
 
 
-def run(cmd: list[str], cwd: Path) -> str:
+def run(cmd: list[str], cwd: Path, stdout_only: bool = False) -> str:
+    """Run a command with this venv first on PATH; its output (DVC logs progress on stderr)."""
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
     done = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, env=env)
     assert done.returncode == 0, f"{' '.join(cmd)} failed:\n{done.stdout}\n{done.stderr}"
-    return done.stdout + done.stderr
+    return done.stdout if stdout_only else done.stdout + done.stderr
 
 
 def tiny_params(model_dir: Path) -> dict:
@@ -101,7 +102,7 @@ def test_tiny_dvc_pipeline_end_to_end(repo: Path):
     new |= {f"{kind}@{c}-0.7" for kind in ("train", "evaluate") for c in CONFIGS}
     assert ran_stages(third) == new
 
-    metrics = run([dvc, "metrics", "diff", "--json"], repo)
+    metrics = run([dvc, "metrics", "diff", "--json"], repo, stdout_only=True)
     diff = json.loads(metrics)["metrics/summary.json"]
     assert "ppl.UNIF-ALL.s70" in diff
     assert "sweep.sparsities" in run([dvc, "params", "diff"], repo)
