@@ -7,24 +7,26 @@ The checkpoints are ``interpret.configs`` x ``interpret.sparsity``; similarity c
 
 from __future__ import annotations
 
-import itertools
 import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
 import typer
 
 from sponlab.analysis import interpret as ia
 from sponlab.analysis.alignment import alignment_rows, collect_moments, site_components
 from sponlab.analysis.prompts import (
-    Variant,
+    effect_rows,
+    kl_reduction,
+    layer_rows,
     load_prompt_sets,
     prompt_batches,
     prompt_effects,
+    prompt_variants,
     select_prompts,
 )
+from sponlab.analysis.similarity import similarity_table
 from sponlab.config import analysis_params
 from sponlab.data import wants_bos
 from sponlab.experiment import sparsify_spec
@@ -84,6 +86,7 @@ def main(
     out: Path = typer.Option(Path("reports/interpret"), "--out"),
     metrics: Path = typer.Option(Path("metrics/interpret.json"), "--metrics"),
 ) -> None:
+    begin = time.perf_counter()
     p = read_params(params)
     ip: ia.InterpretParams = analysis_params(p, "interpret")
     s = p.check_sparsity(ip.sparsity)
@@ -128,179 +131,100 @@ def main(
         dense.samples.clear()  # [tokens, D] per site: no longer needed
     with replace_dir(out / "bias") as bias_dir, replace_dir(out / "alignment") as align_dir:
         for n in ip.configs:
-            summary["checkpoints"][n]["bias"] = bias_report(
-                n, vectors[n], dense, ip, site_map.num_layers, cell_path(bias_dir, n, s)
+            title = f"{n} s={s:g}"
+            rows = ia.bias_stat_rows(
+                vectors[n], {x: dense.rms(x) for x in vectors[n]}, ip.near_zero
             )
+            norms = ia.layer_norm_rows(rows)
+            write_bias_report(cell_path(bias_dir, n, s), rows, norms, vectors[n], ip, title)
+            summary["checkpoints"][n]["bias"] = ia.bias_summary(rows, norms, site_map.num_layers)
             with timed(f"alignment of {n}"):
                 rows = alignment_rows(
-                    vectors[n],
-                    dense,
-                    teal[specs[n].sites],
-                    lm,
-                    site_map,
-                    components,
-                    baseline,
+                    vectors[n], dense, teal[specs[n].sites], lm, site_map, components, baseline
                 )
-            folder = cell_path(align_dir, n, s)
-            write_csv(folder / "alignment.csv", rows)
-            plots.plot_alignment(rows, f"{n} s={s:g}: bias alignment", folder / "alignment.png")
-            summary["checkpoints"][n]["alignment"] = {
-                **ia.summarize(rows, ALIGN_KEYS),
-                "frac_abs_cos_global_over_3x_chance": ia.nanmean(
-                    [abs(r["cos_global"]) > 3 * r["chance_abs_cos"] for r in rows]
-                ),
-            }
+            write_csv(cell_path(align_dir, n, s) / "alignment.csv", rows)
+            plots.plot_alignment(
+                rows, f"{title}: bias alignment", cell_path(align_dir, n, s) / "alignment.png"
+            )
+            summary["checkpoints"][n]["alignment"] = alignment_summary(rows)
     del dense, teal
     seconds["bias_and_alignment"] = time.perf_counter() - start
 
     start = time.perf_counter()
-    prompt_rows = run_prompts(p, ip, loaded, site_map, specs, biases, sets, out, summary)
+    prompt_shift = run_prompts(p, ip, loaded, site_map, specs, biases, sets, out, summary)
     seconds["prompts"] = time.perf_counter() - start
     with replace_dir(out / "shift") as shift_dir:
         for n in ip.configs:
-            summary["checkpoints"][n]["shift"] = shift_report(
-                n, s, evals, prompt_rows[n], cell_path(shift_dir, n, s)
+            rows = read_shift(cell_path(evals, n, s) / "shift.csv")
+            folder = cell_path(shift_dir, n, s)
+            write_csv(folder / "test.csv", rows)
+            write_csv(
+                folder / "prompts.csv",
+                [{"category": c, **r} for c, cat in prompt_shift[n].items() for r in cat],
             )
-    start = time.perf_counter()
-    summary["similarity"] = similarity_report(ip, p.configs, vectors, baseline, out / "similarity")
-    seconds["similarity"] = time.perf_counter() - start
-    summary["seconds"] = seconds
+            title = f"{n} s={s:g}: hidden-state shift vs dense"
+            plots.plot_shift(rows, prompt_shift[n], title, folder / "shift.png")
+            summary["checkpoints"][n]["shift"] = ia.shift_summary(rows, prompt_shift[n])
+
+    table = similarity_table(ip.similarity, p.configs, vectors, baseline)
+    with replace_dir(out / "similarity") as folder:
+        write_csv(folder / "sites.csv", table.site_rows)
+        write_csv(folder / "pairs.csv", table.pair_rows)
+        plots.plot_similarity(
+            table.names, table.matrix, table.chance, table.per_layer, folder / "similarity.png"
+        )
+    summary["similarity"] = table.summary()
+    summary["seconds"] = {**seconds, "total": time.perf_counter() - begin}
     write_json(metrics, ia.clean(summary))
 
 
-def bias_report(name, vecs, dense, ip, num_layers, folder: Path) -> dict:
-    """Per-site statistics, per-layer norms and ranks, heatmap, histograms."""
-    rms = {site: dense.rms(site) for site in vecs}
-    rows = ia.bias_stat_rows(vecs, rms, ip.near_zero)
-    layer_rows = ia.layer_norm_rows(rows)
-    write_csv(folder / "stats.csv", rows)
-    write_csv(folder / "layers.csv", layer_rows)
-    title = f"{name} s={ip.sparsity:g}"
-    plots.plot_bias_heatmap(vecs, ip.heatmap_dims, f"{title}: bias values", folder / "heatmap.png")
-    plots.plot_bias_histograms(vecs, f"{title}: bias values per layer", folder / "histograms.png")
-    plots.plot_layer_norms(layer_rows, f"{title}: bias norm by layer", folder / "layer_norms.png")
-    by_rel = sorted(layer_rows, key=lambda r: r["rank_l2_rel"])
-    by_abs = sorted(layer_rows, key=lambda r: r["rank_l2"])
+def alignment_summary(rows: list[dict]) -> dict:
+    over = [abs(r["cos_global"]) > 3 * r["chance_abs_cos"] for r in rows]
     return {
-        "sites": len(rows),
-        **ia.summarize(rows, ("l2", "l2_rel", "max_rel", "kurtosis", "frac_pos", "frac_zero")),
-        "top_layers_l2": [r["layer"] for r in by_abs[:5]],
-        "top_layers_l2_rel": [r["layer"] for r in by_rel[:5]],
-        "phase_l2_share": {
-            phase: sum(
-                r["l2"] ** 2 for r in layer_rows if ia.phase_of(r["layer"], num_layers) == phase
-            )
-            / max(sum(r["l2"] ** 2 for r in layer_rows), 1e-300)
-            for phase in ia.PHASES
-        },
+        **ia.summarize(rows, ALIGN_KEYS),
+        "frac_abs_cos_global_over_3x_chance": ia.nanmean(over),
     }
 
 
+def write_bias_report(folder: Path, rows, norms, vectors, ip, title: str) -> None:
+    """Per-site statistics, per-layer norms and ranks, heatmap, histograms."""
+    write_csv(folder / "stats.csv", rows)
+    write_csv(folder / "layers.csv", norms)
+    plots.plot_bias_heatmap(
+        vectors, ip.heatmap_dims, f"{title}: bias values", folder / "heatmap.png"
+    )
+    plots.plot_bias_histograms(
+        vectors, f"{title}: bias values per layer", folder / "histograms.png"
+    )
+    plots.plot_layer_norms(norms, f"{title}: bias norm by layer", folder / "layer_norms.png")
+
+
 def run_prompts(p, ip, loaded, site_map, specs, biases, sets, out: Path, summary) -> dict:
-    """KL and hidden shift per category for TEAL-only (one per distinct spec) and each config."""
-    teal_name = {}
-    variants: dict[str, Variant] = {}
-    for n in ip.configs:
-        key = specs[n].sites
-        existing = [
-            v for v, var in variants.items() if var.spec.sites == key and var.biases is None
-        ]
-        teal_name[n] = existing[0] if existing else "TEAL-only" + (f"[{n}]" if variants else "")
-        variants.setdefault(teal_name[n], Variant(specs[n]))
-        variants[f"SPON[{n}]"] = Variant(specs[n], biases[n])
+    """KL and hidden shift per category; returns per config {category: shift rows}."""
+    variants, baseline = prompt_variants(ip.configs, specs, biases)
     bos = wants_bos(loaded.tokenizer, p.data.bos)
-    effect_rows, layer_rows = [], []
-    per_config: dict[str, dict[str, list[dict]]] = {n: {} for n in ip.configs}
+    effects, layers = [], []
+    shift: dict[str, dict[str, list[dict]]] = {n: {} for n in ip.configs}
     for category, prompts in sets.items():
         batches = prompt_batches(
             prompts, loaded.tokenizer, ip.prompt_batch, ip.max_prompt_tokens, bos
         )
         with timed(f"prompts {category}: {len(prompts)} prompts, {len(variants)} variants"):
             totals = prompt_effects(loaded.model, site_map, batches, variants, desc=category)
-        for v, t in totals.items():
-            effect_rows.append(
-                {
-                    "category": category,
-                    "variant": v,
-                    "prompts": len(prompts),
-                    "tokens": t.tokens,
-                    "kl": t.kl,
-                    "shift_rel_final": t.shift_rel[-1],
-                    "shift_rel_mean": float(np.mean(t.shift_rel[1:])),
-                }
-            )
-            layer_rows += [
-                {"category": category, "variant": v, "index": i, "l2": l2, "rel": rel}
-                for i, (l2, rel) in enumerate(zip(t.shift_l2, t.shift_rel, strict=True))
-            ]
+        effects += effect_rows(category, len(prompts), totals)
+        layers += layer_rows(category, totals)
         for n in ip.configs:
-            tl, sp = totals[teal_name[n]], totals[f"SPON[{n}]"]
-            per_config[n][category] = ia.shift_rows(
-                tl.shift_l2, sp.shift_l2, tl.shift_rel, sp.shift_rel
-            )
+            tl, sp = totals[baseline[n]], totals[f"SPON[{n}]"]
+            shift[n][category] = ia.shift_rows(tl.shift_l2, sp.shift_l2, tl.shift_rel, sp.shift_rel)
     with replace_dir(out / "prompts") as folder:
-        write_csv(folder / "effects.csv", effect_rows)
-        write_csv(folder / "shift_by_layer.csv", layer_rows)
-        plots.plot_prompt_effects(effect_rows, folder / "kl.png")
+        write_csv(folder / "effects.csv", effects)
+        write_csv(folder / "shift_by_layer.csv", layers)
+        plots.plot_prompt_effects(effects, folder / "kl.png")
     summary["prompts"] = {
-        c: {
-            r["variant"]: {"kl": r["kl"], "shift_rel_final": r["shift_rel_final"]}
-            for r in effect_rows
-            if r["category"] == c
-        }
+        c: {r["variant"]: {"kl": r["kl"], "shift_rel_final": r["shift_rel_final"]} for r in rows}
         for c in sets
+        for rows in [[r for r in effects if r["category"] == c]]
     }
     for n in ip.configs:
-        tl = [r for r in effect_rows if r["variant"] == teal_name[n]]
-        sp = [r for r in effect_rows if r["variant"] == f"SPON[{n}]"]
-        summary["checkpoints"][n]["prompt_kl_reduction"] = {
-            a["category"]: 1 - b["kl"] / a["kl"] if a["kl"] > 0 else None
-            for a, b in zip(tl, sp, strict=True)
-        }
-    return per_config
-
-
-def shift_report(name, s, evals: Path, prompt_rows: dict, folder: Path) -> dict:
-    """Test-block shift from the evaluate stage plus prompt categories, with drift reduction."""
-    rows = read_shift(cell_path(evals, name, s) / "shift.csv")
-    write_csv(folder / "test.csv", rows)
-    write_csv(
-        folder / "prompts.csv",
-        [{"category": c, **r} for c, cat_rows in prompt_rows.items() for r in cat_rows],
-    )
-    plots.plot_shift(
-        rows, prompt_rows, f"{name} s={s:g}: hidden-state shift vs dense", folder / "shift.png"
-    )
-    final = rows[-1]
-    return {
-        "test_final_teal_rel": final["teal_rel"],
-        "test_final_spon_rel": final["spon_rel"],
-        "test_mean_drift_reduction": ia.nanmean([r["drift_reduction"] for r in rows[1:]]),
-        "prompt_mean_drift_reduction": {
-            c: ia.nanmean([r["drift_reduction"] for r in cat_rows[1:]])
-            for c, cat_rows in prompt_rows.items()
-        },
-    }
-
-
-def similarity_report(ip, configs, vectors, baseline, out: Path) -> dict:
-    """Cosine of biases on shared sites for every pair of ``interpret.similarity`` configs."""
-    names = list(ip.similarity)
-    matrix = np.eye(len(names))
-    site_rows, pairs, per_layer, result = [], [], {}, {}
-    for (i, a), (j, b) in itertools.combinations(enumerate(names), 2):
-        rows = ia.similarity_rows(vectors[a], vectors[b], baseline)
-        kind = "seed" if ia.same_allocation(configs[a], configs[b]) else "config"
-        stats = {"kind": kind, **ia.similarity_summary(rows)}
-        matrix[i, j] = matrix[j, i] = stats["mean_cos"] if rows else np.nan
-        pairs.append({"a": a, "b": b, **stats})
-        site_rows += [{"a": a, "b": b, **r} for r in rows]
-        result[f"{a}~{b}"] = stats
-        if rows and (kind == "seed" or a == names[0]):
-            per_layer[f"{a} vs {b}" + (" (seed)" if kind == "seed" else "")] = rows
-    with replace_dir(out) as folder:
-        write_csv(folder / "sites.csv", site_rows)
-        write_csv(folder / "pairs.csv", pairs)
-        chance = ia.nanmean([r["chance_abs_cos"] for r in pairs])
-        plots.plot_similarity(names, matrix, chance, per_layer, folder / "similarity.png")
-    return result
+        summary["checkpoints"][n]["prompt_kl_reduction"] = kl_reduction(effects, n, baseline[n])
+    return shift

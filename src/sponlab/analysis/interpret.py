@@ -1,4 +1,4 @@
-"""What trained SPON biases encode: statistics, random baselines and cross-config similarity.
+"""What trained SPON biases encode: parameters, bias statistics, chance levels, hidden shift.
 
 Every bias is compared in the *output space* of its linear layer (``b``, or ``W a`` for the input
 parametrisation), where it is added to the layer's output. Norms are also reported relative to the
@@ -7,8 +7,8 @@ different width and magnitude can be ranked together. Every cosine comes with it
 the expected ``|cos|`` between a fixed vector and a uniformly random direction in the same
 dimension, ``Γ(d/2) / (√π Γ((d+1)/2)) ≈ sqrt(2 / (π d))``, and an empirical mean over random
 Gaussian vectors. Sibling modules: :mod:`sponlab.analysis.alignment` (mean error, PCA),
-:mod:`sponlab.analysis.prompts` (prompt categories), :mod:`sponlab.analysis.layers` (leave-one-
-layer-out importance).
+:mod:`sponlab.analysis.prompts` (prompt categories), :mod:`sponlab.analysis.similarity` (cross-
+config / cross-seed cosine), :mod:`sponlab.analysis.layers` (leave-one-layer-out importance).
 """
 
 from __future__ import annotations
@@ -255,6 +255,26 @@ def layer_norm_rows(stat_rows: Sequence[Mapping[str, Any]]) -> list[dict]:
     return rows
 
 
+def bias_summary(
+    rows: Sequence[Mapping[str, Any]], layer_rows: Sequence[Mapping[str, Any]], num_layers: int
+) -> dict[str, Any]:
+    """Headline bias statistics: site means, top layers by norm, early/middle/late energy share."""
+    energy = {r["layer"]: r["l2"] ** 2 for r in layer_rows}
+    total = max(sum(energy.values()), 1e-300)
+    return {
+        "sites": len(rows),
+        **summarize(rows, ("l2", "l2_rel", "max_rel", "kurtosis", "frac_pos", "frac_zero")),
+        "top_layers_l2": [r["layer"] for r in sorted(layer_rows, key=lambda r: r["rank_l2"])[:5]],
+        "top_layers_l2_rel": [
+            r["layer"] for r in sorted(layer_rows, key=lambda r: r["rank_l2_rel"])[:5]
+        ],
+        "phase_l2_share": {
+            phase: sum(v for k, v in energy.items() if phase_of(k, num_layers) == phase) / total
+            for phase in PHASES
+        },
+    }
+
+
 # --- cosines and chance levels ----------------------------------------------------------------
 
 
@@ -294,56 +314,12 @@ class RandomBaseline:
         return self.cache[dim]
 
 
-# --- cross-config / cross-seed similarity -----------------------------------------------------
-
-
-def same_allocation(a: AllocationConfig, b: AllocationConfig) -> bool:
-    """True when two configs differ at most in name and seed (a cross-seed control pair)."""
-    return (a.layers, a.modules, a.sparsify_modules, a.parametrization) == (
-        b.layers,
-        b.modules,
-        b.sparsify_modules,
-        b.parametrization,
-    )
-
-
-def similarity_rows(
-    vecs_a: Mapping[Site, torch.Tensor],
-    vecs_b: Mapping[Site, torch.Tensor],
-    baseline: RandomBaseline,
-) -> list[dict]:
-    """Per shared site: cosine, norm ratio and the random-direction chance level of |cos|."""
-    rows = []
-    for site in sort_sites(set(vecs_a) & set(vecs_b)):
-        a, b = vecs_a[site], vecs_b[site]
-        rows.append(
-            {
-                "site": site.key,
-                "layer": site.layer,
-                "module": site.module,
-                "cos": cosine(a, b),
-                "norm_ratio": float(b.norm() / a.norm()) if float(a.norm()) > 0 else math.nan,
-                "random_abs_cos": baseline(a.numel()),
-                "chance_abs_cos": expected_abs_cos(a.numel()),
-            }
-        )
-    return rows
+# --- shifts and summaries ---------------------------------------------------------------------
 
 
 def nanmean(values: Sequence[float]) -> float:
     arr = np.asarray(values, dtype=float)
     return float(np.nanmean(arr)) if arr.size and not np.isnan(arr).all() else math.nan
-
-
-def similarity_summary(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-    """Mean signed and absolute cosine over shared sites vs the mean chance level."""
-    return {
-        "shared_sites": len(rows),
-        "mean_cos": nanmean([r["cos"] for r in rows]),
-        "mean_abs_cos": nanmean([abs(r["cos"]) for r in rows]),
-        "random_abs_cos": nanmean([r["random_abs_cos"] for r in rows]),
-        "chance_abs_cos": nanmean([r["chance_abs_cos"] for r in rows]),
-    }
 
 
 def shift_rows(
@@ -372,6 +348,21 @@ def shift_rows(
             }
         )
     return rows
+
+
+def shift_summary(
+    test_rows: Sequence[Mapping[str, Any]], prompt_rows: Mapping[str, Sequence[Mapping[str, Any]]]
+) -> dict[str, Any]:
+    """Final-layer relative shift on test blocks and mean drift reduction (test, per category)."""
+    final = test_rows[-1]
+    return {
+        "test_final_teal_rel": final["teal_rel"],
+        "test_final_spon_rel": final["spon_rel"],
+        "test_mean_drift_reduction": nanmean([r["drift_reduction"] for r in test_rows[1:]]),
+        "prompt_mean_drift_reduction": {
+            c: nanmean([r["drift_reduction"] for r in rows[1:]]) for c, rows in prompt_rows.items()
+        },
+    }
 
 
 def drift_by_layer(rows: Sequence[Mapping[str, Any]]) -> dict[int, float]:

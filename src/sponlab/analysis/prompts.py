@@ -10,9 +10,11 @@ numbers as one prompt at a time.
 from __future__ import annotations
 
 import importlib.resources
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -181,3 +183,57 @@ def prompt_effects(
                 )
                 totals[name].add(kl, l2, rel, batch.tokens)
     return totals
+
+
+def prompt_variants(
+    configs: Sequence[str],
+    specs: Mapping[str, SparsifySpec],
+    biases: Mapping[str, SponBiases],
+) -> tuple[dict[str, Variant], dict[str, str]]:
+    """``TEAL-only`` variants (one per distinct sparsified site set) and ``SPON[config]`` ones.
+
+    Also returns the name of each config's own TEAL-only baseline (same sparsified modules).
+    """
+    variants: dict[str, Variant] = {}
+    baseline: dict[str, str] = {}
+    for name in configs:
+        same = [v for v, var in variants.items() if var.biases is None and var.spec == specs[name]]
+        baseline[name] = same[0] if same else "TEAL-only" + (f"[{name}]" if variants else "")
+        variants.setdefault(baseline[name], Variant(specs[name]))
+        variants[f"SPON[{name}]"] = Variant(specs[name], biases[name])
+    return variants, baseline
+
+
+def effect_rows(category: str, prompts: int, totals: Mapping[str, ShiftTotals]) -> list[dict]:
+    """One row per variant: tokens, KL to dense, final and mean (over layers) relative shift."""
+    return [
+        {
+            "category": category,
+            "variant": name,
+            "prompts": prompts,
+            "tokens": t.tokens,
+            "kl": t.kl,
+            "shift_rel_final": t.shift_rel[-1],
+            "shift_rel_mean": sum(t.shift_rel[1:]) / max(len(t.shift_rel) - 1, 1),
+        }
+        for name, t in totals.items()
+    ]
+
+
+def layer_rows(category: str, totals: Mapping[str, ShiftTotals]) -> list[dict]:
+    """Long format: one row per variant and hidden state (0 = embeddings)."""
+    return [
+        {"category": category, "variant": name, "index": i, "l2": l2, "rel": rel}
+        for name, t in totals.items()
+        for i, (l2, rel) in enumerate(zip(t.shift_l2, t.shift_rel, strict=True))
+    ]
+
+
+def kl_reduction(rows: Sequence[Mapping[str, Any]], config: str, baseline: str) -> dict[str, float]:
+    """Per category ``1 - KL(SPON[config]) / KL(its TEAL-only baseline)``."""
+    kl = {(r["category"], r["variant"]): r["kl"] for r in rows}
+    categories = dict.fromkeys(r["category"] for r in rows)
+    return {
+        c: 1 - kl[c, f"SPON[{config}]"] / kl[c, baseline] if kl[c, baseline] > 0 else math.nan
+        for c in categories
+    }

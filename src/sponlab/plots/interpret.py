@@ -200,16 +200,19 @@ def plot_layer_importance(
     title: str,
     path: Path,
 ) -> Path:
-    """Leave-one-layer-out importance with bias norm and drift reduction; cumulative benefit."""
-    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 3.8), constrained_layout=True)
+    """Leave-one-layer-out importance (with bias norm), drift reduction, cumulative benefit."""
+    fig, (left, mid, right) = plt.subplots(1, 3, figsize=(15, 3.8), constrained_layout=True)
     layers = [r["layer"] for r in rows]
-    left.bar(layers, [r["importance"] for r in rows], color="C0", label="ppl increase w/o layer")
+    left.bar(layers, [r["importance"] for r in rows], color="C0")
     left.set_xlabel("layer")
-    left.set_ylabel("importance (val ppl increase)")
+    left.set_ylabel("importance: val ppl increase without the layer", color="C0", fontsize=8)
     twin = left.twinx()
-    twin.plot(layers, [r["bias_l2_rel"] for r in rows], "C1.-", lw=1, label="bias ||b|| rel")
-    twin.plot(layers, [r["drift_reduction"] for r in rows], "C2.-", lw=1, label="drift red. (test)")
-    twin.legend(fontsize=7, loc="upper right")
+    twin.plot(layers, [r["bias_l2_rel"] for r in rows], "C1.-", lw=1)
+    twin.set_ylabel("bias ||b|| / ||dense output||", color="C1", fontsize=8)
+    mid.plot(layers, [r["drift_reduction"] for r in rows], "C2.-")
+    mid.axhline(0, color="k", lw=0.5)
+    mid.set_xlabel("layer")
+    mid.set_ylabel("drift reduction at the layer output (test)", fontsize=8)
     labels = {"estimated": "estimated (LOO shares)", "measured": "measured (top-k biases only)"}
     for name, values in curves.items():
         right.plot(range(1, len(values) + 1), values, ".-", label=labels.get(name, name))
