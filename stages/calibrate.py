@@ -1,4 +1,9 @@
-"""Calibrate TEAL thresholds for one sparsity on the calibration blocks (every site of the model)."""
+"""Calibrate TEAL thresholds for one sparsity on the calibration blocks (every site of the model).
+
+``sparsify.calibration: sequential`` (default) calibrates each site on its inputs with the
+``sparsify.modules`` sites upstream already sparsified, so the target holds when all are applied;
+``dense`` calibrates every site on dense activations in one pass.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +11,7 @@ from pathlib import Path
 
 import typer
 
+from sponlab.calibration import calibrate_sequential
 from sponlab.sparsify import calibrate_thresholds, thresholds_to_tensors
 from sponlab.stages.common import (
     MODEL_OPTION,
@@ -32,20 +38,32 @@ def main(
     out = out or Path(f"models/thresholds/s{sparsity:g}.safetensors")
     loaded, site_map = load_base(cfg, model)
     ids = load_blocks(blocks)
-    with timed(
-        f"calibrate {cfg.sparsify.threshold} thresholds at s={sparsity} on {tuple(ids.shape)}"
-    ):
-        thresholds = calibrate_thresholds(
-            loaded.model,
-            site_map,
-            ids,
-            [sparsity],
-            method=cfg.sparsify.threshold,
-            batch_size=cfg.eval.batch_size,
-        )[sparsity]
+    mode, method = cfg.sparsify.calibration, cfg.sparsify.threshold
+    with timed(f"calibrate {mode} {method} thresholds at s={sparsity} on {tuple(ids.shape)}"):
+        if mode == "sequential":
+            applied = site_map.select(list(range(site_map.num_layers)), cfg.sparsify.modules)
+            thresholds = calibrate_sequential(
+                loaded.model,
+                site_map,
+                ids,
+                sparsity,
+                method=method,
+                batch_size=cfg.eval.batch_size,
+                applied=applied,
+            )
+        else:
+            thresholds = calibrate_thresholds(
+                loaded.model,
+                site_map,
+                ids,
+                [sparsity],
+                method=method,
+                batch_size=cfg.eval.batch_size,
+            )[sparsity]
     meta = {
         "sparsity": sparsity,
-        "method": cfg.sparsify.threshold,
+        "calibration": mode,
+        "method": method,
         "model": str(model),
         "calib_tokens": ids.numel(),
     }

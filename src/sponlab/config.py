@@ -25,6 +25,7 @@ BASE_SOURCES = ("smollm2", "hub")
 DATA_SOURCES = ("builtin", "wikitext")
 SPARSIFY_METHODS = ("teal", "topk")
 THRESHOLD_METHODS = ("quantile", "histogram")
+CALIBRATION_MODES = ("sequential", "dense")
 PREFILL_POLICIES = ("all", "dense_prefix")
 PARAMETRIZATIONS = ("output", "input")
 SCHEDULES = ("constant", "cosine", "linear")
@@ -161,6 +162,7 @@ class DataParams:
 class SparsifyParams:
     method: str = "teal"
     threshold: str = "quantile"
+    calibration: str = "sequential"
     modules: tuple[str, ...] = PROJECTIONS
     prefill: str = "all"
     dense_prefix: int = 0
@@ -303,6 +305,7 @@ def parse_params(raw: Any, source: str = "params.yaml") -> Params:
     sparsify = SparsifyParams(
         method=sec.choice("method", SPARSIFY_METHODS, "teal"),
         threshold=sec.choice("threshold", THRESHOLD_METHODS, "quantile"),
+        calibration=sec.choice("calibration", CALIBRATION_MODES, "sequential"),
         modules=sec.modules("modules", "all"),
         prefill=sec.choice("prefill", PREFILL_POLICIES, "all"),
         dense_prefix=sec.number("dense_prefix", 0, lo=0, integer=True),

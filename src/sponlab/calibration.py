@@ -1,0 +1,163 @@
+"""Sequential TEAL calibration: each threshold sees the inputs of the *sparsified* model upstream.
+
+Thresholds calibrated on dense activations (:func:`sponlab.sparsify.calibrate_thresholds`) miss
+their target once every site is sparsified: sparsifying layer ``l`` changes the inputs of every
+later site, and the errors compound with depth (on the default model at s=0.5, 71 of 210 sites
+land more than 2 points off). Here the model is walked block by block, as GPTQ-style quantisers
+do: the inputs of decoder layer ``l`` are computed with layers ``< l`` already sparsified, and
+inside a layer the four TEAL input groups (qkv, o, gate/up, down) are calibrated in forward order,
+each with the groups before it sparsified. The threshold of every site is then the exact quantile
+(or histogram quantile) of the inputs it sees at deployment.
+
+Cost: one dense forward to record the arguments of every decoder layer, then about four layer
+evaluations per layer (partial ones stop as soon as the captured input is seen).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from sponlab.sites import Site, SiteMap, sort_sites
+from sponlab.sparsify import (
+    HistogramQuantiles,
+    SparsifySpec,
+    capture_inputs,
+    group_representatives,
+    quantile_threshold,
+    sparsified,
+)
+
+
+class _StopForward(Exception):
+    """Raised by a capture hook to skip the rest of a layer once its input is recorded."""
+
+
+@dataclass
+class LayerCall:
+    """The arguments one decoder layer received for one batch (hidden state kept for layer 0)."""
+
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+
+
+def _decoder_layers(model: nn.Module, site_map: SiteMap) -> nn.ModuleList:
+    return model.get_submodule(site_map.layers_path)  # type: ignore[return-value]
+
+
+@contextmanager
+def _recording_calls(layers: nn.ModuleList, calls: list[list[LayerCall]]) -> Iterator[None]:
+    """Append each layer's (args, kwargs) of the current forward to ``calls[layer]``."""
+    handles = []
+    try:
+        for index, layer in enumerate(layers):
+
+            def hook(_m, args, kwargs, index=index):
+                calls[index].append(LayerCall(tuple(args), dict(kwargs)))
+
+            handles.append(layer.register_forward_pre_hook(hook, with_kwargs=True))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _split_hidden(call: LayerCall) -> tuple[torch.Tensor, LayerCall]:
+    """The hidden-state input ``[B, T, H]`` and the remaining arguments of a layer call."""
+    if call.args:
+        return call.args[0], LayerCall(call.args[1:], call.kwargs)
+    kwargs = dict(call.kwargs)
+    return kwargs.pop("hidden_states"), LayerCall((), kwargs)
+
+
+def _run_layer(layer: nn.Module, hidden: torch.Tensor, call: LayerCall) -> torch.Tensor:
+    out = layer(hidden, *call.args, **call.kwargs)
+    return out[0] if isinstance(out, tuple) else out  # [B, T, H]
+
+
+def _threshold(chunks: list[torch.Tensor], sparsity: float, method: str) -> float:
+    if method == "quantile":
+        return quantile_threshold(torch.cat(chunks), sparsity)
+    hist = HistogramQuantiles()
+    for chunk in chunks:
+        hist.update(chunk)
+    return float("-inf") if sparsity == 0 else hist.quantile(sparsity)
+
+
+def _record_layer_calls(
+    model: nn.Module, layers: nn.ModuleList, blocks: torch.Tensor, batch_size: int
+) -> tuple[list[torch.Tensor], list[list[LayerCall]]]:
+    """One dense forward: layer-0 hidden states per batch and every layer's other arguments."""
+    device = next(model.parameters()).device
+    calls: list[list[LayerCall]] = [[] for _ in layers]
+    with _recording_calls(layers, calls):
+        for start in tqdm(range(0, len(blocks), batch_size), desc="record", leave=False):
+            model(blocks[start : start + batch_size].to(device), use_cache=False)
+    hidden, rest = [], [[] for _ in layers]
+    for index, per_batch in enumerate(calls):
+        for call in per_batch:
+            h, others = _split_hidden(call)
+            rest[index].append(others)
+            if index == 0:
+                hidden.append(h)
+    return hidden, rest
+
+
+def calibrate_sequential(
+    model: nn.Module,
+    site_map: SiteMap,
+    blocks: torch.Tensor,
+    sparsity: float,
+    sites: Sequence[Site] | None = None,
+    method: str = "quantile",
+    batch_size: int = 8,
+    applied: Sequence[Site] | None = None,
+) -> dict[Site, float]:
+    """Per-site thresholds for ``sparsity`` with the applied sites upstream sparsified.
+
+    ``blocks`` are ``[N, L]`` token ids. ``sites`` (default: all) are calibrated; ``applied``
+    (default: ``sites``) are the sites that will be sparsified at deployment, so once calibrated
+    they are sparsified for every later site. q/k/v and gate/up share one threshold per layer,
+    as in :func:`sponlab.sparsify.calibrate_thresholds`.
+    """
+    sites = sort_sites(sites if sites is not None else site_map.sites)
+    applied_set = set(applied if applied is not None else sites)
+    layers = _decoder_layers(model, site_map)
+    out: dict[Site, float] = {}
+
+    def upstream() -> SparsifySpec | None:
+        known = {site: t for site, t in out.items() if site in applied_set}
+        return SparsifySpec("teal", sparsity, tuple(known), known) if known else None
+
+    with torch.no_grad():
+        hidden, calls = _record_layer_calls(model, layers, blocks, batch_size)
+        for index in tqdm(range(site_map.num_layers), desc=f"calibrate s={sparsity:g}"):
+            reps = group_representatives(s for s in sites if s.layer == index)
+            for rep, members in reps.items():
+                chunks: list[torch.Tensor] = []
+
+                def sink(_site: Site, x: torch.Tensor, chunks=chunks) -> None:
+                    chunks.append(x.detach().abs().reshape(-1, x.shape[-1]).float().cpu())
+                    raise _StopForward
+
+                with (
+                    sparsified(model, site_map, upstream()),
+                    capture_inputs(model, site_map, [rep], sink),
+                ):
+                    for h, call in zip(hidden, calls[index], strict=True):
+                        with suppress(_StopForward):
+                            _run_layer(layers[index], h, call)
+                t = _threshold(chunks, sparsity, method)
+                out.update({site: t for site in members})
+            with sparsified(model, site_map, upstream()):
+                hidden = [
+                    _run_layer(layers[index], h, call)
+                    for h, call in zip(hidden, calls[index], strict=True)
+                ]
+    return out
