@@ -67,12 +67,18 @@ def _partition(docs: list[str], fractions: Sequence[float], seed: int) -> list[l
 
 
 def builtin_corpus(seed: int = 0) -> dict[str, list[str]]:
-    """Disjoint document lists per split: calib/train from C4, val/test from Wikipedia."""
+    """Disjoint document lists per split.
+
+    SPON training text is C4; validation and test text are Wikipedia articles; calibration text
+    mixes C4 lines with Wikipedia articles held out from val/test, so TEAL thresholds see the
+    evaluation domain (as WikiText calibration does for WikiText evaluation) without seeing the
+    evaluation documents.
+    """
     c4 = split_lines(read_builtin_file("c4"))
     wiki = split_wiki_articles(read_builtin_file("wiki"))
-    calib, train = _partition(c4, (0.3, 0.7), seed)
-    val, test = _partition(wiki, (0.3, 0.7), seed)
-    return {"calib": calib, "train": train, "val": val, "test": test}
+    c4_calib, train = _partition(c4, (0.3, 0.7), seed)
+    wiki_calib, val, test = _partition(wiki, (0.2, 0.2, 0.6), seed)
+    return {"calib": c4_calib + wiki_calib, "train": train, "val": val, "test": test}
 
 
 def wikitext_corpus(seed: int = 0) -> dict[str, list[str]]:
