@@ -2,14 +2,14 @@
 
 Thresholds calibrated on dense activations (:func:`sponlab.sparsify.calibrate_thresholds`) miss
 their target once every site is sparsified: sparsifying layer ``l`` changes the inputs of every
-later site, and the errors compound with depth. On the default model at s=0.5 with 16 C4
-calibration blocks, 71 of 210 sites landed more than 2 points off on test text with dense
-thresholds and 29 with sequential ones (the rest was the C4 / Wikipedia gap, see
-:func:`sponlab.data.builtin_corpus`). Here the model is walked block by block, as GPTQ-style quantisers
-do: the inputs of decoder layer ``l`` are computed with layers ``< l`` already sparsified, and
-inside a layer the four TEAL input groups (qkv, o, gate/up, down) are calibrated in forward order,
-each with the groups before it sparsified. The threshold of every site is then the exact quantile
-(or histogram quantile) of the inputs it sees at deployment.
+later site, and the errors compound with depth. On the default model at s=0.5 with 16 C4 calibration
+blocks, 71 of 210 sites landed more than 2 points off on test text with dense thresholds and 29 with
+sequential ones (the rest was the C4 / Wikipedia gap, see :func:`sponlab.data.builtin_corpus`). Here
+the model is walked block by block, as GPTQ-style quantisers do: the inputs of decoder layer ``l``
+are computed with layers ``< l`` already sparsified, and inside a layer the four TEAL input groups
+(qkv, o, gate/up, down) are calibrated in forward order, each with the groups before it sparsified.
+The threshold of every site is then the exact quantile (or histogram quantile) of the inputs it sees
+at deployment.
 
 Cost: one dense forward to record the arguments of every decoder layer, then about four layer
 evaluations per layer (partial ones stop as soon as the captured input is seen).
