@@ -28,11 +28,10 @@ from tqdm.auto import tqdm
 
 from sponlab.sites import Site, SiteMap, sort_sites
 from sponlab.sparsify import (
-    HistogramQuantiles,
+    MagnitudeSample,
     SparsifySpec,
     capture_inputs,
     group_representatives,
-    quantile_threshold,
     sparsified,
 )
 
@@ -43,7 +42,7 @@ class _StopForward(Exception):
 
 @dataclass
 class LayerCall:
-    """The arguments one decoder layer received for one batch (hidden state kept for layer 0)."""
+    """The arguments besides the hidden state that one decoder layer received for one batch."""
 
     args: tuple[Any, ...]
     kwargs: dict[str, Any]
@@ -54,14 +53,20 @@ def _decoder_layers(model: nn.Module, site_map: SiteMap) -> nn.ModuleList:
 
 
 @contextmanager
-def _recording_calls(layers: nn.ModuleList, calls: list[list[LayerCall]]) -> Iterator[None]:
-    """Append each layer's (args, kwargs) of the current forward to ``calls[layer]``."""
+def _recording_calls(
+    layers: nn.ModuleList, hidden: list[torch.Tensor], calls: list[list[LayerCall]]
+) -> Iterator[None]:
+    """Per forward: append layer 0's hidden-state input to ``hidden`` and every layer's other
+    arguments to ``calls[layer]`` (later layers' hidden states are recomputed, not kept)."""
     handles = []
     try:
         for index, layer in enumerate(layers):
 
             def hook(_m, args, kwargs, index=index):
-                calls[index].append(LayerCall(tuple(args), dict(kwargs)))
+                h, rest = _split_hidden(LayerCall(tuple(args), dict(kwargs)))
+                calls[index].append(rest)
+                if index == 0:
+                    hidden.append(h)
 
             handles.append(layer.register_forward_pre_hook(hook, with_kwargs=True))
         yield
@@ -83,32 +88,17 @@ def _run_layer(layer: nn.Module, hidden: torch.Tensor, call: LayerCall) -> torch
     return out[0] if isinstance(out, tuple) else out  # [B, T, H]
 
 
-def _threshold(chunks: list[torch.Tensor], sparsity: float, method: str) -> float:
-    if method == "quantile":
-        return quantile_threshold(torch.cat(chunks), sparsity)
-    hist = HistogramQuantiles()
-    for chunk in chunks:
-        hist.update(chunk)
-    return float("-inf") if sparsity == 0 else hist.quantile(sparsity)
-
-
 def _record_layer_calls(
     model: nn.Module, layers: nn.ModuleList, blocks: torch.Tensor, batch_size: int
 ) -> tuple[list[torch.Tensor], list[list[LayerCall]]]:
     """One dense forward: layer-0 hidden states per batch and every layer's other arguments."""
     device = next(model.parameters()).device
+    hidden: list[torch.Tensor] = []
     calls: list[list[LayerCall]] = [[] for _ in layers]
-    with _recording_calls(layers, calls):
+    with _recording_calls(layers, hidden, calls):
         for start in tqdm(range(0, len(blocks), batch_size), desc="record", leave=False):
             model(blocks[start : start + batch_size].to(device), use_cache=False)
-    hidden, rest = [], [[] for _ in layers]
-    for index, per_batch in enumerate(calls):
-        for call in per_batch:
-            h, others = _split_hidden(call)
-            rest[index].append(others)
-            if index == 0:
-                hidden.append(h)
-    return hidden, rest
+    return hidden, calls
 
 
 def calibrate_sequential(
@@ -142,10 +132,10 @@ def calibrate_sequential(
         for index in tqdm(range(site_map.num_layers), desc=f"calibrate s={sparsity:g}"):
             reps = group_representatives(s for s in sites if s.layer == index)
             for rep, members in reps.items():
-                chunks: list[torch.Tensor] = []
+                sample = MagnitudeSample(method)
 
-                def sink(_site: Site, x: torch.Tensor, chunks=chunks) -> None:
-                    chunks.append(x.detach().abs().reshape(-1, x.shape[-1]).float().cpu())
+                def sink(_site: Site, x: torch.Tensor, sample=sample) -> None:
+                    sample.add(x)
                     raise _StopForward
 
                 with (
@@ -155,7 +145,7 @@ def calibrate_sequential(
                     for h, call in zip(hidden, calls[index], strict=True):
                         with suppress(_StopForward):
                             _run_layer(layers[index], h, call)
-                t = _threshold(chunks, sparsity, method)
+                t = sample.thresholds([sparsity])[sparsity]
                 out.update({site: t for site in members})
             with sparsified(model, site_map, upstream()):
                 hidden = [

@@ -11,6 +11,7 @@ import logging
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -18,6 +19,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from sponlab.sites import Site, SiteMap, sort_sites
+from sponlab.tensorio import load_tensors
 
 log = logging.getLogger(__name__)
 
@@ -201,6 +203,33 @@ def quantile_threshold(values: torch.Tensor, sparsity: float) -> float:
     return float(flat.float().kthvalue(k).values)
 
 
+class MagnitudeSample:
+    """The |x| of one input across calibration batches, and thresholds from it.
+
+    ``quantile`` keeps every value (exact quantiles); ``histogram`` streams them into
+    :class:`HistogramQuantiles` (memory O(bins), approximate).
+    """
+
+    def __init__(self, method: str = "quantile") -> None:
+        self.values: list[torch.Tensor] = []  # [B*T, D] fp32 chunks (quantile)
+        self.hist = HistogramQuantiles() if method == "histogram" else None
+
+    def add(self, x: torch.Tensor) -> None:
+        values = x.detach().abs().reshape(-1, x.shape[-1])  # [B*T, D]
+        if self.hist is not None:
+            self.hist.update(values)
+        else:
+            self.values.append(values.float().cpu())
+
+    def thresholds(self, sparsities: Sequence[float]) -> dict[float, float]:
+        """Threshold per sparsity (``-inf`` for 0: keep everything)."""
+        if self.hist is not None:
+            hist = self.hist
+            return {s: float("-inf") if s == 0 else hist.quantile(s) for s in sparsities}
+        values = torch.cat(self.values)
+        return {s: quantile_threshold(values, s) for s in sparsities}
+
+
 def calibrate_thresholds(
     model: nn.Module,
     site_map: SiteMap,
@@ -218,17 +247,10 @@ def calibrate_thresholds(
     """
     sites = list(sites) if sites is not None else site_map.sites
     reps = group_representatives(sites)
-    store: dict[Site, list[torch.Tensor] | HistogramQuantiles] = {
-        s: ([] if method == "quantile" else HistogramQuantiles()) for s in reps
-    }
+    store = {rep: MagnitudeSample(method) for rep in reps}
 
     def sink(site: Site, x: torch.Tensor) -> None:
-        values = x.detach().abs().reshape(-1, x.shape[-1])  # [B*T, D]
-        target = store[site]
-        if isinstance(target, list):
-            target.append(values.float().cpu())
-        else:
-            target.update(values)
+        store[site].add(x)
 
     device = next(model.parameters()).device
     with torch.no_grad(), capture_inputs(model, site_map, list(reps), sink):
@@ -237,15 +259,8 @@ def calibrate_thresholds(
 
     out: dict[float, dict[Site, float]] = {s: {} for s in sparsities}
     for rep, members in tqdm(reps.items(), desc="thresholds", leave=False):
-        target = store.pop(rep)
-        values = torch.cat(target) if isinstance(target, list) else None
-        for sparsity in sparsities:
-            if values is not None:
-                t = quantile_threshold(values, sparsity)
-            else:
-                t = float("-inf") if sparsity == 0 else target.quantile(sparsity)  # type: ignore[union-attr]
-            for site in members:
-                out[sparsity][site] = t
+        for sparsity, t in store.pop(rep).thresholds(sparsities).items():
+            out[sparsity].update({site: t for site in members})
     return out
 
 
@@ -256,3 +271,8 @@ def thresholds_to_tensors(thresholds: Mapping[Site, float]) -> dict[str, torch.T
 
 def thresholds_from_tensors(tensors: Mapping[str, torch.Tensor]) -> dict[Site, float]:
     return {Site.from_key(k): float(v) for k, v in tensors.items()}
+
+
+def load_thresholds(path: Path) -> dict[Site, float]:
+    """Per-site thresholds from a safetensors file written by the calibrate stage."""
+    return thresholds_from_tensors(load_tensors(path)[0])
