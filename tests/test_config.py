@@ -3,7 +3,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from sponlab.config import ConfigError, load_params, parse_params
+from sponlab.analysis import importance, sae
+from sponlab.config import ConfigError, Section, load_params, parse_params
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -70,3 +71,13 @@ def test_cli_reports_bad_params_without_traceback(tmp_path):
     assert result.exit_code != 0
     assert isinstance(result.exception, ConfigError)
     assert not (tmp_path / "models").exists()
+
+
+@pytest.mark.parametrize("section", ["importance", "sae"])
+def test_min_tokens_above_max_length_names_both_keys(section):
+    parse = {"importance": importance.parse_params, "sae": sae.parse_params}[section]
+    data = {"min_tokens": 64, "max_length": 32}
+    with pytest.raises(
+        ConfigError, match=rf"{section}.min_tokens \(64\) must be <= {section}.max_length \(32\)"
+    ):
+        parse(Section(data, section, "params.yaml"))

@@ -54,6 +54,14 @@ class Section:
     def fail(self, name: str, message: str) -> ConfigError:
         return ConfigError(f"{self.source}: {self.key(name)} {message}")
 
+    def require_le(self, low: str, low_value: float, high: str, high_value: float) -> None:
+        """Refuse ``low_value > high_value`` for two keys of this section, naming both."""
+        if low_value > high_value:
+            raise ConfigError(
+                f"{self.source}: {self.key(low)} ({low_value}) must be <= "
+                f"{self.key(high)} ({high_value})"
+            )
+
     def get(self, name: str, default: Any = ...) -> Any:
         self.used.add(name)
         if name not in self.data:

@@ -57,7 +57,7 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
-from sponlab.config import ConfigError, Section
+from sponlab.config import Section
 from sponlab.data import SPLITS
 from sponlab.sites import Site, SiteError, SiteMap, parse_layer_spec
 from sponlab.tensorio import atomic_path
@@ -171,11 +171,7 @@ def parse_params(sec: Section) -> ImportanceParams:
         layer_figures=sec.boolean("layer_figures", True),
     )
     sec.finish()
-    if params.min_tokens > params.max_length:
-        raise ConfigError(
-            f"{sec.source}: {sec.key('min_tokens')} ({params.min_tokens}) must be <= "
-            f"{sec.key('max_length')} ({params.max_length})"
-        )
+    sec.require_le("min_tokens", params.min_tokens, "max_length", params.max_length)
     return params
 
 

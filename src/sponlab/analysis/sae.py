@@ -33,7 +33,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from sponlab.config import ConfigError, Section
+from sponlab.config import Section
 from sponlab.data import SPLITS
 from sponlab.sites import Site, SiteError, parse_layer_spec
 from sponlab.tensorio import load_tensors, save_tensors
@@ -91,11 +91,7 @@ def parse_params(sec: Section) -> SAEParams:
         seed=sec.number("seed", SAEParams.seed, lo=0, integer=True),
     )
     sec.finish()
-    if params.min_tokens > params.max_length:
-        raise ConfigError(
-            f"{sec.source}: {sec.key('min_tokens')} ({params.min_tokens}) must be <= "
-            f"{sec.key('max_length')} ({params.max_length})"
-        )
+    sec.require_le("min_tokens", params.min_tokens, "max_length", params.max_length)
     return params
 
 
