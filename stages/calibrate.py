@@ -19,6 +19,7 @@ from sponlab.stages.common import (
     load_base,
     load_blocks,
     read_params,
+    threshold_path,
     timed,
 )
 from sponlab.tensorio import save_tensors
@@ -35,7 +36,7 @@ def main(
 ) -> None:
     cfg = read_params(params)
     cfg.check_sparsity(sparsity)
-    out = out or Path(f"models/thresholds/s{sparsity:g}.safetensors")
+    out = out or threshold_path(Path("models/thresholds"), sparsity)
     loaded, site_map = load_base(cfg, model)
     ids = load_blocks(blocks)
     mode, method = cfg.sparsify.calibration, cfg.sparsify.threshold

@@ -70,6 +70,11 @@ def load_blocks(path: Path):
     return load_tensors(path)[0]["input_ids"]
 
 
+def threshold_path(root: Path, sparsity: float) -> Path:
+    """The calibrate stage's file for one sparsity: ``root/s0.5.safetensors`` (as in dvc.yaml)."""
+    return Path(root) / f"s{sparsity:g}.safetensors"
+
+
 def cell_path(root: Path, config: str, sparsity: float) -> Path:
     """Per-cell location under ``root``: ``root/CONFIG/s0.5`` (matches dvc.yaml's matrix paths)."""
     return Path(root) / config / f"s{sparsity:g}"

@@ -8,7 +8,7 @@ import typer
 
 from sponlab.evaluate import DenseReference, damage_recovered, evaluate_variant
 from sponlab.experiment import sparsify_spec
-from sponlab.sparsify import SparsityStats, thresholds_from_tensors
+from sponlab.sparsify import SparsityStats, load_thresholds
 from sponlab.spon import load_biases
 from sponlab.stages.common import (
     MODEL_OPTION,
@@ -17,6 +17,7 @@ from sponlab.stages.common import (
     load_base,
     load_blocks,
     read_params,
+    threshold_path,
     timed,
 )
 from sponlab.stages.train import write_rows
@@ -42,15 +43,13 @@ def main(
     cfg = read_params(params)
     alloc = cfg.config(config)
     cfg.check_sparsity(sparsity)
-    thresholds = thresholds or Path(f"models/thresholds/s{sparsity:g}.safetensors")
+    thresholds = thresholds or threshold_path(Path("models/thresholds"), sparsity)
     biases = biases or cell_path(Path("models/spon"), config, sparsity) / "biases.safetensors"
     out = out or cell_path(Path("metrics/eval"), config, sparsity)
     loaded, site_map = load_base(cfg, model)
     ids = load_blocks(blocks)
     reference = DenseReference(**load_tensors(dense / "reference.safetensors")[0])
-    spec = sparsify_spec(
-        cfg, alloc, sparsity, site_map, thresholds_from_tensors(load_tensors(thresholds)[0])
-    )
+    spec = sparsify_spec(cfg, alloc, sparsity, site_map, load_thresholds(thresholds))
     spon, _ = load_biases(biases)
     spon.to(loaded.device)
     stats = SparsityStats()

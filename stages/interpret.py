@@ -32,7 +32,7 @@ from sponlab.data import wants_bos
 from sponlab.experiment import sparsify_spec
 from sponlab.plots import interpret as plots
 from sponlab.sites import sort_sites
-from sponlab.sparsify import thresholds_from_tensors
+from sponlab.sparsify import load_thresholds
 from sponlab.spon import load_biases
 from sponlab.stages.common import (
     MODEL_OPTION,
@@ -42,9 +42,10 @@ from sponlab.stages.common import (
     load_blocks,
     read_params,
     replace_dir,
+    threshold_path,
     timed,
 )
-from sponlab.tensorio import load_tensors, write_json
+from sponlab.tensorio import write_json
 
 ALIGN_KEYS = (
     "cos_global",
@@ -101,7 +102,7 @@ def main(
         for n in names
     }
     vectors = {n: ia.output_vectors(biases[n], lm, site_map) for n in names}
-    thr = thresholds_from_tensors(load_tensors(thresholds / f"s{s:g}.safetensors")[0])
+    thr = load_thresholds(threshold_path(thresholds, s))
     specs = {n: sparsify_spec(p, p.config(n), s, site_map, thr) for n in ip.configs}
     baseline = ia.RandomBaseline(ip.random_vectors, ip.seed)
     summary: dict[str, Any] = {"sparsity": s, "checkpoints": {n: {} for n in ip.configs}}

@@ -17,7 +17,7 @@ from sponlab.analysis.alignment import collect_moments
 from sponlab.config import analysis_params
 from sponlab.experiment import sparsify_spec
 from sponlab.plots.interpret import plot_layer_importance
-from sponlab.sparsify import thresholds_from_tensors
+from sponlab.sparsify import load_thresholds
 from sponlab.spon import load_biases
 from sponlab.stages.common import (
     MODEL_OPTION,
@@ -27,10 +27,11 @@ from sponlab.stages.common import (
     load_blocks,
     read_params,
     replace_dir,
+    threshold_path,
     timed,
 )
 from sponlab.stages.interpret import read_shift, write_csv
-from sponlab.tensorio import load_tensors, write_json
+from sponlab.tensorio import write_json
 
 
 def main(
@@ -53,7 +54,7 @@ def main(
     ia.check_configs([lp.config], p.configs, p.sweep_configs, "interpret.layers.config")
     loaded, site_map = load_base(p, model)
     biases = load_biases(cell_path(spon, lp.config, s) / "biases.safetensors")[0].to(loaded.device)
-    thr = thresholds_from_tensors(load_tensors(thresholds / f"s{s:g}.safetensors")[0])
+    thr = load_thresholds(threshold_path(thresholds, s))
     spec = sparsify_spec(p, p.config(lp.config), s, site_map, thr)
     ids = ia.first_blocks(load_blocks(blocks), lp.val_blocks, "interpret.layers.val_blocks")
     start = time.perf_counter()

@@ -9,7 +9,7 @@ from pathlib import Path
 import typer
 
 from sponlab.experiment import bias_sites, sparsify_spec
-from sponlab.sparsify import thresholds_from_tensors
+from sponlab.sparsify import load_thresholds
 from sponlab.spon import SponBiases, save_biases
 from sponlab.stages.common import (
     MODEL_OPTION,
@@ -18,9 +18,10 @@ from sponlab.stages.common import (
     load_base,
     load_blocks,
     read_params,
+    threshold_path,
     timed,
 )
-from sponlab.tensorio import load_tensors, write_json
+from sponlab.tensorio import write_json
 from sponlab.train import TrainResult, train_spon
 
 
@@ -46,14 +47,12 @@ def main(
     cfg = read_params(params)
     alloc = cfg.config(config)
     cfg.check_sparsity(sparsity)
-    thresholds = thresholds or Path(f"models/thresholds/s{sparsity:g}.safetensors")
+    thresholds = thresholds or threshold_path(Path("models/thresholds"), sparsity)
     out = out or cell_path(Path("models/spon"), config, sparsity)
     loaded, site_map = load_base(cfg, model)
     sites = bias_sites(alloc, site_map)
     biases = SponBiases.for_model(loaded.model, site_map, sites, alloc.parametrization)
-    spec = sparsify_spec(
-        cfg, alloc, sparsity, site_map, thresholds_from_tensors(load_tensors(thresholds)[0])
-    )
+    spec = sparsify_spec(cfg, alloc, sparsity, site_map, load_thresholds(thresholds))
     settings = cfg.train if alloc.seed is None else replace(cfg.train, seed=alloc.seed)
     result = TrainResult()
     if sites:
