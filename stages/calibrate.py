@@ -66,6 +66,7 @@ def main(
         "calibration": mode,
         "method": method,
         "model": str(model),
+        "model_fingerprint": loaded.fingerprint,
         "calib_tokens": ids.numel(),
     }
     save_tensors(out, thresholds_to_tensors(thresholds), meta)

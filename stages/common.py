@@ -65,9 +65,12 @@ def load_base(params: Params, model_dir: Path):
 
 def load_blocks(path: Path):
     """Token blocks [N, L] written by the prepare stage."""
-    from sponlab.tensorio import load_tensors
+    from sponlab.tensorio import input_error, load_tensors
 
-    return load_tensors(path)[0]["input_ids"]
+    tensors = load_tensors(path, producer="prepare")[0]
+    if "input_ids" not in tensors:
+        raise input_error(path, f"holds {sorted(tensors)}, not token blocks", "prepare")
+    return tensors["input_ids"]
 
 
 def threshold_path(root: Path, sparsity: float) -> Path:

@@ -7,6 +7,7 @@ from pathlib import Path
 import typer
 
 from sponlab.evaluate import capture_dense, evaluate_variant
+from sponlab.provenance import write_metrics
 from sponlab.stages.common import (
     MODEL_OPTION,
     PARAMS_OPTION,
@@ -15,7 +16,7 @@ from sponlab.stages.common import (
     read_params,
     timed,
 )
-from sponlab.tensorio import save_tensors, write_json
+from sponlab.tensorio import save_tensors
 
 
 def main(
@@ -33,10 +34,15 @@ def main(
         dense = evaluate_variant(loaded.model, site_map, ids, cfg.eval.batch_size, desc="dense")
     with timed(f"dense reference on {tuple(detail.shape)}"):
         reference = capture_dense(loaded.model, detail, cfg.eval.batch_size)
-    meta = {"model": str(model), "detail_blocks": len(detail), "hidden": "embeddings + each layer"}
+    meta = {
+        "model": str(model),
+        "model_fingerprint": loaded.fingerprint,
+        "detail_blocks": len(detail),
+        "hidden": "embeddings + each layer",
+    }
     save_tensors(out / "reference.safetensors", reference.tensors(), meta)
     norms = reference.hidden.norm(dim=-1).mean(dim=(0, 2))  # [L+1]
-    write_json(
+    write_metrics(
         metrics,
         {
             **dense.summary(),
@@ -44,4 +50,6 @@ def main(
             "parameters": sum(p.numel() for p in loaded.model.parameters()),
             "hidden_norm_by_layer": [round(float(v), 4) for v in norms],
         },
+        loaded.device,
+        loaded.dtype,
     )

@@ -6,8 +6,9 @@ from pathlib import Path
 
 import typer
 
-from sponlab.evaluate import DenseReference, damage_recovered, evaluate_variant
+from sponlab.evaluate import damage_recovered, evaluate_variant, load_reference
 from sponlab.experiment import sparsify_spec
+from sponlab.provenance import write_metrics
 from sponlab.sparsify import SparsityStats, load_thresholds
 from sponlab.spon import load_biases
 from sponlab.stages.common import (
@@ -20,8 +21,7 @@ from sponlab.stages.common import (
     threshold_path,
     timed,
 )
-from sponlab.stages.train import write_rows
-from sponlab.tensorio import load_tensors, read_json, write_json
+from sponlab.tensorio import read_json, write_rows
 
 
 def main(
@@ -48,9 +48,10 @@ def main(
     out = out or cell_path(Path("metrics/eval"), config, sparsity)
     loaded, site_map = load_base(cfg, model)
     ids = load_blocks(blocks)
-    reference = DenseReference(**load_tensors(dense / "reference.safetensors")[0])
-    spec = sparsify_spec(cfg, alloc, sparsity, site_map, load_thresholds(thresholds))
-    spon, _ = load_biases(biases)
+    reference = load_reference(dense / "reference.safetensors", loaded.fingerprint)
+    thr = load_thresholds(thresholds, site_map, sparsity, loaded.fingerprint)
+    spec = sparsify_spec(cfg, alloc, sparsity, site_map, thr)
+    spon, _ = load_biases(biases, site_map, sparsity, loaded.fingerprint)
     spon.to(loaded.device)
     stats = SparsityStats()
     run = dict(
@@ -67,10 +68,10 @@ def main(
     if spon.sites:
         with timed(f"evaluate TEAL+SPON ({config}, s={sparsity}, {len(spon.sites)} sites)"):
             spon_metrics = evaluate_variant(**run, biases=spon, desc="spon")
-    dense_ppl = read_json(dense_metrics)["ppl"]
+    dense_ppl = read_json(dense_metrics, producer="dense")["ppl"]
     achieved = stats.achieved()
     values = list(achieved.values())
-    write_json(
+    write_metrics(
         out / "metrics.json",
         {
             "config": config,
@@ -87,6 +88,8 @@ def main(
                 "max": max(values),
             },
         },
+        loaded.device,
+        loaded.dtype,
     )
     layers = [
         {

@@ -24,6 +24,7 @@ from sponlab.config import analysis_params
 from sponlab.data import load_corpus, wants_bos
 from sponlab.models import load_model
 from sponlab.plots.importance import plot_variants
+from sponlab.provenance import write_metrics
 from sponlab.sites import discover_sites
 from sponlab.stages.common import MODEL_OPTION, PARAMS_OPTION, read_params, replace_dir, timed
 from sponlab.tensorio import write_json
@@ -87,7 +88,7 @@ def main(
                     )
                 summary["files"].update({f"{features}/{k}.npz": v for k, v in written.items()})
         write_json(tmp / "metadata.json", summary)
-    write_json(metrics, headline(summary, targets_layers))
+    write_metrics(metrics, headline(summary, targets_layers), lm.device, lm.dtype)
 
 
 def headline(summary: dict[str, Any], targets_layers: dict[str, Any]) -> dict[str, Any]:

@@ -11,7 +11,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import pandas as pd
 import typer
 
 from sponlab.analysis import interpret as ia
@@ -31,6 +30,7 @@ from sponlab.config import analysis_params
 from sponlab.data import wants_bos
 from sponlab.experiment import sparsify_spec
 from sponlab.plots import interpret as plots
+from sponlab.provenance import write_metrics
 from sponlab.sites import sort_sites
 from sponlab.sparsify import load_thresholds
 from sponlab.spon import load_biases
@@ -45,7 +45,7 @@ from sponlab.stages.common import (
     threshold_path,
     timed,
 )
-from sponlab.tensorio import write_json
+from sponlab.tensorio import write_table
 
 ALIGN_KEYS = (
     "cos_global",
@@ -58,19 +58,6 @@ ALIGN_KEYS = (
     "chance_abs_cos",
     "random_abs_cos",
 )
-
-
-def write_csv(path: Path, rows: list[dict]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    pd.DataFrame(rows).to_csv(path, index=False, float_format="%.6g")
-
-
-def read_shift(path: Path) -> list[dict]:
-    """The evaluate stage's per-layer shift.csv (test blocks) as :func:`ia.shift_rows` rows."""
-    ev = pd.read_csv(path)
-    return ia.shift_rows(
-        ev.teal_l2.tolist(), ev.spon_l2.tolist(), ev.teal_rel.tolist(), ev.spon_rel.tolist()
-    )
 
 
 def main(
@@ -98,11 +85,13 @@ def main(
     lm = loaded.model
     names = list(dict.fromkeys(ip.configs + ip.similarity))
     biases = {
-        n: load_biases(cell_path(spon, n, s) / "biases.safetensors")[0].to(loaded.device)
+        n: load_biases(
+            cell_path(spon, n, s) / "biases.safetensors", site_map, s, loaded.fingerprint
+        )[0].to(loaded.device)
         for n in names
     }
     vectors = {n: ia.output_vectors(biases[n], lm, site_map) for n in names}
-    thr = load_thresholds(threshold_path(thresholds, s))
+    thr = load_thresholds(threshold_path(thresholds, s), site_map, s, loaded.fingerprint)
     specs = {n: sparsify_spec(p, p.config(n), s, site_map, thr) for n in ip.configs}
     baseline = ia.RandomBaseline(ip.random_vectors, ip.seed)
     summary: dict[str, Any] = {"sparsity": s, "checkpoints": {n: {} for n in ip.configs}}
@@ -143,7 +132,7 @@ def main(
                 rows = alignment_rows(
                     vectors[n], dense, teal[specs[n].sites], lm, site_map, components, baseline
                 )
-            write_csv(cell_path(align_dir, n, s) / "alignment.csv", rows)
+            write_table(cell_path(align_dir, n, s) / "alignment.csv", rows)
             plots.plot_alignment(
                 rows, f"{title}: bias alignment", cell_path(align_dir, n, s) / "alignment.png"
             )
@@ -156,10 +145,10 @@ def main(
     seconds["prompts"] = time.perf_counter() - start
     with replace_dir(out / "shift") as shift_dir:
         for n in ip.configs:
-            rows = read_shift(cell_path(evals, n, s) / "shift.csv")
+            rows = ia.read_shift(cell_path(evals, n, s) / "shift.csv")
             folder = cell_path(shift_dir, n, s)
-            write_csv(folder / "test.csv", rows)
-            write_csv(
+            write_table(folder / "test.csv", rows)
+            write_table(
                 folder / "prompts.csv",
                 [{"category": c, **r} for c, cat in prompt_shift[n].items() for r in cat],
             )
@@ -169,14 +158,14 @@ def main(
 
     table = similarity_table(ip.similarity, p.configs, vectors, baseline)
     with replace_dir(out / "similarity") as folder:
-        write_csv(folder / "sites.csv", table.site_rows)
-        write_csv(folder / "pairs.csv", table.pair_rows)
+        write_table(folder / "sites.csv", table.site_rows)
+        write_table(folder / "pairs.csv", table.pair_rows)
         plots.plot_similarity(
             table.names, table.matrix, table.chance, table.per_layer, folder / "similarity.png"
         )
     summary["similarity"] = table.summary()
     summary["seconds"] = {**seconds, "total": time.perf_counter() - begin}
-    write_json(metrics, ia.clean(summary))
+    write_metrics(metrics, ia.clean(summary), loaded.device, loaded.dtype)
 
 
 def alignment_summary(rows: list[dict]) -> dict:
@@ -189,8 +178,8 @@ def alignment_summary(rows: list[dict]) -> dict:
 
 def write_bias_report(folder: Path, rows, norms, vectors, ip, title: str) -> None:
     """Per-site statistics, per-layer norms and ranks, heatmap, histograms."""
-    write_csv(folder / "stats.csv", rows)
-    write_csv(folder / "layers.csv", norms)
+    write_table(folder / "stats.csv", rows)
+    write_table(folder / "layers.csv", norms)
     plots.plot_bias_heatmap(
         vectors, ip.heatmap_dims, f"{title}: bias values", folder / "heatmap.png"
     )
@@ -218,8 +207,8 @@ def run_prompts(p, ip, loaded, site_map, specs, biases, sets, out: Path, summary
             tl, sp = totals[baseline[n]], totals[f"SPON[{n}]"]
             shift[n][category] = ia.shift_rows(tl.shift_l2, sp.shift_l2, tl.shift_rel, sp.shift_rel)
     with replace_dir(out / "prompts") as folder:
-        write_csv(folder / "effects.csv", effects)
-        write_csv(folder / "shift_by_layer.csv", layers)
+        write_table(folder / "effects.csv", effects)
+        write_table(folder / "shift_by_layer.csv", layers)
         plots.plot_prompt_effects(effects, folder / "kl.png")
     summary["prompts"] = {
         c: {r["variant"]: {"kl": r["kl"], "shift_rel_final": r["shift_rel_final"]} for r in rows}

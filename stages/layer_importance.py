@@ -17,6 +17,7 @@ from sponlab.analysis.alignment import collect_moments
 from sponlab.config import analysis_params
 from sponlab.experiment import sparsify_spec
 from sponlab.plots.interpret import plot_layer_importance
+from sponlab.provenance import write_metrics
 from sponlab.sparsify import load_thresholds
 from sponlab.spon import load_biases
 from sponlab.stages.common import (
@@ -30,8 +31,7 @@ from sponlab.stages.common import (
     threshold_path,
     timed,
 )
-from sponlab.stages.interpret import read_shift, write_csv
-from sponlab.tensorio import write_json
+from sponlab.tensorio import write_table
 
 
 def main(
@@ -53,8 +53,9 @@ def main(
     lp, s = ip.layers, p.check_sparsity(ip.sparsity)
     ia.check_configs([lp.config], p.configs, p.sweep_configs, "interpret.layers.config")
     loaded, site_map = load_base(p, model)
-    biases = load_biases(cell_path(spon, lp.config, s) / "biases.safetensors")[0].to(loaded.device)
-    thr = load_thresholds(threshold_path(thresholds, s))
+    cell = cell_path(spon, lp.config, s) / "biases.safetensors"
+    biases = load_biases(cell, site_map, s, loaded.fingerprint)[0].to(loaded.device)
+    thr = load_thresholds(threshold_path(thresholds, s), site_map, s, loaded.fingerprint)
     spec = sparsify_spec(p, p.config(lp.config), s, site_map, thr)
     ids = ia.first_blocks(load_blocks(blocks), lp.val_blocks, "interpret.layers.val_blocks")
     start = time.perf_counter()
@@ -68,13 +69,13 @@ def main(
     dense = collect_moments(loaded.model, site_map, list(vectors), ids, lp.batch_size)
     stats = ia.bias_stat_rows(vectors, {x: dense.rms(x) for x in vectors}, ip.near_zero)
     norms = {r["layer"]: r for r in ia.layer_norm_rows(stats)}
-    drift = ia.drift_by_layer(read_shift(cell_path(evals, lp.config, s) / "shift.csv"))
+    drift = ia.drift_by_layer(ia.read_shift(cell_path(evals, lp.config, s) / "shift.csv"))
     rows = la.importance_rows(result, site_map.num_layers, norms, drift)
     curves = la.cumulative_curves(result)
     ranked = result.ranked()
     with replace_dir(out) as folder:
-        write_csv(folder / "layers.csv", rows)
-        write_csv(
+        write_table(folder / "layers.csv", rows)
+        write_table(
             folder / "curves.csv",
             [
                 {"k": k + 1, "layer_added": layer, **{n: c[k] for n, c in curves.items()}}
@@ -85,10 +86,12 @@ def main(
         title = f"{lp.config} s={s:g}: leave-one-layer-out on {ids.numel()} val tokens"
         plot_layer_importance(rows, curves, lp.targets, title, folder / "importance.png")
     summary = la.importance_summary(result, rows, curves, lp.targets, site_map.num_layers)
-    write_json(
+    write_metrics(
         metrics,
         ia.clean(
             {"config": lp.config, "sparsity": s, "val_tokens": ids.numel(), **summary}
             | {"seconds": seconds}
         ),
+        loaded.device,
+        loaded.dtype,
     )

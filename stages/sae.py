@@ -13,6 +13,7 @@ from sponlab.config import analysis_params
 from sponlab.data import load_corpus, wants_bos
 from sponlab.models import load_model
 from sponlab.plots.importance import plot_sae_training
+from sponlab.provenance import write_metrics
 from sponlab.sites import discover_sites
 from sponlab.stages.common import MODEL_OPTION, PARAMS_OPTION, read_params, replace_dir, timed
 from sponlab.tensorio import write_json
@@ -68,7 +69,7 @@ def main(
     with replace_dir(report) as tmp:
         write_json(tmp / "history.json", {str(i): r.history for i, r in results.items()})
         plot_sae_training({i: r.history for i, r in results.items()}, tmp / "training.png")
-    write_json(
+    write_metrics(
         metrics,
         {
             "layers": {str(i): r.metrics for i, r in results.items()},
@@ -76,4 +77,6 @@ def main(
             "mean_l0": sum(r.metrics["l0"] for r in results.values()) / len(results),
             "config": asdict(cfg),
         },
+        lm.device,
+        lm.dtype,
     )

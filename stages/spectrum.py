@@ -10,8 +10,9 @@ from sponlab.analysis.spectrum import analyse, headline_metrics, load_weights
 from sponlab.analysis.spectrum_report import render_report, write_tables
 from sponlab.config import analysis_params
 from sponlab.plots.spectrum import plot_all
+from sponlab.provenance import write_metrics
 from sponlab.stages.common import MODEL_OPTION, PARAMS_OPTION, read_params, replace_dir, timed
-from sponlab.tensorio import write_json, write_text
+from sponlab.tensorio import write_text
 
 
 def main(
@@ -30,4 +31,4 @@ def main(
         figures = plot_all(result, tmp / "figures")
         relative = {name: path.relative_to(tmp).as_posix() for name, path in figures.items()}
         write_text(tmp / "report.md", render_report(result, relative, model=str(model)))
-    write_json(metrics, headline_metrics(result))
+    write_metrics(metrics, headline_metrics(result))

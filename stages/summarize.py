@@ -6,9 +6,10 @@ from pathlib import Path
 
 import typer
 
+from sponlab.provenance import write_metrics
 from sponlab.stages.common import PARAMS_OPTION, cell_path, read_params
 from sponlab.summary import cell_result, nested_metrics, summary_table, to_latex, to_markdown
-from sponlab.tensorio import atomic_path, read_json, write_json, write_text
+from sponlab.tensorio import atomic_path, read_json, write_text
 
 
 def main(
@@ -35,5 +36,5 @@ def main(
         frame.to_csv(tmp, index=False)
     write_text(tables / "summary.md", to_markdown(frame))
     write_text(tables / "summary.tex", to_latex(frame))
-    write_json(metrics, nested_metrics(frame, dense["ppl"]))
+    write_metrics(metrics, nested_metrics(frame, dense["ppl"]))
     typer.echo(to_markdown(frame))

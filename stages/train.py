@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 from dataclasses import replace
 from pathlib import Path
 
@@ -21,16 +20,8 @@ from sponlab.stages.common import (
     threshold_path,
     timed,
 )
-from sponlab.tensorio import write_json
+from sponlab.tensorio import write_json, write_rows
 from sponlab.train import TrainResult, train_spon
-
-
-def write_rows(path: Path, rows: list[dict], fields: list[str]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=fields)
-        writer.writeheader()
-        writer.writerows(rows)
 
 
 def main(
@@ -52,7 +43,8 @@ def main(
     loaded, site_map = load_base(cfg, model)
     sites = bias_sites(alloc, site_map)
     biases = SponBiases.for_model(loaded.model, site_map, sites, alloc.parametrization)
-    spec = sparsify_spec(cfg, alloc, sparsity, site_map, load_thresholds(thresholds))
+    thr = load_thresholds(thresholds, site_map, sparsity, loaded.fingerprint)
+    spec = sparsify_spec(cfg, alloc, sparsity, site_map, thr)
     settings = cfg.train if alloc.seed is None else replace(cfg.train, seed=alloc.seed)
     result = TrainResult()
     if sites:
@@ -70,6 +62,7 @@ def main(
             )
     meta = {
         "model": str(model),
+        "model_fingerprint": loaded.fingerprint,
         "config": config,
         "sparsity": sparsity,
         "layers": alloc.layers.describe(),
@@ -86,7 +79,6 @@ def main(
             **meta,
             "sites": len(sites),
             "parameters": biases.num_parameters(),
-            "seconds": round(result.seconds, 2),
             "epochs": result.epochs,
         },
     )

@@ -46,6 +46,14 @@ def test_shipped_params_parse():
             r"configs.UNIF-ALL.modules has unknown module",
         ),
         (("train", "lrr"), 0.1, r"unknown key\(s\) \['train.lrr'\]"),
+        # names other sections refer to are checked at load time, before any stage runs
+        (
+            ("interpret", "configs"),
+            ["UNIF-ALL", "ATN-ONLY"],
+            r"interpret.configs names unknown config 'ATN-ONLY'; defined in configs: \[",
+        ),
+        (("interpret", "similarity"), ["UNIF-ALL", "TOP50"], r"interpret.similarity names unknown"),
+        (("interpret", "layers", "config"), "UNIF", r"interpret.layers.config names unknown"),
     ],
 )
 def test_bad_values_name_the_key_and_allowed_values(path, value, message):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+from pathlib import Path
 
 import typer
 
@@ -55,14 +56,60 @@ def _register() -> None:
 _register()
 
 
+@app.command("results")
+def results(
+    root: Path = typer.Option(Path("."), "--root", help="Pipeline workspace (the git clone)."),
+) -> None:
+    """Where a finished run's results are, and its summary table (printed by `make repro`)."""
+    from sponlab.summary import results_overview
+
+    typer.echo(results_overview(root))
+
+
+@app.command("check-repro")
+def check_repro(
+    reference: str = typer.Option("HEAD", "--reference", help="Git revision of the reference run."),
+    rtol: float = typer.Option(0.0, "--rtol", help="Relative tolerance for metrics (0: exact)."),
+) -> None:
+    """Compare this workspace's dvc.lock and metrics with a committed run; exit 1 if they differ.
+
+    Run it after `dvc repro` in a fresh clone (`make check-repro` does both).
+    """
+    import subprocess
+
+    from sponlab import reproduce
+
+    def show(path: str) -> str:
+        return subprocess.run(
+            ["git", "show", f"{reference}:{path}"], capture_output=True, text=True, check=True
+        ).stdout
+
+    outputs = reproduce.compare_outputs(
+        reproduce.lock_outputs(show("dvc.lock")),
+        reproduce.lock_outputs(Path("dvc.lock").read_text()),
+    )
+    metrics = [
+        m
+        for o in outputs
+        if o.path.startswith("metrics/") and o.path.endswith(".json") and Path(o.path).is_file()
+        for m in reproduce.compare_metrics(o.path, show(o.path), Path(o.path).read_text())
+    ]
+    typer.echo(reproduce.report(outputs, metrics, rtol))
+    failed = [o for o in outputs if not o.identical and not o.timed]
+    failed += [m for m in metrics if m.relative > rtol]
+    raise typer.Exit(1 if failed else 0)
+
+
 def main() -> None:
-    """Console entry point: parameter and site errors end with a one-line message, exit code 2."""
+    """Console entry point: parameter, site and input-file errors end with a one-line message
+    (exit code 2) instead of a traceback."""
     from sponlab.config import ConfigError
     from sponlab.sites import SiteError
+    from sponlab.tensorio import InputFileError
 
     try:
         app()
-    except (ConfigError, SiteError) as err:
+    except (ConfigError, SiteError, InputFileError) as err:
         typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
         raise SystemExit(2) from err
 

@@ -372,6 +372,9 @@ def parse_params(raw: Any, source: str = "params.yaml") -> Params:
         if name in top.data
     }
     top.finish()
+    for name, target in CROSS_CHECKS.items():
+        if name in analyses:
+            _import(target)(analyses[name], configs, source)
     return Params(
         base=base,
         data=data,
@@ -401,6 +404,11 @@ ANALYSIS_PARSERS: dict[str, str] = {
     "sae": "sponlab.analysis.sae:parse_params",
     "spectrum": "sponlab.analysis.spectrum:parse_params",
 }
+
+
+# Checks of an analysis section against the rest of params.yaml (e.g. config names it refers to),
+# "module:function" taking (that analysis' params, configs, source): run at the edge as well.
+CROSS_CHECKS: dict[str, str] = {"interpret": "sponlab.analysis.interpret:check_config_names"}
 
 
 def _import(target: str) -> Callable[[Section], Any]:

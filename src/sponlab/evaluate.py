@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -17,6 +18,7 @@ from tqdm.auto import tqdm
 from sponlab.sites import SiteMap
 from sponlab.sparsify import SparsifySpec, SparsityStats, sparsified
 from sponlab.spon import SponBiases, maybe_attached
+from sponlab.tensorio import check_made_for, input_error, load_tensors
 
 
 @dataclass
@@ -32,6 +34,16 @@ class DenseReference:
 
     def tensors(self) -> dict[str, torch.Tensor]:
         return {"logp": self.logp, "hidden": self.hidden}
+
+
+def load_reference(path: Path, fingerprint: str | None = None) -> DenseReference:
+    """The dense stage's reference file, refused if it was made for another model."""
+    tensors, meta = load_tensors(path, producer="dense")
+    if fingerprint is not None:
+        check_made_for(path, meta, {"model_fingerprint": fingerprint}, "dense")
+    if set(tensors) != {"logp", "hidden"}:
+        raise input_error(path, f"holds {sorted(tensors)}, expected logp and hidden", "dense")
+    return DenseReference(**tensors)
 
 
 @dataclass

@@ -7,7 +7,9 @@ The default model is SmolLM2-135M-Instruct, whose GGUF weights ship inside the P
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
+import json
 import logging
 import time
 from dataclasses import dataclass
@@ -63,6 +65,7 @@ class LoadedModel:
     name: str
     device: torch.device
     dtype: torch.dtype
+    fingerprint: str  # model_fingerprint: recorded in, and checked against, derived files
 
 
 def load_model(name: str | Path, device: str = "auto", dtype: str = "auto") -> LoadedModel:
@@ -75,7 +78,32 @@ def load_model(name: str | Path, device: str = "auto", dtype: str = "auto") -> L
     model.to(dev).eval()
     freeze(model)
     log.info("loaded %s (%s, %s) in %.1fs", name, dev, dt, time.perf_counter() - start)
-    return LoadedModel(model=model, tokenizer=tokenizer, name=str(name), device=dev, dtype=dt)
+    return LoadedModel(
+        model=model,
+        tokenizer=tokenizer,
+        name=str(name),
+        device=dev,
+        dtype=dt,
+        fingerprint=model_fingerprint(model),
+    )
+
+
+def model_fingerprint(model: PreTrainedModel) -> str:
+    """Short identity of a model's architecture and weights, stored in what stages derive from it.
+
+    Hashes the shape-defining config values and a few embedding rows and the final norm, rounded
+    to bfloat16 so the float32 and bfloat16 loads of one checkpoint agree; thresholds or biases
+    made for another model are refused on load (:func:`sponlab.tensorio.check_made_for`).
+    """
+    cfg = model.config.get_text_config()
+    keys = ("model_type", "num_hidden_layers", "hidden_size", "intermediate_size", "vocab_size")
+    digest = hashlib.sha256(json.dumps({k: getattr(cfg, k, None) for k in keys}).encode())
+    with torch.no_grad():
+        rows = model.get_input_embeddings().weight[:4]  # [4, hidden]
+        norm = [p for n, p in model.named_parameters() if n.endswith("norm.weight")][-1:]
+        for tensor in [rows, *norm]:
+            digest.update(tensor.detach().to(torch.bfloat16).float().cpu().numpy().tobytes())
+    return digest.hexdigest()[:16]
 
 
 def freeze(model: nn.Module) -> None:

@@ -11,8 +11,11 @@ import math
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 from torch import nn
+
+from sponlab.tensorio import input_error
 
 PROJECTIONS: tuple[str, ...] = (
     "q_proj",
@@ -125,6 +128,37 @@ class SiteMap:
     def linear(self, model: nn.Module, site: Site) -> nn.Linear:
         """The ``nn.Linear`` at ``site``."""
         return model.get_submodule(self.paths[site])  # type: ignore[return-value]
+
+
+def file_sites(
+    path: Path,
+    keys: Iterable[str],
+    producer: str,
+    site_map: SiteMap | None = None,
+    complete: bool = False,
+) -> list[Site]:
+    """The sites a per-site file (thresholds, biases) is keyed by, checked against the model.
+
+    Raises :class:`~sponlab.tensorio.InputFileError` naming the file and the stage that writes it
+    for a key that is not a site, a site this model does not have or (``complete``) a site of the
+    model the file has no entry for.
+    """
+    try:
+        sites = [Site.from_key(k) for k in keys]
+    except SiteError as err:
+        raise input_error(path, str(err), producer) from err
+    if site_map is not None:
+        foreign = [s.key for s in sites if s not in site_map.paths]
+        missing = [s.key for s in site_map.sites if complete and s not in set(sites)]
+        for problem, bad in (("sites this model does not have", foreign), ("no entry", missing)):
+            if bad:
+                more = " ..." if len(bad) > 4 else ""
+                raise input_error(
+                    path,
+                    f"{problem}: {bad[:4]}{more} ({len(bad)} sites); made for another model?",
+                    producer,
+                )
+    return sites
 
 
 def check_modules(modules: Iterable[str], available: Sequence[str] = PROJECTIONS) -> None:

@@ -18,8 +18,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from sponlab.sites import Site, SiteMap, sort_sites
-from sponlab.tensorio import load_tensors
+from sponlab.sites import Site, SiteMap, file_sites, sort_sites
+from sponlab.tensorio import check_made_for, load_tensors
 
 log = logging.getLogger(__name__)
 
@@ -269,10 +269,20 @@ def thresholds_to_tensors(thresholds: Mapping[Site, float]) -> dict[str, torch.T
     return {s.key: torch.tensor(t, dtype=torch.float32) for s, t in thresholds.items()}
 
 
-def thresholds_from_tensors(tensors: Mapping[str, torch.Tensor]) -> dict[Site, float]:
-    return {Site.from_key(k): float(v) for k, v in tensors.items()}
+def load_thresholds(
+    path: Path,
+    site_map: SiteMap | None = None,
+    sparsity: float | None = None,
+    fingerprint: str | None = None,
+) -> dict[Site, float]:
+    """Per-site thresholds from a safetensors file written by the calibrate stage.
 
-
-def load_thresholds(path: Path) -> dict[Site, float]:
-    """Per-site thresholds from a safetensors file written by the calibrate stage."""
-    return thresholds_from_tensors(load_tensors(path)[0])
+    Checked against this run where given: every site of ``site_map`` (and no other) has a
+    threshold, and the file was calibrated for ``sparsity`` on the model with ``fingerprint``
+    (:func:`sponlab.models.model_fingerprint`). Anything else is an ``InputFileError``.
+    """
+    tensors, meta = load_tensors(path, producer="calibrate")
+    expected = {"sparsity": sparsity, "model_fingerprint": fingerprint}
+    check_made_for(path, meta, {k: v for k, v in expected.items() if v is not None}, "calibrate")
+    sites = file_sites(path, tensors, "calibrate", site_map, complete=True)
+    return {site: float(tensors[site.key]) for site in sites}

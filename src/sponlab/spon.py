@@ -18,8 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sponlab.sites import Site, SiteMap, sort_sites
-from sponlab.tensorio import load_tensors, save_tensors
+from sponlab.sites import Site, SiteMap, file_sites, sort_sites
+from sponlab.tensorio import check_made_for, load_tensors, save_tensors
 
 PARAMETRIZATIONS = ("output", "input")
 
@@ -122,10 +122,21 @@ def save_biases(path: Path, biases: SponBiases, metadata: Mapping[str, Any]) -> 
     return save_tensors(path, biases.state(), meta)
 
 
-def load_biases(path: Path) -> tuple[SponBiases, dict[str, Any]]:
-    """Inverse of :func:`save_biases`."""
-    tensors, meta = load_tensors(path)
-    sites = [Site.from_key(k) for k in tensors]
+def load_biases(
+    path: Path,
+    site_map: SiteMap | None = None,
+    sparsity: float | None = None,
+    fingerprint: str | None = None,
+) -> tuple[SponBiases, dict[str, Any]]:
+    """Inverse of :func:`save_biases`, checked against this run where given.
+
+    Every site must be a site of ``site_map``; the file must have been trained at ``sparsity`` on
+    the model with ``fingerprint``; otherwise an ``InputFileError`` names the file and the stage.
+    """
+    tensors, meta = load_tensors(path, producer="train")
+    expected = {"sparsity": sparsity, "model_fingerprint": fingerprint}
+    check_made_for(path, meta, {k: v for k, v in expected.items() if v is not None}, "train")
+    sites = file_sites(path, tensors, "train", site_map)
     biases = SponBiases(
         sites, {s: tensors[s.key].numel() for s in sites}, meta.get("parametrization", "output")
     )

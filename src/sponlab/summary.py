@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import pandas as pd
 
@@ -158,4 +159,27 @@ def to_latex(frame: pd.DataFrame) -> str:
         r"\bottomrule",
         r"\end{tabular}",
     ]
+    return "\n".join(lines) + "\n"
+
+
+# Where `make repro` leaves what a reader looks at first (paths as in dvc.yaml).
+RESULT_PLACES: tuple[tuple[str, str], ...] = (
+    ("metrics/tables/summary.md", "summary table (CSV and LaTeX beside it)"),
+    ("metrics/summary.json", "nested metrics (dvc metrics show / diff)"),
+    ("plots/sweep", "sweep figures (dvc plots show / diff)"),
+    ("reports/interpret", "what the biases encode, where they matter"),
+    ("reports/spectrum/report.md", "weight-spectrum report"),
+    ("reports/importance", "activation / gradient importance"),
+)
+
+
+def results_overview(root: Path) -> str:
+    """Where the results of a finished run are, then the summary table itself (Markdown)."""
+    lines = ["Results:"]
+    for rel, what in RESULT_PLACES:
+        state = "" if (root / rel).exists() else "  (not built)"
+        lines.append(f"  {rel:<28} {what}{state}")
+    table = root / "metrics/tables/summary.md"
+    if table.is_file():
+        lines += ["", table.read_text().rstrip()]
     return "\n".join(lines) + "\n"

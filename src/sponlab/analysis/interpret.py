@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -136,6 +137,36 @@ def parse_params(sec: Section) -> InterpretParams:
             "similarity", f"must name at least two configs, got {list(params.similarity)}"
         )
     return params
+
+
+def read_shift(path: Path) -> list[dict]:
+    """The evaluate stage's per-layer shift.csv (test blocks) as :func:`shift_rows` rows."""
+    import pandas as pd
+
+    ev = pd.read_csv(path)
+    return shift_rows(
+        ev.teal_l2.tolist(), ev.spon_l2.tolist(), ev.teal_rel.tolist(), ev.spon_rel.tolist()
+    )
+
+
+def check_config_names(
+    params: InterpretParams, configs: Mapping[str, AllocationConfig], source: str = "params.yaml"
+) -> None:
+    """Every config the section names is defined in ``configs:`` (a typo fails at load time).
+
+    Whether it is also swept and has biases is checked by the stages (:func:`check_configs`), so
+    a reduced ``sweep.configs`` does not stop the stages that do not read these checkpoints.
+    """
+    named = [("configs", n) for n in params.configs]
+    named += [("similarity", n) for n in params.similarity] + [
+        ("layers.config", params.layers.config)
+    ]
+    for key, name in named:
+        if name not in configs:
+            raise ConfigError(
+                f"{source}: interpret.{key} names unknown config {name!r}; "
+                f"defined in configs: {sorted(configs)}"
+            )
 
 
 def check_configs(

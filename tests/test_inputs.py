@@ -1,0 +1,160 @@
+"""Files between stages: deterministic bytes, provenance, and clear errors for bad inputs.
+
+A truncated, corrupt, missing or foreign input (thresholds or biases made for another model,
+sparsity or site set) is refused with a message naming the file, what is wrong and the stage that
+writes it, and the CLI turns it into one line and exit code 2, not a traceback.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from sponlab.models import model_fingerprint
+from sponlab.provenance import environment, write_metrics
+from sponlab.reproduce import compare_metrics, compare_outputs, lock_outputs
+from sponlab.sites import discover_sites
+from sponlab.sparsify import load_thresholds, thresholds_to_tensors
+from sponlab.spon import SponBiases, load_biases, save_biases
+from sponlab.tensorio import InputFileError, load_tensors, save_tensors
+from sponlab.tiny import tiny_model
+
+META = {"split": "test", "source": "builtin", "block_len": 16, "bos": False, "seed": 3, "n": 7}
+
+
+def md5(path: Path) -> str:
+    return hashlib.md5(path.read_bytes()).hexdigest()
+
+
+def test_equal_tensors_and_metadata_give_identical_bytes_across_processes(tmp_path):
+    # safetensors orders __metadata__ by a per-process hash map; each process writes its own file
+    script = (
+        "import sys, torch; from sponlab.tensorio import save_tensors; "
+        "save_tensors(sys.argv[1], {'b': torch.arange(6.0), 'a': torch.ones(2, 3)}, "
+        f"{META!r})"
+    )
+    paths = [tmp_path / f"{i}.safetensors" for i in range(4)]
+    for path in paths:
+        subprocess.run([sys.executable, "-c", script, str(path)], check=True)
+    assert len({md5(p) for p in paths}) == 1
+    tensors, meta = load_tensors(paths[0])
+    assert meta == META and torch.equal(tensors["b"], torch.arange(6.0))
+
+
+def thresholds_file(tmp_path: Path, model, site_map, sparsity=0.5, **extra) -> Path:
+    thresholds = {site: 0.1 for site in site_map.sites}
+    meta = {"sparsity": sparsity, "model_fingerprint": model_fingerprint(model), **extra}
+    return save_tensors(tmp_path / "s0.5.safetensors", thresholds_to_tensors(thresholds), meta)
+
+
+def test_thresholds_round_trip_when_made_for_this_run(tmp_path, llama):
+    model, site_map = llama
+    path = thresholds_file(tmp_path, model, site_map)
+    loaded = load_thresholds(path, site_map, 0.5, model_fingerprint(model))
+    assert set(loaded) == set(site_map.sites)
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        (lambda p: p.write_bytes(p.read_bytes()[:40]), "truncated or corrupt"),
+        (lambda p: p.write_bytes(b"\x00" * 5), "truncated or corrupt"),
+        (lambda p: p.unlink(), "file not found"),
+    ],
+)
+def test_unreadable_thresholds_name_the_file_and_the_stage(tmp_path, llama, damage, message):
+    model, site_map = llama
+    path = thresholds_file(tmp_path, model, site_map)
+    damage(path)
+    with pytest.raises(InputFileError, match=message) as err:
+        load_thresholds(path, site_map, 0.5)
+    assert str(path) in str(err.value) and "dvc repro calibrate" in str(err.value)
+
+
+def test_thresholds_for_another_sparsity_model_or_site_set_are_refused(tmp_path, llama):
+    model, site_map = llama
+    path = thresholds_file(tmp_path, model, site_map, sparsity=0.6)
+    with pytest.raises(InputFileError, match=r"made for sparsity=0.6, but this run needs"):
+        load_thresholds(path, site_map, 0.5)
+    other = tiny_model("llama", seed=1)
+    with pytest.raises(InputFileError, match="made for model_fingerprint="):
+        load_thresholds(path, site_map, fingerprint=model_fingerprint(other))
+    bigger = discover_sites(tiny_model("llama", layers=6))
+    with pytest.raises(InputFileError, match=r"no entry: \['layers.4.q_proj'"):
+        load_thresholds(path, bigger)
+    smaller = discover_sites(tiny_model("llama", layers=2))
+    with pytest.raises(InputFileError, match="sites this model does not have"):
+        load_thresholds(path, smaller)
+
+
+def test_biases_for_another_model_or_sparsity_are_refused(tmp_path, llama):
+    model, site_map = llama
+    biases = SponBiases.for_model(model, site_map, site_map.select([0, 3], ["down_proj"]))
+    meta = {"sparsity": 0.5, "model_fingerprint": model_fingerprint(model)}
+    path = save_biases(tmp_path / "b.safetensors", biases, meta)
+    assert load_biases(path, site_map, 0.5, model_fingerprint(model))[0].sites == biases.sites
+    with pytest.raises(InputFileError, match="dvc repro train"):
+        load_biases(path, site_map, 0.6)
+    with pytest.raises(InputFileError, match="sites this model does not have"):
+        load_biases(path, discover_sites(tiny_model("llama", layers=2)))
+
+
+def test_fingerprint_ignores_dtype_but_not_weights():
+    model = tiny_model("llama")
+    same = model_fingerprint(model)
+    assert model_fingerprint(tiny_model("llama").to(torch.bfloat16)) == same
+    assert model_fingerprint(tiny_model("llama", seed=1)) != same
+
+
+def test_cli_reports_a_truncated_input_in_one_line(tmp_path):
+    from sponlab.cli import app, main
+    from sponlab.tiny import save_tiny
+
+    model_dir = tmp_path / "model"
+    save_tiny(model_dir, "llama", layers=2, hidden=32)
+    blocks = tmp_path / "calib.safetensors"
+    save_tensors(blocks, {"input_ids": torch.zeros(2, 8, dtype=torch.long)})
+    blocks.write_bytes(blocks.read_bytes()[:20])
+    params = Path(__file__).resolve().parents[1] / "params.yaml"
+    args = ["calibrate", "--sparsity", "0.5", "--params", str(params), "--model", str(model_dir)]
+    args += ["--blocks", str(blocks), "--out", str(tmp_path / "t.safetensors")]
+    sys_argv, sys.argv = sys.argv, ["sponlab", *args]
+    try:
+        with pytest.raises(SystemExit) as exit_info:
+            main()
+    finally:
+        sys.argv = sys_argv
+    assert exit_info.value.code == 2
+    assert not (tmp_path / "t.safetensors").exists()
+    result = CliRunner().invoke(app, args)
+    assert isinstance(result.exception, InputFileError)
+    assert "calib.safetensors: not a readable safetensors file" in str(result.exception)
+    assert "stage 'prepare'" in str(result.exception)
+
+
+def test_metrics_record_versions_device_dtype_and_threads(tmp_path):
+    path = write_metrics(tmp_path / "m.json", {"ppl": 3.0}, torch.device("cpu"), torch.bfloat16)
+    env = json.loads(path.read_text())["env"]
+    assert env["device"] == "cpu" and env["dtype"] == "bfloat16"
+    assert env["threads"] == torch.get_num_threads()
+    for package in ("python", "torch", "transformers", "tokenizers", "gguf", "dvc"):
+        assert env[package], package
+    assert environment() == {k: v for k, v in env.items() if k not in ("device", "dtype")}
+
+
+def test_reproduction_check_compares_hashes_and_numbers_but_not_timings():
+    ref = "stages:\n  a:\n    outs:\n    - path: x\n      md5: 1\n    - path: y\n      md5: 2\n"
+    cur = ref.replace("md5: 2", "md5: 3")
+    outputs = compare_outputs(lock_outputs(ref), lock_outputs(cur))
+    assert [(o.path, o.identical) for o in outputs] == [("x", True), ("y", False)]
+    a = json.dumps({"ppl": 10.0, "seconds": 1.0, "env": {"threads": 2}, "l": [1, 2]})
+    b = json.dumps({"ppl": 10.5, "seconds": 9.0, "env": {"threads": 4}, "l": [1, 2]})
+    rows = {m.key: m.relative for m in compare_metrics("m.json", a, b)}
+    assert rows == {"ppl": pytest.approx(0.05), "l[0]": 0.0, "l[1]": 0.0}
