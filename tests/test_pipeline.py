@@ -1,8 +1,11 @@
-"""End-to-end: the shipped dvc.yaml on a tiny model in a temporary git repository.
+"""End-to-end: the shipped Makefile and dvc.yaml on a tiny model in a temporary git repository.
 
-Runs ``dvc repro`` of the sweep, checks outputs and metrics, checks a second repro is a no-op,
-adds one sparsity with ``dvc exp run -S`` and checks from DVC's own output that only the new cells
-(and the aggregation) ran, then ``dvc metrics diff`` / ``dvc params diff``.
+The first run is the README's documented path exactly: ``make repro`` in a fresh checkout, with
+nothing activated and this venv NOT on PATH (dvc.yaml's commands call ``sponlab``; the Makefile
+must provide it). It checks outputs, metrics and the results overview ``make repro`` prints.
+Then, as the README says for every other command, in a shell that ran
+``source .venv/bin/activate``: a second ``dvc repro`` is a no-op, ``dvc exp run -S`` adding one
+sparsity runs only the new cells (and the aggregation), ``dvc metrics diff`` / ``dvc params diff``.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -21,16 +25,30 @@ import yaml
 from sponlab.tiny import save_tiny
 
 ROOT = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
+VENV = Path(sys.prefix)  # the venv `make install` created (tests run with its python)
 CONFIGS = ["BASELINE-TEAL", "UNIF-ALL", "ATTN-ONLY"]
+OLD = 946684800  # 2000-01-01: copied files predate the venv's install stamp (no reinstall)
+
+
+def clean_env() -> dict[str, str]:
+    """The environment of a fresh shell: the venv is neither activated nor on PATH."""
+    env = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "PYTHONPATH")}
+    parts = env.get("PATH", "").split(os.pathsep)
+    env["PATH"] = os.pathsep.join(p for p in parts if Path(p).resolve() != (VENV / "bin").resolve())
+    return env
 
 
 def run(cmd: list[str], cwd: Path, stdout_only: bool = False) -> str:
-    """Run a command with this venv first on PATH; its output (DVC logs progress on stderr)."""
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
-    done = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, env=env)
+    """Run a command in a clean environment; its output (DVC logs progress on stderr)."""
+    done = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, env=clean_env())
     assert done.returncode == 0, f"{' '.join(cmd)} failed:\n{done.stdout}\n{done.stderr}"
     return done.stdout if stdout_only else done.stdout + done.stderr
+
+
+def activated(command: str, cwd: Path, stdout_only: bool = False) -> str:
+    """``command`` in a shell after ``source .venv/bin/activate``, as the README documents."""
+    script = f"source {shlex.quote(str(VENV / 'bin/activate'))} && {command}"
+    return run(["bash", "-c", script], cwd, stdout_only)
 
 
 def tiny_params(model_dir: Path) -> dict:
@@ -49,29 +67,31 @@ def ran_stages(output: str) -> set[str]:
 
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory) -> Path:
+    """A fresh checkout of this tree (tracked and new files) with tiny params, committed."""
     root = tmp_path_factory.mktemp("pipeline")
     model_dir = save_tiny(root / "tiny-model", "llama", layers=2, hidden=32)
     work = root / "repo"
-    files = run(["git", "ls-files"], ROOT).split()
-    for name in [*files, "dvc.yaml", "params.yaml", ".dvcignore"]:
+    listed = ["git", "ls-files", "--cached", "--others", "--exclude-standard"]
+    for name in run(listed, ROOT).split():
         source = ROOT / name
-        if source.is_file():
+        if source.is_file() and not name.startswith((".dvc/", "dvc.lock")):
             (work / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(source, work / name)
+            os.utime(work / name, (OLD, OLD))
     (work / "params.yaml").write_text(yaml.safe_dump(tiny_params(model_dir), sort_keys=False))
-    shutil.rmtree(work / ".dvc", ignore_errors=True)
-    (work / "dvc.lock").unlink(missing_ok=True)
+    os.utime(work / "params.yaml", (OLD, OLD))
     git = ["git", "-c", "user.name=t", "-c", "user.email=t@t"]
     run(["git", "init", "-q"], work)
-    run([str(BIN / "dvc"), "init", "-q"], work)
+    run([str(VENV / "bin/dvc"), "init", "-q"], work)
     run([*git, "add", "-A"], work)
     run([*git, "commit", "-qm", "tiny"], work)
     return work
 
 
 def test_tiny_dvc_pipeline_end_to_end(repo: Path):
-    dvc = str(BIN / "dvc")
-    first = run([dvc, "repro", "plots"], repo)
+    # the README's command, venv not on PATH; VENV points make at the installed environment
+    first = run(["make", "repro", f"VENV={VENV}", "TARGETS=plots"], repo)
+    assert "pip install" not in first, "make repro reinstalled although the venv is current"
     expected = {"base", "prepare", "calibrate@0.5", "dense", "summarize", "plots"}
     expected |= {f"{kind}@{c}-0.5" for kind in ("train", "evaluate") for c in CONFIGS}
     assert ran_stages(first) == expected
@@ -91,18 +111,20 @@ def test_tiny_dvc_pipeline_end_to_end(repo: Path):
     for name in ("ppl_by_config.png", "pareto.png", "loss_curves.png", "shift_s50.png"):
         assert (repo / "plots/sweep" / name).stat().st_size > 1000
 
-    second = run([dvc, "repro", "plots"], repo)
+    assert "metrics/tables/summary.md" in first and "| config | sparsity |" in first
+
+    second = activated("dvc repro plots", repo)
     assert ran_stages(second) == set()
 
     git = ["git", "-c", "user.name=t", "-c", "user.email=t@t"]
     run([*git, "add", "-A"], repo)
     run([*git, "commit", "-qm", "reference run"], repo)
-    third = run([dvc, "exp", "run", "-S", "sweep.sparsities=[0.5,0.7]", "plots"], repo)
+    third = activated("dvc exp run -S 'sweep.sparsities=[0.5,0.7]' plots", repo)
     new = {"calibrate@0.7", "summarize", "plots"}
     new |= {f"{kind}@{c}-0.7" for kind in ("train", "evaluate") for c in CONFIGS}
     assert ran_stages(third) == new
 
-    metrics = run([dvc, "metrics", "diff", "--json"], repo, stdout_only=True)
+    metrics = activated("dvc metrics diff --json", repo, stdout_only=True)
     diff = json.loads(metrics)["metrics/summary.json"]
     assert "ppl.UNIF-ALL.s70" in diff
-    assert "sweep.sparsities" in run([dvc, "params", "diff"], repo)
+    assert "sweep.sparsities" in activated("dvc params diff", repo)
