@@ -30,7 +30,6 @@ class CellResult:
     spon_kl: float | None
     achieved_sparsity: float
     final_val_kl: float | None
-    train_seconds: float
 
 
 def cell_result(evaluation: dict, training: dict, model_parameters: int) -> CellResult:
@@ -52,7 +51,6 @@ def cell_result(evaluation: dict, training: dict, model_parameters: int) -> Cell
         spon_kl=evaluation["spon"]["kl"],
         achieved_sparsity=evaluation["achieved_sparsity"]["mean"],
         final_val_kl=epochs[-1]["val_kl"] if epochs else None,
-        train_seconds=float(training.get("seconds", 0.0)),
     )
 
 
