@@ -72,7 +72,7 @@ def main() -> None:
     threads = fix_threads(args.threads)
     rows = [perturbed_run(args, 0.0, 0)]
     rows += [perturbed_run(args, args.eps, seed) for seed in range(1, args.seeds + 1)]
-    print_table(rows, list(rows[0]))
+    print_table([{**r, "eps": f"{r['eps']:g}"} for r in rows], list(rows[0]))
     perturbed = rows[1:]
     spread = {
         key: {
