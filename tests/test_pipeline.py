@@ -119,6 +119,10 @@ def test_tiny_dvc_pipeline_end_to_end(repo: Path):
     git = ["git", "-c", "user.name=t", "-c", "user.email=t@t"]
     run([*git, "add", "-A"], repo)
     run([*git, "commit", "-qm", "reference run"], repo)
+    # the committed run compared with itself: every output identical, no metric off
+    check = activated("sponlab check-repro", repo)
+    assert re.search(r"bit-identical to the reference: (\d+) of \1\n", check), check
+    assert "beyond rtol=0: 0" in check
     third = activated("dvc exp run -S 'sweep.sparsities=[0.5,0.7]' plots", repo)
     new = {"calibrate@0.7", "summarize", "plots"}
     new |= {f"{kind}@{c}-0.7" for kind in ("train", "evaluate") for c in CONFIGS}

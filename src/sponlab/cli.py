@@ -80,9 +80,18 @@ def check_repro(
     from sponlab import reproduce
 
     def show(path: str) -> str:
-        return subprocess.run(
-            ["git", "show", f"{reference}:{path}"], capture_output=True, text=True, check=True
-        ).stdout
+        done = subprocess.run(
+            ["git", "show", f"{reference}:{path}"], capture_output=True, text=True
+        )
+        if done.returncode != 0:
+            typer.secho(
+                f"error: no {path} at git revision {reference!r}: run inside the clone "
+                f"({done.stderr.strip()})",
+                fg=typer.colors.RED,
+                err=True,
+            )
+            raise typer.Exit(2)
+        return done.stdout
 
     outputs = reproduce.compare_outputs(
         reproduce.lock_outputs(show("dvc.lock")),
