@@ -14,6 +14,7 @@ from typing import Any
 import typer
 
 from sponlab.analysis import interpret as ia
+from sponlab.analysis import shift as sh
 from sponlab.analysis.alignment import alignment_rows, collect_moments, site_components
 from sponlab.analysis.prompts import (
     effect_rows,
@@ -145,7 +146,7 @@ def main(
     seconds["prompts"] = time.perf_counter() - start
     with replace_dir(out / "shift") as shift_dir:
         for n in ip.configs:
-            rows = ia.read_shift(cell_path(evals, n, s) / "shift.csv")
+            rows = sh.read_shift(cell_path(evals, n, s) / "shift.csv")
             folder = cell_path(shift_dir, n, s)
             write_table(folder / "test.csv", rows)
             write_table(
@@ -154,7 +155,7 @@ def main(
             )
             title = f"{n} s={s:g}: hidden-state shift vs dense"
             plots.plot_shift(rows, prompt_shift[n], title, folder / "shift.png")
-            summary["checkpoints"][n]["shift"] = ia.shift_summary(rows, prompt_shift[n])
+            summary["checkpoints"][n]["shift"] = sh.shift_summary(rows, prompt_shift[n])
 
     table = similarity_table(ip.similarity, p.configs, vectors, baseline)
     with replace_dir(out / "similarity") as folder:
@@ -205,7 +206,7 @@ def run_prompts(p, ip, loaded, site_map, specs, biases, sets, out: Path, summary
         layers += layer_rows(category, totals)
         for n in ip.configs:
             tl, sp = totals[baseline[n]], totals[f"SPON[{n}]"]
-            shift[n][category] = ia.shift_rows(tl.shift_l2, sp.shift_l2, tl.shift_rel, sp.shift_rel)
+            shift[n][category] = sh.shift_rows(tl.shift_l2, sp.shift_l2, tl.shift_rel, sp.shift_rel)
     with replace_dir(out / "prompts") as folder:
         write_table(folder / "effects.csv", effects)
         write_table(folder / "shift_by_layer.csv", layers)

@@ -13,6 +13,7 @@ import typer
 
 from sponlab.analysis import interpret as ia
 from sponlab.analysis import layers as la
+from sponlab.analysis import shift as sh
 from sponlab.analysis.alignment import collect_moments
 from sponlab.config import analysis_params
 from sponlab.experiment import sparsify_spec
@@ -69,7 +70,7 @@ def main(
     dense = collect_moments(loaded.model, site_map, list(vectors), ids, lp.batch_size)
     stats = ia.bias_stat_rows(vectors, {x: dense.rms(x) for x in vectors}, ip.near_zero)
     norms = {r["layer"]: r for r in ia.layer_norm_rows(stats)}
-    drift = ia.drift_by_layer(ia.read_shift(cell_path(evals, lp.config, s) / "shift.csv"))
+    drift = sh.drift_by_layer(sh.read_shift(cell_path(evals, lp.config, s) / "shift.csv"))
     rows = la.importance_rows(result, site_map.num_layers, norms, drift)
     curves = la.cumulative_curves(result)
     ranked = result.ranked()

@@ -12,6 +12,7 @@ from sklearn.decomposition import PCA
 
 from sponlab.analysis import interpret as ia
 from sponlab.analysis import layers as la
+from sponlab.analysis import shift as sh
 from sponlab.analysis import similarity as sim
 from sponlab.analysis.alignment import (
     alignment_row,
@@ -113,10 +114,10 @@ def test_layer_norm_rows_rank_layers():
 
 
 def test_shift_rows_drift_reduction():
-    rows = ia.shift_rows([0, 1, 2], [0, 1, 1], [0.0, 1.0, 2.0], [0.0, 0.5, 2.0])
+    rows = sh.shift_rows([0, 1, 2], [0, 1, 1], [0.0, 1.0, 2.0], [0.0, 0.5, 2.0])
     assert math.isnan(rows[0]["drift_reduction"])
     assert [r["drift_reduction"] for r in rows[1:]] == [0.5, 0.0]
-    assert ia.drift_by_layer(rows) == {0: 0.5, 1: 0.0}
+    assert sh.drift_by_layer(rows) == {0: 0.5, 1: 0.0}
 
 
 # --- similarity -------------------------------------------------------------------------------
