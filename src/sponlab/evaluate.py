@@ -39,8 +39,7 @@ class DenseReference:
 def load_reference(path: Path, fingerprint: str | None = None) -> DenseReference:
     """The dense stage's reference file, refused if it was made for another model."""
     tensors, meta = load_tensors(path, producer="dense")
-    if fingerprint is not None:
-        check_made_for(path, meta, {"model_fingerprint": fingerprint}, "dense")
+    check_made_for(path, meta, {"model_fingerprint": fingerprint}, "dense")
     if set(tensors) != {"logp", "hidden"}:
         raise input_error(path, f"holds {sorted(tensors)}, expected logp and hidden", "dense")
     return DenseReference(**tensors)

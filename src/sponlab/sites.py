@@ -149,7 +149,8 @@ def file_sites(
         raise input_error(path, str(err), producer) from err
     if site_map is not None:
         foreign = [s.key for s in sites if s not in site_map.paths]
-        missing = [s.key for s in site_map.sites if complete and s not in set(sites)]
+        present = set(sites)
+        missing = [s.key for s in site_map.sites if s not in present] if complete else []
         for problem, bad in (("sites this model does not have", foreign), ("no entry", missing)):
             if bad:
                 more = " ..." if len(bad) > 4 else ""

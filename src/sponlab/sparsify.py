@@ -282,7 +282,8 @@ def load_thresholds(
     (:func:`sponlab.models.model_fingerprint`). Anything else is an ``InputFileError``.
     """
     tensors, meta = load_tensors(path, producer="calibrate")
-    expected = {"sparsity": sparsity, "model_fingerprint": fingerprint}
-    check_made_for(path, meta, {k: v for k, v in expected.items() if v is not None}, "calibrate")
+    check_made_for(
+        path, meta, {"sparsity": sparsity, "model_fingerprint": fingerprint}, "calibrate"
+    )
     sites = file_sites(path, tensors, "calibrate", site_map, complete=True)
     return {site: float(tensors[site.key]) for site in sites}

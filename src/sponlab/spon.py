@@ -134,8 +134,7 @@ def load_biases(
     the model with ``fingerprint``; otherwise an ``InputFileError`` names the file and the stage.
     """
     tensors, meta = load_tensors(path, producer="train")
-    expected = {"sparsity": sparsity, "model_fingerprint": fingerprint}
-    check_made_for(path, meta, {k: v for k, v in expected.items() if v is not None}, "train")
+    check_made_for(path, meta, {"sparsity": sparsity, "model_fingerprint": fingerprint}, "train")
     sites = file_sites(path, tensors, "train", site_map)
     biases = SponBiases(
         sites, {s: tensors[s.key].numel() for s in sites}, meta.get("parametrization", "output")

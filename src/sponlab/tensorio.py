@@ -109,11 +109,12 @@ def check_made_for(
 ) -> None:
     """Refuse a file whose metadata records other values than ``expected`` for the same keys.
 
-    Keys absent from the metadata are not checked (files written before the key existed). Numbers
-    compare with a relative tolerance of 1e-9 (sparsities go through JSON).
+    An expected value of None (the caller does not know it) and keys absent from the metadata
+    (files written before the key existed) are not checked. Numbers compare with a relative
+    tolerance of 1e-9 (sparsities go through JSON).
     """
     for key, want in expected.items():
-        if key not in metadata:
+        if want is None or key not in metadata:
             continue
         have = metadata[key]
         same = (

@@ -151,11 +151,17 @@ def check_config_names(
         ("layers.config", params.layers.config)
     ]
     for key, name in named:
-        if name not in configs:
-            raise ConfigError(
-                f"{source}: interpret.{key} names unknown config {name!r}; "
-                f"defined in configs: {sorted(configs)}"
-            )
+        require_defined(name, configs, f"interpret.{key}", source)
+
+
+def require_defined(
+    name: str, configs: Mapping[str, AllocationConfig], key: str, source: str = "params.yaml"
+) -> None:
+    """Refuse a config name that ``configs:`` does not define, naming ``key`` and what exists."""
+    if name not in configs:
+        raise ConfigError(
+            f"{source}: {key} names unknown config {name!r}; defined in configs: {sorted(configs)}"
+        )
 
 
 def check_configs(
@@ -163,10 +169,7 @@ def check_configs(
 ) -> None:
     """Each name must be a swept config with biases (otherwise no trained checkpoint exists)."""
     for name in names:
-        if name not in configs:
-            raise ConfigError(
-                f"params.yaml: {key} names unknown config {name!r}; defined: {sorted(configs)}"
-            )
+        require_defined(name, configs, key)
         if name not in swept:
             raise ConfigError(
                 f"params.yaml: {key}: config {name!r} is not in sweep.configs {list(swept)}, "
@@ -334,7 +337,7 @@ class RandomBaseline:
         return self.cache[dim]
 
 
-# --- summaries ---------------------------------------------------------------------
+# --- summaries --------------------------------------------------------------------------------
 
 
 def nanmean(values: Sequence[float]) -> float:
