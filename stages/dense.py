@@ -46,6 +46,7 @@ def main(
         metrics,
         {
             **dense.summary(),
+            "block_nll": dense.block_nll,  # per test block: paired errors of TEAL's damage
             "num_layers": site_map.num_layers,
             "parameters": sum(p.numel() for p in loaded.model.parameters()),
             "hidden_norm_by_layer": [round(float(v), 4) for v in norms],

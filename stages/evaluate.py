@@ -1,4 +1,9 @@
-"""Evaluate one cell: TEAL-only and TEAL+SPON perplexity, KL, hidden shift, achieved sparsity."""
+"""Evaluate one cell: TEAL-only once, TEAL+SPON for every seed (perplexity, KL, hidden shift).
+
+metrics.json holds the TEAL baseline of the config's sparsified set, its damage and whether that
+is measurable, every seed's TEAL+SPON numbers and their mean and spread; shift.csv the per-layer
+hidden-state shift (TEAL, and TEAL+SPON averaged over seeds); sparsity.csv the achieved sparsity.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +11,14 @@ from pathlib import Path
 
 import typer
 
-from sponlab.evaluate import damage_recovered, evaluate_variant, load_reference
+from sponlab.evaluate import (
+    SHIFT_FIELDS,
+    VariantMetrics,
+    cell_metrics,
+    evaluate_variant,
+    load_reference,
+    shift_rows,
+)
 from sponlab.experiment import sparsify_spec
 from sponlab.provenance import write_metrics
 from sponlab.sparsify import SparsityStats, load_thresholds
@@ -18,9 +30,11 @@ from sponlab.stages.common import (
     load_base,
     load_blocks,
     read_params,
+    seed_path,
     threshold_path,
     timed,
 )
+from sponlab.stats import damage, spread
 from sponlab.tensorio import read_json, write_rows
 
 
@@ -33,81 +47,63 @@ def main(
     dense: Path = typer.Option(Path("data/dense"), "--dense", help="Dense reference folder."),
     dense_metrics: Path = typer.Option(Path("metrics/dense.json"), "--dense-metrics"),
     thresholds: Path = typer.Option(
-        None, "--thresholds", help="Default: models/thresholds/s<s>.safetensors"
+        Path("models/thresholds"), "--thresholds", help="Root of s<s>/<set>.safetensors."
     ),
-    biases: Path = typer.Option(
-        None, "--biases", help="Default: models/spon/<config>/s<s>/biases.safetensors"
+    trained: Path = typer.Option(
+        None, "--trained", help="Train cell folder. Default: models/spon/<config>/s<s>"
     ),
     out: Path = typer.Option(None, "--out", help="Default: metrics/eval/<config>/s<sparsity>"),
 ) -> None:
     cfg = read_params(params)
     alloc = cfg.config(config)
     cfg.check_sparsity(sparsity)
-    thresholds = thresholds or threshold_path(Path("models/thresholds"), sparsity)
-    biases = biases or cell_path(Path("models/spon"), config, sparsity) / "biases.safetensors"
+    trained = trained or cell_path(Path("models/spon"), config, sparsity)
     out = out or cell_path(Path("metrics/eval"), config, sparsity)
     loaded, site_map = load_base(cfg, model)
-    ids = load_blocks(blocks)
-    reference = load_reference(dense / "reference.safetensors", loaded.fingerprint)
-    thr = load_thresholds(thresholds, site_map, sparsity, loaded.fingerprint)
-    spec = sparsify_spec(cfg, alloc, sparsity, site_map, thr)
-    spon, _ = load_biases(biases, site_map, sparsity, loaded.fingerprint)
-    spon.to(loaded.device)
+    dense_info = read_json(dense_metrics, producer="dense")
+    sparse_sites = site_map.select(range(site_map.num_layers), alloc.sparsify_modules)
+    thr_file = threshold_path(thresholds, sparsity, alloc.sparsify)
+    thr = load_thresholds(thr_file, site_map, sparsity, loaded.fingerprint, sparse_sites)
     stats = SparsityStats()
     run = dict(
         model=loaded.model,
         site_map=site_map,
-        blocks=ids,
+        blocks=load_blocks(blocks),
         batch_size=cfg.eval.batch_size,
-        spec=spec,
-        reference=reference,
+        spec=sparsify_spec(cfg, alloc, sparsity, site_map, thr),
+        reference=load_reference(dense / "reference.safetensors", loaded.fingerprint),
     )
-    with timed(f"evaluate TEAL-only ({config}, s={sparsity})"):
+    with timed(f"evaluate TEAL-only ({config}, set {alloc.sparsify}, s={sparsity})"):
         teal = evaluate_variant(**run, stats=stats, desc="teal")
-    spon_metrics = teal
-    if spon.sites:
-        with timed(f"evaluate TEAL+SPON ({config}, s={sparsity}, {len(spon.sites)} sites)"):
-            spon_metrics = evaluate_variant(**run, biases=spon, desc="spon")
-    dense_ppl = read_json(dense_metrics, producer="dense")["ppl"]
-    achieved = stats.achieved()
-    values = list(achieved.values())
-    write_metrics(
-        out / "metrics.json",
-        {
-            "config": config,
-            "sparsity": sparsity,
-            "dense_ppl": dense_ppl,
-            "teal": teal.summary(),
-            "spon": spon_metrics.summary(),
-            "damage_recovered": damage_recovered(dense_ppl, teal.ppl, spon_metrics.ppl),
-            "bias_sites": len(spon.sites),
-            "bias_parameters": spon.num_parameters(),
-            "achieved_sparsity": {
-                "mean": sum(values) / len(values),
-                "min": min(values),
-                "max": max(values),
-            },
-        },
-        loaded.device,
-        loaded.dtype,
+    seeds: dict[int, VariantMetrics] = {}
+    for seed in alloc.seeds:
+        file = seed_path(trained, seed) / "biases.safetensors"
+        spon = load_biases(file, site_map, sparsity, loaded.fingerprint)[0].to(loaded.device)
+        seeds[seed] = teal
+        if spon.sites:
+            with timed(f"evaluate TEAL+SPON ({config}, s={sparsity}, seed {seed})"):
+                seeds[seed] = evaluate_variant(**run, biases=spon, desc=f"spon seed {seed}")
+    hurt = damage(
+        dense_info["ppl"],
+        teal.ppl,
+        dense_info["block_nll"],
+        teal.block_nll,
+        cfg.summary.min_damage,
+        cfg.summary.noise_sigmas,
     )
-    layers = [
-        {
-            "index": i,
-            "layer": "embed" if i == 0 else i - 1,
-            "teal_l2": teal.shift_l2[i],
-            "spon_l2": spon_metrics.shift_l2[i],
-            "teal_rel": teal.shift_rel[i],
-            "spon_rel": spon_metrics.shift_rel[i],
-        }
-        for i in range(len(teal.shift_l2))
-    ]
-    write_rows(out / "shift.csv", layers, list(layers[0]))
+    payload = cell_metrics(config, sparsity, alloc.sparsify, dense_info["ppl"], teal, seeds)
+    payload["teal_damage"] = hurt.as_dict()
+    payload["bias_sites"] = len(spon.sites)
+    payload["bias_parameters"] = spon.num_parameters()
+    values = list(stats.achieved().values())
+    payload["achieved_sparsity"] = spread(values).as_dict() | {"target": sparsity}
+    write_metrics(out / "metrics.json", payload, loaded.device, loaded.dtype)
+    write_rows(out / "shift.csv", shift_rows(teal, list(seeds.values())), SHIFT_FIELDS)
     write_rows(
         out / "sparsity.csv",
         [
             {"site": s.key, "layer": s.layer, "module": s.module, "target": sparsity, "achieved": v}
-            for s, v in achieved.items()
+            for s, v in stats.achieved().items()
         ],
         ["site", "layer", "module", "target", "achieved"],
     )

@@ -2,7 +2,8 @@
 
 Writes reports/interpret/{bias,alignment,shift,prompts,similarity}/ (CSV + PNG) and a metrics JSON.
 The checkpoints are ``interpret.configs`` x ``interpret.sparsity``; similarity compares every pair of
-``interpret.similarity`` (pairs that differ only in seed are the cross-seed control).
+``interpret.similarity``, every seed of each (two seeds of one config are the cross-seed control);
+the other analyses use each config's first seed.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ from sponlab.stages.common import (
     load_blocks,
     read_params,
     replace_dir,
+    seed_path,
     threshold_path,
     timed,
 )
@@ -66,9 +68,11 @@ def main(
     model: Path = MODEL_OPTION,
     blocks: Path = typer.Option(Path("data/blocks/test.safetensors"), "--blocks"),
     thresholds: Path = typer.Option(
-        Path("models/thresholds"), "--thresholds", help="Folder of s<sparsity>.safetensors."
+        Path("models/thresholds"), "--thresholds", help="Root of s<s>/<set>.safetensors."
     ),
-    spon: Path = typer.Option(Path("models/spon"), "--spon", help="Root of CONFIG/s<s>/biases."),
+    spon: Path = typer.Option(
+        Path("models/spon"), "--spon", help="Root of CONFIG/s<s>/seed<k>/biases."
+    ),
     evals: Path = typer.Option(
         Path("metrics/eval"), "--evals", help="Root of CONFIG/s<s>/shift.csv."
     ),
@@ -84,16 +88,24 @@ def main(
     sets = select_prompts(load_prompt_sets(ip.prompts), ip.categories, ip.prompts_per_category)
     loaded, site_map = load_base(p, model)
     lm = loaded.model
-    names = list(dict.fromkeys(ip.configs + ip.similarity))
+    checkpoints = ia.seed_checkpoints(list(dict.fromkeys(ip.configs + ip.similarity)), p.configs)
     biases = {
-        n: load_biases(
-            cell_path(spon, n, s) / "biases.safetensors", site_map, s, loaded.fingerprint
+        name: load_biases(
+            seed_path(cell_path(spon, n, s), seed) / "biases.safetensors",
+            site_map,
+            s,
+            loaded.fingerprint,
         )[0].to(loaded.device)
-        for n in names
+        for name, (n, seed) in checkpoints.items()
     }
-    vectors = {n: ia.output_vectors(biases[n], lm, site_map) for n in names}
-    thr = load_thresholds(threshold_path(thresholds, s), site_map, s, loaded.fingerprint)
-    specs = {n: sparsify_spec(p, p.config(n), s, site_map, thr) for n in ip.configs}
+    vectors = {n: ia.output_vectors(b, lm, site_map) for n, b in biases.items()}
+    specs = {}
+    for n in ip.configs:
+        alloc = p.config(n)
+        file = threshold_path(thresholds, s, alloc.sparsify)
+        sparse = site_map.select(range(site_map.num_layers), alloc.sparsify_modules)
+        thr = load_thresholds(file, site_map, s, loaded.fingerprint, sparse)
+        specs[n] = sparsify_spec(p, alloc, s, site_map, thr)
     baseline = ia.RandomBaseline(ip.random_vectors, ip.seed)
     summary: dict[str, Any] = {"sparsity": s, "checkpoints": {n: {} for n in ip.configs}}
     seconds: dict[str, float] = {}
@@ -157,7 +169,9 @@ def main(
             plots.plot_shift(rows, prompt_shift[n], title, folder / "shift.png")
             summary["checkpoints"][n]["shift"] = sh.shift_summary(rows, prompt_shift[n])
 
-    table = similarity_table(ip.similarity, p.configs, vectors, baseline)
+    names = [n for n, (config, _) in checkpoints.items() if config in ip.similarity]
+    owners = {n: p.config(config) for n, (config, _) in checkpoints.items()}
+    table = similarity_table(names, owners, vectors, baseline)
     with replace_dir(out / "similarity") as folder:
         write_table(folder / "sites.csv", table.site_rows)
         write_table(folder / "pairs.csv", table.pair_rows)

@@ -29,6 +29,7 @@ from sponlab.stages.common import (
     load_blocks,
     read_params,
     replace_dir,
+    seed_path,
     threshold_path,
     timed,
 )
@@ -40,9 +41,11 @@ def main(
     model: Path = MODEL_OPTION,
     blocks: Path = typer.Option(Path("data/blocks/val.safetensors"), "--blocks"),
     thresholds: Path = typer.Option(
-        Path("models/thresholds"), "--thresholds", help="Folder of s<sparsity>.safetensors."
+        Path("models/thresholds"), "--thresholds", help="Root of s<s>/<set>.safetensors."
     ),
-    spon: Path = typer.Option(Path("models/spon"), "--spon", help="Root of CONFIG/s<s>/biases."),
+    spon: Path = typer.Option(
+        Path("models/spon"), "--spon", help="Root of CONFIG/s<s>/seed<k>/biases (first seed)."
+    ),
     evals: Path = typer.Option(
         Path("metrics/eval"), "--evals", help="Root of CONFIG/s<s>/shift.csv (test drift)."
     ),
@@ -54,10 +57,13 @@ def main(
     lp, s = ip.layers, p.check_sparsity(ip.sparsity)
     ia.check_configs([lp.config], p.configs, p.sweep_configs, "interpret.layers.config")
     loaded, site_map = load_base(p, model)
-    cell = cell_path(spon, lp.config, s) / "biases.safetensors"
+    alloc = p.config(lp.config)
+    cell = seed_path(cell_path(spon, lp.config, s), alloc.seeds[0]) / "biases.safetensors"
     biases = load_biases(cell, site_map, s, loaded.fingerprint)[0].to(loaded.device)
-    thr = load_thresholds(threshold_path(thresholds, s), site_map, s, loaded.fingerprint)
-    spec = sparsify_spec(p, p.config(lp.config), s, site_map, thr)
+    sparse = site_map.select(range(site_map.num_layers), alloc.sparsify_modules)
+    file = threshold_path(thresholds, s, alloc.sparsify)
+    thr = load_thresholds(file, site_map, s, loaded.fingerprint, sparse)
+    spec = sparsify_spec(p, alloc, s, site_map, thr)
     ids = ia.first_blocks(load_blocks(blocks), lp.val_blocks, "interpret.layers.val_blocks")
     start = time.perf_counter()
     with timed(f"leave-one-layer-out on {tuple(ids.shape)} ({lp.cumulative} cumulative curve)"):

@@ -8,7 +8,7 @@ import pandas as pd
 import typer
 
 from sponlab.plots import pipeline as figures
-from sponlab.stages.common import PARAMS_OPTION, cell_path, read_params
+from sponlab.stages.common import PARAMS_OPTION, cell_path, read_params, seed_path
 from sponlab.summary import sparsity_key
 from sponlab.tensorio import atomic_path, read_json
 
@@ -30,7 +30,8 @@ def main(
     curves, shifts = {}, []
     for config in cfg.sweep_configs:
         for s in cfg.sparsities:
-            loss = pd.read_csv(cell_path(trained, config, s) / "loss.csv")
+            first = cfg.config(config).seeds[0]
+            loss = pd.read_csv(seed_path(cell_path(trained, config, s), first) / "loss.csv")
             if len(loss):
                 curves[f"{config} s={s:g}"] = loss
             shift = pd.read_csv(cell_path(evals, config, s) / "shift.csv")

@@ -1,4 +1,5 @@
-"""Summarise the sweep: table with module-matched TEAL baselines, Pareto frontier, nested metrics."""
+"""Summarise the sweep: one row per cell (mean ± seed spread), set-matched TEAL baselines, noise
+marks against the reference config, the Pareto frontier and nested metrics for dvc."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from pathlib import Path
 import typer
 
 from sponlab.provenance import write_metrics
-from sponlab.stages.common import PARAMS_OPTION, cell_path, read_params
+from sponlab.stages.common import PARAMS_OPTION, cell_path, read_params, seed_path
 from sponlab.summary import cell_result, nested_metrics, summary_table, to_latex, to_markdown
 from sponlab.tensorio import atomic_path, read_json, write_text
 
@@ -24,14 +25,17 @@ def main(
     dense = read_json(dense_metrics)
     cells = [
         cell_result(
-            read_json(cell_path(evals, config, s) / "metrics.json"),
-            read_json(cell_path(trained, config, s) / "train.json"),
+            read_json(cell_path(evals, config, s) / "metrics.json", producer="evaluate"),
+            [
+                read_json(seed_path(cell_path(trained, config, s), k) / "train.json", "train")
+                for k in cfg.config(config).seeds
+            ],
             dense["parameters"],
         )
         for config in cfg.sweep_configs
         for s in cfg.sparsities
     ]
-    frame = summary_table(cells)
+    frame = summary_table(cells, cfg.summary.reference, cfg.summary.noise_sigmas)
     with atomic_path(tables / "summary.csv") as tmp:
         frame.to_csv(tmp, index=False)
     write_text(tables / "summary.md", to_markdown(frame))

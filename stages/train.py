@@ -1,4 +1,9 @@
-"""Train the SPON biases of one allocation config at one sparsity (KL to the dense model)."""
+"""Fit the SPON biases of one allocation config at one sparsity, for each of its seeds.
+
+``bias: trained`` distils each seed's biases from the dense model (KL), starting from zeros or the
+closed form (``init``) and keeping the best validation epoch; ``closed_form`` computes
+b = W E[x - S(x)] on the calibration blocks without training. One folder per seed.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +12,7 @@ from pathlib import Path
 
 import typer
 
+from sponlab.closed_form import closed_form_biases
 from sponlab.experiment import bias_sites, sparsify_spec
 from sponlab.sparsify import load_thresholds
 from sponlab.spon import SponBiases, save_biases
@@ -17,11 +23,12 @@ from sponlab.stages.common import (
     load_base,
     load_blocks,
     read_params,
+    seed_path,
     threshold_path,
     timed,
 )
 from sponlab.tensorio import write_json, write_rows
-from sponlab.train import TrainResult, train_spon
+from sponlab.train import Teachers, TrainResult, train_spon
 
 
 def main(
@@ -29,57 +36,99 @@ def main(
     sparsity: float = typer.Option(..., "--sparsity"),
     params: Path = PARAMS_OPTION,
     model: Path = MODEL_OPTION,
-    data: Path = typer.Option(Path("data/blocks"), "--data", help="Folder with train/val blocks."),
+    data: Path = typer.Option(
+        Path("data/blocks"), "--data", help="Folder with calib/train/val blocks."
+    ),
     thresholds: Path = typer.Option(
-        None, "--thresholds", help="Default: models/thresholds/s<s>.safetensors"
+        Path("models/thresholds"), "--thresholds", help="Root of s<s>/<set>.safetensors."
     ),
     out: Path = typer.Option(None, "--out", help="Default: models/spon/<config>/s<sparsity>"),
 ) -> None:
     cfg = read_params(params)
     alloc = cfg.config(config)
     cfg.check_sparsity(sparsity)
-    thresholds = thresholds or threshold_path(Path("models/thresholds"), sparsity)
     out = out or cell_path(Path("models/spon"), config, sparsity)
     loaded, site_map = load_base(cfg, model)
     sites = bias_sites(alloc, site_map)
-    biases = SponBiases.for_model(loaded.model, site_map, sites, alloc.parametrization)
-    thr = load_thresholds(thresholds, site_map, sparsity, loaded.fingerprint)
+    sparse_sites = site_map.select(range(site_map.num_layers), alloc.sparsify_modules)
+    thr = load_thresholds(
+        threshold_path(thresholds, sparsity, alloc.sparsify),
+        site_map,
+        sparsity,
+        loaded.fingerprint,
+        sparse_sites,
+    )
     spec = sparsify_spec(cfg, alloc, sparsity, site_map, thr)
-    settings = cfg.train if alloc.seed is None else replace(cfg.train, seed=alloc.seed)
-    result = TrainResult()
-    if sites:
-        with timed(
-            f"train {config} at s={sparsity}: {len(sites)} sites, {biases.num_parameters()} params"
-        ):
-            result = train_spon(
+    start = SponBiases.for_model(loaded.model, site_map, sites, alloc.parametrization)
+    if sites and (alloc.bias == "closed_form" or alloc.init == "closed_form"):
+        with timed(f"closed-form biases of {config} at s={sparsity} ({len(sites)} sites)"):
+            start = closed_form_biases(
                 loaded.model,
                 site_map,
                 spec,
-                biases,
-                load_blocks(data / "train.safetensors"),
-                load_blocks(data / "val.safetensors"),
-                settings,
+                sites,
+                load_blocks(data / "calib.safetensors"),
+                cfg.eval.batch_size,
+                alloc.parametrization,
             )
-    meta = {
-        "model": str(model),
-        "model_fingerprint": loaded.fingerprint,
-        "config": config,
-        "sparsity": sparsity,
-        "layers": alloc.layers.describe(),
-        "modules": list(alloc.modules),
-        "sparsify_modules": list(alloc.sparsify_modules),
-        "method": cfg.sparsify.method,
-        "seed": settings.seed,
-    }
-    write_rows(out / "loss.csv", result.steps, ["step", "epoch", "loss", "lr", "grad_norm"])
-    write_rows(out / "val.csv", result.epochs, ["epoch", "step", "val_kl", "train_kl"])
+    trains = sites and alloc.bias == "trained"
+    teachers = None
+    if trains:
+        teachers = Teachers.for_blocks(
+            loaded.model,
+            load_blocks(data / "train.safetensors"),
+            load_blocks(data / "val.safetensors"),
+            cfg.train.teacher_cache,
+        )
+    for seed in alloc.seeds:
+        biases = SponBiases.for_model(loaded.model, site_map, sites, alloc.parametrization)
+        biases.load_state(start.state())
+        result = TrainResult()
+        if trains:
+            settings = replace(cfg.train, seed=seed)
+            what = f"train {config} at s={sparsity}, seed {seed}: {len(sites)} sites"
+            with timed(f"{what}, {biases.num_parameters()} params"):
+                result = train_spon(
+                    loaded.model,
+                    site_map,
+                    spec,
+                    biases,
+                    teachers.train.blocks,
+                    teachers.val.blocks,
+                    settings,
+                    teachers,
+                )
+        meta = {
+            "model": str(model),
+            "model_fingerprint": loaded.fingerprint,
+            "config": config,
+            "sparsity": sparsity,
+            "layers": alloc.layers.describe(),
+            "modules": list(alloc.modules),
+            "sparsify": alloc.sparsify,
+            "sparsify_modules": list(alloc.sparsify_modules),
+            "method": cfg.sparsify.method,
+            "bias": alloc.bias,
+            "init": alloc.init,
+            "seed": seed,
+        }
+        write_seed(seed_path(out, seed), meta, biases, result, len(sites))
+
+
+def write_seed(
+    folder: Path, meta: dict, biases: SponBiases, result: TrainResult, sites: int
+) -> None:
+    """One seed's biases, loss curve, validation curve and train.json."""
+    write_rows(folder / "loss.csv", result.steps, ["step", "epoch", "loss", "lr", "grad_norm"])
+    write_rows(folder / "val.csv", result.epochs, ["epoch", "step", "val_kl", "train_kl"])
     write_json(
-        out / "train.json",
+        folder / "train.json",
         {
             **meta,
-            "sites": len(sites),
+            "sites": sites,
             "parameters": biases.num_parameters(),
+            "best_epoch": result.best_epoch,
             "epochs": result.epochs,
         },
     )
-    save_biases(out / "biases.safetensors", biases, meta)
+    save_biases(folder / "biases.safetensors", biases, meta)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -67,8 +68,8 @@ def test_params_defaults_and_errors_name_the_key():
 
 
 def test_check_configs_rejects_untrained_and_teal_only():
-    alloc = AllocationConfig("A", LayerSelection("all"), ("o_proj",), ("o_proj",))
-    base = AllocationConfig("T", LayerSelection("none"), (), ("o_proj",))
+    alloc = AllocationConfig("A", LayerSelection("all"), ("o_proj",), sparsify_modules=("o_proj",))
+    base = AllocationConfig("T", LayerSelection("none"), (), sparsify_modules=("o_proj",))
     configs = {"A": alloc, "T": base}
     ia.check_configs(["A"], configs, ["A", "T"], "k")
     with pytest.raises(ConfigError, match=r"not in sweep\.configs"):
@@ -136,13 +137,10 @@ def test_similarity_identical_negated_and_seed_pairs():
     partial = sim.similarity_rows(a, {Site(1, "o_proj"): a[Site(1, "o_proj")]}, base)
     assert len(partial) == 1
     assert same["chance_abs_cos"] == pytest.approx(ia.expected_abs_cos(32))
-    x = AllocationConfig("X", LayerSelection("all"), ("o_proj",), ("o_proj",))
-    assert sim.same_allocation(
-        x, AllocationConfig("Y", x.layers, x.modules, x.sparsify_modules, seed=1)
-    )
-    assert not sim.same_allocation(
-        x, AllocationConfig("Z", x.layers, ("q_proj",), x.sparsify_modules)
-    )
+    x = AllocationConfig("X", LayerSelection("all"), ("o_proj",), sparsify_modules=("o_proj",))
+    assert sim.same_allocation(x, replace(x, name="Y", seeds=(1,)))
+    assert not sim.same_allocation(x, replace(x, name="Z", modules=("q_proj",)))
+    assert not sim.same_allocation(x, replace(x, name="C", bias="closed_form"))
 
 
 def test_similarity_table_marks_seed_pairs_and_is_symmetric():
@@ -150,11 +148,13 @@ def test_similarity_table_marks_seed_pairs_and_is_symmetric():
     sites = [Site(i, m) for i in range(2) for m in ("o_proj", "down_proj")]
     v = {s: torch.randn(16, generator=gen) for s in sites}
     w = {s: torch.randn(16, generator=gen) for s in sites if s.module == "o_proj"}
-    x = AllocationConfig("X", LayerSelection("all"), ("o_proj", "down_proj"), ("o_proj",))
+    x = AllocationConfig(
+        "X", LayerSelection("all"), ("o_proj", "down_proj"), sparsify_modules=("o_proj",)
+    )
     configs = {
         "X": x,
-        "X1": AllocationConfig("X1", x.layers, x.modules, x.sparsify_modules, seed=1),
-        "Z": AllocationConfig("Z", x.layers, ("o_proj",), x.sparsify_modules),
+        "X1": replace(x, name="X1", seeds=(1,)),
+        "Z": replace(x, name="Z", modules=("o_proj",)),
     }
     table = sim.similarity_table(
         ["X", "X1", "Z"], configs, {"X": v, "X1": dict(v), "Z": w}, ia.RandomBaseline(20)
@@ -352,10 +352,12 @@ def workspace(tmp_path_factory):
     site_map = discover_sites(model)
     raw = yaml.safe_load((Path(__file__).resolve().parents[1] / "params.yaml").read_text())
     raw["base"] = {"source": "hub", "name": "x", "device": "cpu", "dtype": "float32"}
-    raw["sweep"] = {"configs": ["UNIF-ALL", "UNIF-ALL-SEED1", "ATTN-ONLY"], "sparsities": [0.5]}
+    raw["configs"]["UNIF-ALL"]["seeds"] = [0, 1]
+    raw["configs"]["ATTN-ONLY"]["seeds"] = [3]
+    raw["sweep"] = {"configs": ["UNIF-ALL", "ATTN-ONLY"], "sparsities": [0.5]}
     raw["interpret"] = {
         "configs": ["UNIF-ALL", "ATTN-ONLY"],
-        "similarity": ["UNIF-ALL", "UNIF-ALL-SEED1", "ATTN-ONLY"],
+        "similarity": ["UNIF-ALL", "ATTN-ONLY"],
         "blocks": 2,
         "categories": ["math", "safety"],
         "prompts_per_category": 2,
@@ -368,14 +370,15 @@ def workspace(tmp_path_factory):
         ids = torch.randint(4, 512, (3, 12), generator=gen)
         save_tensors(root / f"blocks/{split}.safetensors", {"input_ids": ids})
     thresholds = calibrate_thresholds(model, site_map, ids, [0.5])[0.5]
-    save_tensors(root / "thresholds/s0.5.safetensors", thresholds_to_tensors(thresholds))
+    save_tensors(root / "thresholds/s0.5/all.safetensors", thresholds_to_tensors(thresholds))
     for name in params.sweep_configs:
         sites = bias_sites(params.config(name), site_map)
-        biases = SponBiases.for_model(model, site_map, sites)
-        with torch.no_grad():
-            for vec in biases.vectors:
-                vec.normal_(0, 0.02, generator=gen)
-        save_biases(root / f"spon/{name}/s0.5/biases.safetensors", biases, {})
+        for seed in params.config(name).seeds:
+            biases = SponBiases.for_model(model, site_map, sites)
+            with torch.no_grad():
+                for vec in biases.vectors:
+                    vec.normal_(0, 0.02, generator=gen)
+            save_biases(root / f"spon/{name}/s0.5/seed{seed}/biases.safetensors", biases, {})
         shift = "index,layer,teal_l2,spon_l2,teal_rel,spon_rel\n0,embed,0,0,0,0\n"
         shift += "".join(f"{i + 1},{i},1,0.5,0.1,0.05\n" for i in range(3))
         (root / f"eval/{name}/s0.5").mkdir(parents=True)
@@ -420,7 +423,8 @@ def test_stages_write_all_outputs(workspace):
     ):
         assert (out / name).stat().st_size > 0, name
     metrics = json.loads((root / "interpret.json").read_text())
-    assert metrics["similarity"]["UNIF-ALL~UNIF-ALL-SEED1"]["kind"] == "seed"
+    assert metrics["similarity"]["UNIF-ALL~UNIF-ALL@seed1"]["kind"] == "seed"
+    assert metrics["similarity"]["UNIF-ALL~ATTN-ONLY"]["kind"] == "config"
     assert set(metrics["prompts"]) == {"math", "safety"}
     shift = metrics["checkpoints"]["UNIF-ALL"]["shift"]
     assert shift["test_mean_drift_reduction"] == pytest.approx(0.5)

@@ -26,7 +26,8 @@ from sponlab.tiny import save_tiny
 
 ROOT = Path(__file__).resolve().parents[1]
 VENV = Path(sys.prefix)  # the venv `make install` created (tests run with its python)
-CONFIGS = ["BASELINE-TEAL", "UNIF-ALL", "ATTN-ONLY"]
+CONFIGS = ["BASELINE-TEAL", "UNIF-ALL", "CLOSED-FORM", "STUDY-ATTN-ONLY"]
+SETS = ["all", "o_proj"]
 OLD = 946684800  # 2000-01-01: copied files predate the venv's install stamp (no reinstall)
 
 
@@ -56,6 +57,9 @@ def tiny_params(model_dir: Path) -> dict:
     params["base"] = {"source": "hub", "name": str(model_dir), "device": "cpu", "dtype": "float32"}
     params["data"].update(block_len=16, calib_blocks=4, train_blocks=4, val_blocks=2, test_blocks=4)
     params["sweep"] = {"configs": CONFIGS, "sparsities": [0.5]}
+    params["sparsify"]["sets"] = {"all": "all", "o_proj": ["o_proj"]}
+    params["configs"] = {k: v for k, v in params["configs"].items() if k != "STUDY-UNIF-ALL"}
+    params["configs"]["UNIF-ALL"]["seeds"] = [0, 1]
     params["train"].update(epochs=1, batch_size=2, warmup_steps=0)
     params["eval"] = {"batch_size": 2, "detail_blocks": 2}
     return params
@@ -92,7 +96,8 @@ def test_tiny_dvc_pipeline_end_to_end(repo: Path):
     # the README's command, venv not on PATH; VENV points make at the installed environment
     first = run(["make", "repro", f"VENV={VENV}", "TARGETS=plots"], repo)
     assert "pip install" not in first, "make repro reinstalled although the venv is current"
-    expected = {"base", "prepare", "calibrate@0.5", "dense", "summarize", "plots"}
+    expected = {"base", "prepare", "dense", "summarize", "plots"}
+    expected |= {f"calibrate@{s}-0.5" for s in SETS}
     expected |= {f"{kind}@{c}-0.5" for kind in ("train", "evaluate") for c in CONFIGS}
     assert ran_stages(first) == expected
 
@@ -103,9 +108,17 @@ def test_tiny_dvc_pipeline_end_to_end(repo: Path):
     # sparsifies the same modules, so they agree
     assert summary["ppl"]["BASELINE-TEAL"]["s50"] == baseline
     assert summary["teal_ppl"]["UNIF-ALL"]["s50"] == baseline
+    assert summary["teal_ppl"]["CLOSED-FORM"]["s50"] == baseline
+    assert summary["teal_ppl"]["STUDY-ATTN-ONLY"]["s50"] != baseline  # its own set: o_proj only
     assert summary["dense_ppl"] > 0 and all(v["s50"] > 0 for v in summary["ppl"].values())
     cell = json.loads((repo / "metrics/eval/UNIF-ALL/s0.5/metrics.json").read_text())
     assert abs(cell["achieved_sparsity"]["mean"] - 0.5) < 0.1
+    assert [row["seed"] for row in cell["spon_seeds"]] == [0, 1]
+    assert cell["spon"]["ppl"]["n"] == 2
+    for seed in (0, 1):
+        assert (repo / f"models/spon/UNIF-ALL/s0.5/seed{seed}/biases.safetensors").is_file()
+    study = json.loads((repo / "metrics/eval/STUDY-ATTN-ONLY/s0.5/metrics.json").read_text())
+    assert abs(study["achieved_sparsity"]["mean"] - 0.5) < 0.1  # calibrated for o_proj alone
     for name in ("summary.csv", "summary.md", "summary.tex"):
         assert (repo / "metrics/tables" / name).stat().st_size > 0
     for name in ("ppl_by_config.png", "pareto.png", "loss_curves.png", "shift_s50.png"):
@@ -124,7 +137,7 @@ def test_tiny_dvc_pipeline_end_to_end(repo: Path):
     assert re.search(r"bit-identical to the reference: (\d+) of \1\n", check), check
     assert "beyond rtol=0: 0" in check
     third = activated("dvc exp run -S 'sweep.sparsities=[0.5,0.7]' plots", repo)
-    new = {"calibrate@0.7", "summarize", "plots"}
+    new = {"summarize", "plots"} | {f"calibrate@{s}-0.7" for s in SETS}
     new |= {f"{kind}@{c}-0.7" for kind in ("train", "evaluate") for c in CONFIGS}
     assert ran_stages(third) == new
 

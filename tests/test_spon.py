@@ -123,3 +123,44 @@ def test_kl_is_zero_for_identical_distributions_and_positive_otherwise():
     logp = torch.log_softmax(logits, -1)
     assert kl_to_teacher(logp, logits).item() == pytest.approx(0.0, abs=1e-6)
     assert kl_to_teacher(logp, logits + torch.randn_like(logits)).item() > 0
+
+
+def test_training_keeps_the_best_validation_epoch(llama):
+    from sponlab.train import Teachers, validation_kl
+
+    model, site_map = llama
+    gen = torch.Generator().manual_seed(5)
+    train = torch.randint(0, 512, (8, 16), generator=gen)
+    thresholds = calibrate_thresholds(model, site_map, train, [0.6])[0.6]
+    spec = SparsifySpec("teal", 0.6, tuple(site_map.sites), thresholds)
+    sites = site_map.select([1, 2], ["o_proj", "down_proj"])
+    # a learning rate far too large: every epoch is worse than zero biases, which are kept
+    biases = SponBiases.for_model(model, site_map, sites)
+    result = train_spon(model, site_map, spec, biases, train, train, settings(lr=50.0))
+    assert min(e["val_kl"] for e in result.epochs[1:]) > result.epochs[0]["val_kl"]
+    assert result.best_epoch == 0 and all(v.abs().max() == 0 for v in biases.vectors)
+    # a sane one: the returned biases are those of the lowest validation KL
+    biases = SponBiases.for_model(model, site_map, sites)
+    teachers = Teachers.for_blocks(model, train, train, keep=True)
+    result = train_spon(model, site_map, spec, biases, train, train, settings(lr=1e-3), teachers)
+    best = min(e["val_kl"] for e in result.epochs)
+    assert result.epochs[result.best_epoch]["val_kl"] == best
+    again = validation_kl(model, site_map, spec, biases, teachers.val, 4, torch.device("cpu"))
+    assert again == pytest.approx(best, rel=1e-6)
+
+
+def test_shared_teachers_give_the_same_training(llama):
+    from sponlab.train import Teachers
+
+    model, site_map = llama
+    train = torch.randint(0, 512, (8, 16), generator=torch.Generator().manual_seed(6))
+    thresholds = calibrate_thresholds(model, site_map, train, [0.5])[0.5]
+    spec = SparsifySpec("teal", 0.5, tuple(site_map.sites), thresholds)
+    teachers = Teachers.for_blocks(model, train, train[:4], keep=True)
+    runs = []
+    for shared in (None, teachers, teachers):  # the second shared run reuses the cached targets
+        biases = SponBiases.for_model(model, site_map, site_map.select([0, 3], ["o_proj"]))
+        runs.append(train_spon(model, site_map, spec, biases, train, train[:4], settings(), shared))
+    losses = [[s["loss"] for s in r.steps] for r in runs]
+    assert losses[0] == pytest.approx(losses[1], rel=1e-6)
+    assert losses[0] == pytest.approx(losses[2], rel=1e-6)

@@ -48,7 +48,7 @@ class LayerCall:
     kwargs: dict[str, Any]
 
 
-def _decoder_layers(model: nn.Module, site_map: SiteMap) -> nn.ModuleList:
+def decoder_layers(model: nn.Module, site_map: SiteMap) -> nn.ModuleList:
     return model.get_submodule(site_map.layers_path)  # type: ignore[return-value]
 
 
@@ -83,12 +83,12 @@ def _split_hidden(call: LayerCall) -> tuple[torch.Tensor, LayerCall]:
     return kwargs.pop("hidden_states"), LayerCall((), kwargs)
 
 
-def _run_layer(layer: nn.Module, hidden: torch.Tensor, call: LayerCall) -> torch.Tensor:
+def run_layer(layer: nn.Module, hidden: torch.Tensor, call: LayerCall) -> torch.Tensor:
     out = layer(hidden, *call.args, **call.kwargs)
     return out[0] if isinstance(out, tuple) else out  # [B, T, H]
 
 
-def _record_layer_calls(
+def record_layer_calls(
     model: nn.Module, layers: nn.ModuleList, blocks: torch.Tensor, batch_size: int
 ) -> tuple[list[torch.Tensor], list[list[LayerCall]]]:
     """One dense forward: layer-0 hidden states per batch and every layer's other arguments."""
@@ -120,7 +120,7 @@ def calibrate_sequential(
     """
     sites = sort_sites(sites if sites is not None else site_map.sites)
     applied_set = set(applied if applied is not None else sites)
-    layers = _decoder_layers(model, site_map)
+    layers = decoder_layers(model, site_map)
     out: dict[Site, float] = {}
 
     def upstream() -> SparsifySpec | None:
@@ -128,7 +128,7 @@ def calibrate_sequential(
         return SparsifySpec("teal", sparsity, tuple(known), known) if known else None
 
     with torch.no_grad():
-        hidden, calls = _record_layer_calls(model, layers, blocks, batch_size)
+        hidden, calls = record_layer_calls(model, layers, blocks, batch_size)
         for index in tqdm(range(site_map.num_layers), desc=f"calibrate s={sparsity:g}"):
             reps = group_representatives(s for s in sites if s.layer == index)
             for rep, members in reps.items():
@@ -144,12 +144,12 @@ def calibrate_sequential(
                 ):
                     for h, call in zip(hidden, calls[index], strict=True):
                         with suppress(_StopForward):
-                            _run_layer(layers[index], h, call)
+                            run_layer(layers[index], h, call)
                 t = sample.thresholds([sparsity])[sparsity]
                 out.update({site: t for site in members})
             with sparsified(model, site_map, upstream()):
                 hidden = [
-                    _run_layer(layers[index], h, call)
+                    run_layer(layers[index], h, call)
                     for h, call in zip(hidden, calls[index], strict=True)
                 ]
     return out

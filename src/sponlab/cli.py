@@ -28,6 +28,7 @@ STAGES: list[str] = [
     "train",
     "evaluate",
     "summarize",
+    "findings",
     "plots",
     "spectrum",
     "sae",

@@ -12,14 +12,13 @@ import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import yaml
 
 from sponlab.models import DTYPES
+from sponlab.paramcheck import ConfigError, Section  # re-exported: analysis parsers use them
 from sponlab.sites import PROJECTIONS, LayerSelection
-
-T = TypeVar("T")
 
 BASE_SOURCES = ("smollm2", "hub")
 DATA_SOURCES = ("builtin", "wikitext")
@@ -29,119 +28,10 @@ CALIBRATION_MODES = ("sequential", "dense")
 PREFILL_POLICIES = ("all", "dense_prefix")
 PARAMETRIZATIONS = ("output", "input")
 SCHEDULES = ("constant", "cosine", "linear")
+BIAS_KINDS = ("trained", "closed_form")
+INITS = ("zeros", "closed_form")
 DEVICE_RE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 CONFIG_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-
-
-class ConfigError(ValueError):
-    """A parameter value that is missing, of the wrong type or outside the allowed values."""
-
-
-class Section:
-    """Reads one mapping of params.yaml, reporting every problem with its full dotted key."""
-
-    def __init__(self, data: Any, path: str, source: str) -> None:
-        if data is None:
-            data = {}
-        if not isinstance(data, Mapping):
-            raise ConfigError(f"{source}: {path or 'top level'} must be a mapping, got {data!r}")
-        self.data, self.path, self.source = dict(data), path, source
-        self.used: set[str] = set()
-
-    def key(self, name: str) -> str:
-        return f"{self.path}.{name}" if self.path else name
-
-    def fail(self, name: str, message: str) -> ConfigError:
-        return ConfigError(f"{self.source}: {self.key(name)} {message}")
-
-    def require_le(self, low: str, low_value: float, high: str, high_value: float) -> None:
-        """Refuse ``low_value > high_value`` for two keys of this section, naming both."""
-        if low_value > high_value:
-            raise ConfigError(
-                f"{self.source}: {self.key(low)} ({low_value}) must be <= "
-                f"{self.key(high)} ({high_value})"
-            )
-
-    def get(self, name: str, default: Any = ...) -> Any:
-        self.used.add(name)
-        if name not in self.data:
-            if default is ...:
-                raise self.fail(name, "is required")
-            return default
-        return self.data[name]
-
-    def section(self, name: str) -> Section:
-        return Section(self.get(name, {}), self.key(name), self.source)
-
-    def choice(self, name: str, allowed: Sequence[str], default: Any = ...) -> str:
-        value = self.get(name, default)
-        if value not in allowed:
-            raise self.fail(name, f"must be one of {list(allowed)}, got {value!r}")
-        return value
-
-    def number(
-        self,
-        name: str,
-        default: Any = ...,
-        lo: float | None = None,
-        hi: float | None = None,
-        integer: bool = False,
-        lo_open: bool = False,
-    ) -> Any:
-        value = self.get(name, default)
-        kind = int if integer else (int, float)
-        if isinstance(value, bool) or not isinstance(value, kind):
-            raise self.fail(
-                name, f"must be {'an integer' if integer else 'a number'}, got {value!r}"
-            )
-        if lo is not None and (value < lo or (lo_open and value == lo)):
-            raise self.fail(name, f"must be {'>' if lo_open else '>='} {lo}, got {value!r}")
-        if hi is not None and value > hi:
-            raise self.fail(name, f"must be <= {hi}, got {value!r}")
-        return int(value) if integer else float(value)
-
-    def boolean(self, name: str, default: Any = ...) -> bool:
-        value = self.get(name, default)
-        if not isinstance(value, bool):
-            raise self.fail(name, f"must be true or false, got {value!r}")
-        return value
-
-    def string(self, name: str, default: Any = ..., pattern: re.Pattern[str] | None = None) -> str:
-        value = self.get(name, default)
-        if not isinstance(value, str) or not value:
-            raise self.fail(name, f"must be a non-empty string, got {value!r}")
-        if pattern is not None and not pattern.match(value):
-            raise self.fail(name, f"has an invalid value {value!r} (expected {pattern.pattern})")
-        return value
-
-    def modules(self, name: str, default: Any = ..., allow_empty: bool = False) -> tuple[str, ...]:
-        value = self.get(name, default)
-        if value == "all":
-            return PROJECTIONS
-        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-            raise self.fail(
-                name, f"must be 'all' or a list of projections from {list(PROJECTIONS)}"
-            )
-        unknown = [v for v in value if v not in PROJECTIONS]
-        if unknown:
-            raise self.fail(name, f"has unknown module(s) {unknown}; allowed: {list(PROJECTIONS)}")
-        if not value and not allow_empty:
-            raise self.fail(name, "must name at least one projection")
-        return tuple(m for m in PROJECTIONS if m in value)
-
-    def items(self, name: str, parse: Callable[[Any, str], T], default: Any = ...) -> list[T]:
-        value = self.get(name, default)
-        if not isinstance(value, list) or not value:
-            raise self.fail(name, f"must be a non-empty list, got {value!r}")
-        return [parse(v, f"{self.key(name)}[{i}]") for i, v in enumerate(value)]
-
-    def finish(self) -> None:
-        unknown = sorted(set(self.data) - self.used)
-        if unknown:
-            raise ConfigError(
-                f"{self.source}: unknown key(s) {[self.key(k) for k in unknown]}; "
-                f"allowed here: {sorted(self.used)}"
-            )
 
 
 @dataclass(frozen=True)
@@ -171,21 +61,30 @@ class SparsifyParams:
     method: str = "teal"
     threshold: str = "quantile"
     calibration: str = "sequential"
-    modules: tuple[str, ...] = PROJECTIONS
+    sets: Mapping[str, tuple[str, ...]] = field(default_factory=lambda: {"all": PROJECTIONS})
     prefill: str = "all"
     dense_prefix: int = 0
 
 
 @dataclass(frozen=True)
 class AllocationConfig:
-    """One named allocation: SPON biases on ``layers`` x ``modules`` (empty: TEAL-only)."""
+    """One named allocation: SPON biases on ``layers`` x ``modules`` (empty: TEAL-only).
+
+    ``sparsify`` names the sparsified set (``sparsify.sets``; its modules in ``sparsify_modules``)
+    that both the TEAL-only baseline and TEAL+SPON of this config use. ``bias`` is ``trained``
+    (KL distillation, from ``init``) or ``closed_form`` (b = W E[x - S(x)] on calibration text,
+    no training). ``seeds`` are independent trainings of the same cell (replicates).
+    """
 
     name: str
     layers: LayerSelection
     modules: tuple[str, ...]
-    sparsify_modules: tuple[str, ...]
+    sparsify: str = "all"
+    sparsify_modules: tuple[str, ...] = PROJECTIONS
     parametrization: str = "output"
-    seed: int | None = None  # overrides train.seed (e.g. a second-seed control of a config)
+    seeds: tuple[int, ...] = (0,)
+    bias: str = "trained"
+    init: str = "zeros"
 
     @property
     def has_biases(self) -> bool:
@@ -203,6 +102,18 @@ class TrainParams:
     grad_clip: float = 1.0
     seed: int = 0
     teacher_cache: bool = True
+    init: str = "zeros"
+
+
+@dataclass(frozen=True)
+class SummaryParams:
+    """How the sweep is compared: the reference config for relative parameters, the noise rules."""
+
+    reference: str | None = (
+        "UNIF-ALL"  # rel. params = bias parameters / this config's (as the study)
+    )
+    min_damage: float = 0.02  # TEAL damage below this fraction of dense ppl: ratio not reported
+    noise_sigmas: float = 2.0  # differences within this many standard errors count as noise
 
 
 @dataclass(frozen=True)
@@ -221,6 +132,7 @@ class Params:
     configs: dict[str, AllocationConfig]
     train: TrainParams
     eval: EvalParams
+    summary: SummaryParams = field(default_factory=SummaryParams)
     analyses: dict[str, Any] = field(default_factory=dict)
 
     def config(self, name: str) -> AllocationConfig:
@@ -229,6 +141,15 @@ class Params:
                 f"unknown config {name!r}; defined in configs: {sorted(self.configs)}"
             )
         return self.configs[name]
+
+    def sparsified_set(self, name: str) -> tuple[str, ...]:
+        """The projections of sparsified set ``name`` (``sparsify.sets``)."""
+        if name not in self.sparsify.sets:
+            raise ConfigError(
+                f"unknown sparsified set {name!r}; defined in sparsify.sets: "
+                f"{sorted(self.sparsify.sets)}"
+            )
+        return self.sparsify.sets[name]
 
     def check_sparsity(self, sparsity: float) -> float:
         if not any(abs(sparsity - s) < 1e-9 for s in self.sparsities):
@@ -260,21 +181,56 @@ def parse_layers(value: Any, key: str, source: str = "params.yaml") -> LayerSele
 
 
 def _parse_config(
-    name: str, value: Any, default_sparsify: tuple[str, ...], default_param: str, source: str
+    name: str,
+    value: Any,
+    sets: Mapping[str, tuple[str, ...]],
+    defaults: tuple[str, int, str],
+    source: str,
 ) -> AllocationConfig:
     if not CONFIG_NAME_RE.match(name):
         raise ConfigError(f"{source}: config name {name!r} must match {CONFIG_NAME_RE.pattern}")
+    parametrization, seed, init = defaults
     sec = Section(value, f"configs.{name}", source)
+    set_name = sec.choice("sparsify", list(sets), "all" if "all" in sets else next(iter(sets)))
+    seeds = tuple(sec.items("seeds", _seed, [seed]))
+    if len(set(seeds)) != len(seeds):
+        raise sec.fail("seeds", f"has duplicates: {list(seeds)}")
     cfg = AllocationConfig(
         name=name,
         layers=parse_layers(sec.get("layers"), sec.key("layers"), source),
         modules=sec.modules("modules", allow_empty=True),
-        sparsify_modules=sec.modules("sparsify_modules", list(default_sparsify)),
-        parametrization=sec.choice("parametrization", PARAMETRIZATIONS, default_param),
-        seed=sec.number("seed", None, lo=0, integer=True) if "seed" in sec.data else None,
+        sparsify=set_name,
+        sparsify_modules=sets[set_name],
+        parametrization=sec.choice("parametrization", PARAMETRIZATIONS, parametrization),
+        seeds=seeds,
+        bias=sec.choice("bias", BIAS_KINDS, "trained"),
+        init=sec.choice("init", INITS, init),
     )
+    if cfg.bias == "closed_form" and (len(cfg.seeds) > 1 or "init" in sec.data):
+        raise sec.fail("bias", "closed_form is computed, not trained: it takes no seeds or init")
     sec.finish()
     return cfg
+
+
+def _seed(value: Any, key: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ConfigError(f"params.yaml: {key} must be an integer >= 0, got {value!r}")
+    return value
+
+
+def _parse_sets(sec: Section) -> dict[str, tuple[str, ...]]:
+    """``sparsify.sets``: name -> projections (``all`` or a list); names as config names."""
+    raw = sec.get("sets", {"all": "all"})
+    if not isinstance(raw, Mapping) or not raw:
+        raise sec.fail("sets", f"must map set names to 'all' or projection lists, got {raw!r}")
+    sets_sec = Section(raw, sec.key("sets"), sec.source)
+    out = {}
+    for name in list(raw):
+        if not isinstance(name, str) or not CONFIG_NAME_RE.match(name):
+            raise sets_sec.fail(str(name), f"is not a valid set name ({CONFIG_NAME_RE.pattern})")
+        out[name] = sets_sec.modules(name)
+    sets_sec.finish()
+    return out
 
 
 def _sparsity(value: Any, key: str) -> float:
@@ -314,7 +270,7 @@ def parse_params(raw: Any, source: str = "params.yaml") -> Params:
         method=sec.choice("method", SPARSIFY_METHODS, "teal"),
         threshold=sec.choice("threshold", THRESHOLD_METHODS, "quantile"),
         calibration=sec.choice("calibration", CALIBRATION_MODES, "sequential"),
-        modules=sec.modules("modules", "all"),
+        sets=_parse_sets(sec),
         prefill=sec.choice("prefill", PREFILL_POLICIES, "all"),
         dense_prefix=sec.number("dense_prefix", 0, lo=0, integer=True),
     )
@@ -324,11 +280,13 @@ def parse_params(raw: Any, source: str = "params.yaml") -> Params:
     parametrization = sec.choice("parametrization", PARAMETRIZATIONS, "output")
     sec.finish()
 
+    train = _parse_train(top.section("train"))
     sec = top.section("configs")
     if not sec.data:
         raise ConfigError(f"{source}: configs must define at least one allocation config")
+    defaults = (parametrization, train.seed, train.init)
     configs = {
-        name: _parse_config(name, sec.get(name), sparsify.modules, parametrization, source)
+        name: _parse_config(name, sec.get(name), sparsify.sets, defaults, source)
         for name in list(sec.data)
     }
 
@@ -337,20 +295,6 @@ def parse_params(raw: Any, source: str = "params.yaml") -> Params:
     if len(set(sparsities)) != len(sparsities):
         raise ConfigError(f"{source}: sweep.sparsities has duplicates: {list(sparsities)}")
     sweep_configs = tuple(sec.items("configs", lambda v, k: _config_ref(v, k, configs, source)))
-    sec.finish()
-
-    sec = top.section("train")
-    train = TrainParams(
-        lr=sec.number("lr", 1e-3, lo=0, lo_open=True),
-        epochs=sec.number("epochs", 2, lo=1, integer=True),
-        batch_size=sec.number("batch_size", 8, lo=1, integer=True),
-        schedule=sec.choice("schedule", SCHEDULES, "cosine"),
-        warmup_steps=sec.number("warmup_steps", 0, lo=0, integer=True),
-        weight_decay=sec.number("weight_decay", 0.0, lo=0),
-        grad_clip=sec.number("grad_clip", 1.0, lo=0),
-        seed=sec.number("seed", 0, lo=0, integer=True),
-        teacher_cache=sec.boolean("teacher_cache", True),
-    )
     sec.finish()
 
     sec = top.section("eval")
@@ -364,6 +308,17 @@ def parse_params(raw: Any, source: str = "params.yaml") -> Params:
             f"{source}: eval.detail_blocks ({evaluation.detail_blocks}) must be <= "
             f"data.test_blocks ({data.test_blocks})"
         )
+
+    sec = top.section("summary")
+    reference = sec.get("reference", "UNIF-ALL" if "UNIF-ALL" in sweep_configs else None)
+    summary = SummaryParams(
+        reference=None
+        if reference is None
+        else _config_ref(reference, sec.key("reference"), sweep_configs, source),
+        min_damage=sec.number("min_damage", 0.02, lo=0),
+        noise_sigmas=sec.number("noise_sigmas", 2.0, lo=0),
+    )
+    sec.finish()
 
     # Sections owned by the analysis stages are validated by their own modules, here, up front.
     analyses = {
@@ -384,14 +339,34 @@ def parse_params(raw: Any, source: str = "params.yaml") -> Params:
         configs=configs,
         train=train,
         eval=evaluation,
+        summary=summary,
         analyses=analyses,
     )
 
 
-def _config_ref(value: Any, key: str, configs: Mapping[str, AllocationConfig], source: str) -> str:
+def _parse_train(sec: Section) -> TrainParams:
+    train = TrainParams(
+        lr=sec.number("lr", 1e-3, lo=0, lo_open=True),
+        epochs=sec.number("epochs", 2, lo=1, integer=True),
+        batch_size=sec.number("batch_size", 8, lo=1, integer=True),
+        schedule=sec.choice("schedule", SCHEDULES, "cosine"),
+        warmup_steps=sec.number("warmup_steps", 0, lo=0, integer=True),
+        weight_decay=sec.number("weight_decay", 0.0, lo=0),
+        grad_clip=sec.number("grad_clip", 1.0, lo=0),
+        seed=sec.number("seed", 0, lo=0, integer=True),
+        teacher_cache=sec.boolean("teacher_cache", True),
+        init=sec.choice("init", INITS, "zeros"),
+    )
+    sec.finish()
+    return train
+
+
+def _config_ref(
+    value: Any, key: str, configs: Sequence[str] | Mapping[str, Any], source: str
+) -> str:
     if value not in configs:
         raise ConfigError(
-            f"{source}: {key} names unknown config {value!r}; defined: {sorted(configs)}"
+            f"{source}: {key} names unknown config {value!r}; allowed: {sorted(configs)}"
         )
     return value
 

@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 from sponlab.sites import SiteMap
 from sponlab.sparsify import SparsifySpec, SparsityStats, sparsified
 from sponlab.spon import SponBiases, maybe_attached
+from sponlab.stats import spread
 from sponlab.tensorio import check_made_for, input_error, load_tensors
 
 
@@ -53,6 +54,7 @@ class VariantMetrics:
     nll: float
     tokens: int
     kl: float | None = None
+    block_nll: list[float] = field(default_factory=list)  # mean next-token NLL of each block
     shift_l2: list[float] = field(default_factory=list)  # per hidden-state index, mean over tokens
     shift_rel: list[float] = field(default_factory=list)  # ||h - h_dense|| / ||h_dense||
 
@@ -61,11 +63,15 @@ class VariantMetrics:
 
 
 def next_token_nll(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    """Summed NLL of predicting ``ids[:, 1:]`` from ``logits[:, :-1]`` (fp32 scalar)."""
-    return F.cross_entropy(
-        logits[:, :-1].float().reshape(-1, logits.shape[-1]),
-        ids[:, 1:].reshape(-1),
-        reduction="sum",
+    """Per-block summed NLL of predicting ``ids[:, 1:]`` from ``logits[:, :-1]``: [B] fp32.
+
+    Row by row, so the fp32 copy of the logits is one block ([T, V]), not the batch.
+    """
+    return torch.stack(
+        [
+            F.cross_entropy(row[:-1].float(), target[1:], reduction="sum")
+            for row, target in zip(logits, ids, strict=True)
+        ]
     )
 
 
@@ -100,7 +106,7 @@ def evaluate_variant(
     """Perplexity on ``blocks``; with ``reference``, KL and hidden shift on its first blocks."""
     device = next(model.parameters()).device
     detail = len(reference.logp) if reference is not None else 0
-    nll, tokens = 0.0, 0
+    nll, tokens, block_nll = 0.0, 0, []
     kl_sum, kl_tokens = 0.0, 0
     l2_sum: torch.Tensor | None = None
     rel_sum: torch.Tensor | None = None
@@ -113,8 +119,10 @@ def evaluate_variant(
             ids = blocks[start : start + batch_size].to(device)  # [B, T]
             want_detail = start < detail
             out = model(ids, output_hidden_states=want_detail)
-            nll += float(next_token_nll(out.logits, ids))
+            per_block = next_token_nll(out.logits, ids)  # [B]
+            nll += float(per_block.sum())
             tokens += ids.shape[0] * (ids.shape[1] - 1)
+            block_nll += (per_block / (ids.shape[1] - 1)).tolist()
             if not want_detail:
                 continue
             stop = min(start + len(ids), detail)
@@ -132,7 +140,7 @@ def evaluate_variant(
             rl = rel.sum(dim=(0, 2)).cpu()
             l2_sum = l2 if l2_sum is None else l2_sum + l2
             rel_sum = rl if rel_sum is None else rel_sum + rl
-    metrics = VariantMetrics(ppl=math.exp(nll / tokens), nll=nll / tokens, tokens=tokens)
+    metrics = VariantMetrics(math.exp(nll / tokens), nll / tokens, tokens, block_nll=block_nll)
     if reference is not None and kl_tokens:
         per_token = kl_tokens  # number of (block, position) pairs
         metrics.kl = kl_sum / per_token
@@ -147,3 +155,52 @@ def damage_recovered(ppl_dense: float, ppl_teal: float, ppl_spon: float) -> floa
     if abs(damage) < 1e-9:
         return None
     return (ppl_teal - ppl_spon) / damage
+
+
+def cell_metrics(
+    config: str,
+    sparsity: float,
+    sparsified: str,
+    dense_ppl: float,
+    teal: VariantMetrics,
+    seeds: dict[int, VariantMetrics],
+) -> dict:
+    """TEAL, per-seed TEAL+SPON and their mean / spread (ppl, KL, damage recovered)."""
+    per_seed = [
+        {"seed": k, **m.summary(), "damage_recovered": damage_recovered(dense_ppl, teal.ppl, m.ppl)}
+        for k, m in seeds.items()
+    ]
+
+    def over_seeds(key: str) -> dict | None:
+        values = [row[key] for row in per_seed if row[key] is not None]
+        return spread(values).as_dict() if values else None
+
+    return {
+        "config": config,
+        "sparsity": sparsity,
+        "sparsify": sparsified,
+        "dense_ppl": dense_ppl,
+        "teal": teal.summary(),
+        "spon_seeds": per_seed,
+        "spon": {key: over_seeds(key) for key in ("ppl", "nll", "kl")},
+        "damage_recovered": over_seeds("damage_recovered"),
+    }
+
+
+SHIFT_FIELDS = ["index", "layer", "teal_l2", "spon_l2", "teal_rel", "spon_rel"]
+
+
+def shift_rows(teal: VariantMetrics, seeds: list[VariantMetrics]) -> list[dict]:
+    """Per hidden-state index: TEAL shift and TEAL+SPON shift averaged over the seeds."""
+    n = len(seeds)
+    return [
+        {
+            "index": i,
+            "layer": "embed" if i == 0 else i - 1,
+            "teal_l2": teal.shift_l2[i],
+            "spon_l2": sum(m.shift_l2[i] for m in seeds) / n,
+            "teal_rel": teal.shift_rel[i],
+            "spon_rel": sum(m.shift_rel[i] for m in seeds) / n,
+        }
+        for i in range(len(teal.shift_l2))
+    ]

@@ -19,7 +19,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from sponlab.sites import Site, SiteMap, file_sites, sort_sites
-from sponlab.tensorio import check_made_for, load_tensors
+from sponlab.tensorio import check_made_for, input_error, load_tensors
 
 log = logging.getLogger(__name__)
 
@@ -274,16 +274,24 @@ def load_thresholds(
     site_map: SiteMap | None = None,
     sparsity: float | None = None,
     fingerprint: str | None = None,
+    sites: Sequence[Site] | None = None,
 ) -> dict[Site, float]:
     """Per-site thresholds from a safetensors file written by the calibrate stage.
 
-    Checked against this run where given: every site of ``site_map`` (and no other) has a
-    threshold, and the file was calibrated for ``sparsity`` on the model with ``fingerprint``
-    (:func:`sponlab.models.model_fingerprint`). Anything else is an ``InputFileError``.
+    Checked against this run where given: every key is a site of ``site_map``, every one of
+    ``sites`` (default: all sites of ``site_map``) has a threshold, and the file was calibrated
+    for ``sparsity`` on the model with ``fingerprint`` (:func:`sponlab.models.model_fingerprint`).
+    Anything else is an ``InputFileError``.
     """
     tensors, meta = load_tensors(path, producer="calibrate")
     check_made_for(
         path, meta, {"sparsity": sparsity, "model_fingerprint": fingerprint}, "calibrate"
     )
-    sites = file_sites(path, tensors, "calibrate", site_map, complete=True)
-    return {site: float(tensors[site.key]) for site in sites}
+    found = file_sites(path, tensors, "calibrate", site_map, complete=sites is None)
+    missing = sorted({s.key for s in sites or ()} - {s.key for s in found})
+    if missing:
+        more = " ..." if len(missing) > 4 else ""
+        raise input_error(
+            path, f"no threshold for {missing[:4]}{more} ({len(missing)} sites)", "calibrate"
+        )
+    return {site: float(tensors[site.key]) for site in found}

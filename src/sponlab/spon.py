@@ -73,6 +73,14 @@ class SponBiases(nn.Module):
     def state(self) -> dict[str, torch.Tensor]:
         return {s.key: self.vector(s).detach().clone() for s in self.sites}
 
+    def load_state(self, state: Mapping[str, torch.Tensor]) -> None:
+        """Inverse of :meth:`state` (same sites; values copied onto the vectors' device)."""
+        if set(state) != {s.key for s in self.sites}:
+            raise ValueError(f"state has sites {sorted(state)}, biases have {len(self.sites)}")
+        with torch.no_grad():
+            for site in self.sites:
+                self.vector(site).copy_(state[site.key])
+
     @contextmanager
     def attached(self, model: nn.Module, site_map: SiteMap) -> Iterator[None]:
         """Add each site's bias to its layer's output while inside the block."""

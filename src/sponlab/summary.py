@@ -12,46 +12,88 @@ from pathlib import Path
 
 import pandas as pd
 
+from sponlab.stats import compare, pooled_sd
+
 
 @dataclass(frozen=True)
 class CellResult:
+    """One (config, sparsity) cell: TEAL baseline of its set, TEAL+SPON mean and spread over seeds.
+
+    ``damage_recovered`` is None when the cell's TEAL damage is not measurable (see
+    :func:`sponlab.stats.damage`); the absolute ppl deltas are always given.
+    """
+
     config: str
     sparsity: float
+    sparsify: str
     layers: str
     modules: str
-    sparsify_modules: str
+    bias: str
+    init: str
+    seeds: int
     bias_parameters: int
-    relative_parameters: float  # bias parameters / model parameters
+    param_fraction: float  # bias parameters / model parameters
     dense_ppl: float
     teal_ppl: float
-    spon_ppl: float
-    damage_recovered: float | None
+    spon_ppl: float  # mean over seeds
+    spon_ppl_sd: float | None
+    teal_damage: float  # TEAL ppl - dense ppl
+    damage_measurable: bool
+    damage_recovered: float | None  # mean over seeds
+    damage_recovered_sd: float | None
+    damage_recovered_seeds: str  # per seed, ';'-joined (for noise tests downstream)
+    ppl_reduction_vs_teal: float  # (TEAL - SPON) / TEAL
+    above_dense: float  # (SPON - dense) / dense
     teal_kl: float | None
     spon_kl: float | None
     achieved_sparsity: float
-    final_val_kl: float | None
+    best_epochs: str  # the kept epoch of each seed (0: initial biases kept)
+    final_val_kl: float | None  # mean over seeds of the kept epoch's validation KL
 
 
-def cell_result(evaluation: dict, training: dict, model_parameters: int) -> CellResult:
-    """Combine one cell's evaluate ``metrics.json`` and train ``train.json``."""
-    epochs = training.get("epochs") or []
+def cell_result(evaluation: dict, trainings: Sequence[dict], model_parameters: int) -> CellResult:
+    """Combine one cell's evaluate ``metrics.json`` and its seeds' ``train.json``."""
+    first = trainings[0]
+    spon, dr, teal = evaluation["spon"], evaluation["damage_recovered"], evaluation["teal"]
+    measurable = bool(evaluation["teal_damage"]["measurable"])
+    per_seed = [row["damage_recovered"] for row in evaluation["spon_seeds"]]
+    kept = [t["epochs"][t["best_epoch"]]["val_kl"] for t in trainings if t.get("epochs")]
+    dense, spon_ppl = evaluation["dense_ppl"], spon["ppl"]["mean"]
     return CellResult(
         config=evaluation["config"],
         sparsity=float(evaluation["sparsity"]),
-        layers=training.get("layers", ""),
-        modules=",".join(training.get("modules", [])) or "-",
-        sparsify_modules=",".join(training.get("sparsify_modules", [])),
+        sparsify=evaluation["sparsify"],
+        layers=first.get("layers", ""),
+        modules=",".join(first.get("modules", [])) or "-",
+        bias=first.get("bias", "trained") if first.get("parameters") else "-",
+        init=first.get("init", "zeros"),
+        seeds=len(trainings),
         bias_parameters=int(evaluation["bias_parameters"]),
-        relative_parameters=evaluation["bias_parameters"] / model_parameters,
-        dense_ppl=evaluation["dense_ppl"],
-        teal_ppl=evaluation["teal"]["ppl"],
-        spon_ppl=evaluation["spon"]["ppl"],
-        damage_recovered=evaluation["damage_recovered"],
-        teal_kl=evaluation["teal"]["kl"],
-        spon_kl=evaluation["spon"]["kl"],
+        param_fraction=evaluation["bias_parameters"] / model_parameters,
+        dense_ppl=dense,
+        teal_ppl=teal["ppl"],
+        spon_ppl=spon_ppl,
+        spon_ppl_sd=spon["ppl"]["sd"],
+        teal_damage=teal["ppl"] - dense,
+        damage_measurable=measurable,
+        damage_recovered=dr["mean"] if dr and measurable else None,
+        damage_recovered_sd=dr["sd"] if dr and measurable else None,
+        damage_recovered_seeds=";".join(f"{v:.6f}" for v in per_seed if v is not None),
+        ppl_reduction_vs_teal=(teal["ppl"] - spon_ppl) / teal["ppl"],
+        above_dense=(spon_ppl - dense) / dense,
+        teal_kl=teal["kl"],
+        spon_kl=spon["kl"]["mean"] if spon["kl"] else None,
         achieved_sparsity=evaluation["achieved_sparsity"]["mean"],
-        final_val_kl=epochs[-1]["val_kl"] if epochs else None,
+        best_epochs=",".join(str(t.get("best_epoch", 0)) for t in trainings),
+        final_val_kl=sum(kept) / len(kept) if kept else None,
     )
+
+
+def seed_values(text: object) -> list[float]:
+    """Per-seed values of a ``damage_recovered_seeds`` cell ('' or NaN: none)."""
+    if not isinstance(text, str) or not text:
+        return []
+    return [float(v) for v in text.split(";")]
 
 
 def pareto_front(params: Sequence[float], ppl: Sequence[float]) -> list[bool]:
@@ -67,13 +109,53 @@ def pareto_front(params: Sequence[float], ppl: Sequence[float]) -> list[bool]:
     return flags
 
 
-def summary_table(cells: Sequence[CellResult]) -> pd.DataFrame:
-    """All cells, sorted by sparsity then config, with a per-sparsity Pareto flag."""
+def summary_table(
+    cells: Sequence[CellResult], reference: str | None = None, sigmas: float = 2.0
+) -> pd.DataFrame:
+    """All cells by sparsity then config, with a per-sparsity Pareto flag and, against the
+    ``reference`` config: relative parameters and whether the damage-recovered difference is
+    within ``sigmas`` standard errors (seed spreads, floored by the sparsity's pooled seed sd)."""
     frame = pd.DataFrame([asdict(c) for c in cells]).sort_values(["sparsity", "config"])
     frame["pareto"] = False
+    frame["relative_parameters"] = float("nan")
+    frame["vs_reference"] = ""
     for _, group in frame.groupby("sparsity"):
         frame.loc[group.index, "pareto"] = pareto_front(group["bias_parameters"], group["spon_ppl"])
+        ref = group[group["config"] == reference]
+        if ref.empty:
+            continue
+        ref_row = ref.iloc[0]
+        if ref_row["bias_parameters"]:
+            rel = group["bias_parameters"] / ref_row["bias_parameters"]
+            frame.loc[group.index, "relative_parameters"] = rel
+        frame.loc[group.index, "vs_reference"] = _noise_marks(group, ref_row, sigmas)
     return frame.reset_index(drop=True)
+
+
+def _noise_marks(group: pd.DataFrame, ref: pd.Series, sigmas: float) -> list[str]:
+    """'ref', 'within noise', 'better' / 'worse' than the reference, or '' (not comparable)."""
+    floor = pooled_sd([seed_values(v) for v in group["damage_recovered_seeds"]])
+    ref_values = seed_values(ref["damage_recovered_seeds"])
+    marks = []
+    for row in group.itertuples():
+        values = seed_values(row.damage_recovered_seeds)
+        if row.config == ref["config"]:
+            marks.append("ref")
+        elif (
+            not values
+            or not ref_values
+            or not row.damage_measurable
+            or row.sparsify != ref["sparsify"]
+        ):
+            marks.append("")
+        else:
+            c = compare(values, ref_values, floor, sigmas)
+            marks.append(
+                "within noise"
+                if c["within_noise"]
+                else ("better" if c["difference"] > 0 else "worse")
+            )
+    return marks
 
 
 def sparsity_key(sparsity: float) -> str:
@@ -86,8 +168,10 @@ def nested_metrics(frame: pd.DataFrame, dense_ppl: float) -> dict:
     out: dict = {"dense_ppl": dense_ppl}
     fields = {
         "ppl": "spon_ppl",
+        "ppl_sd": "spon_ppl_sd",
         "teal_ppl": "teal_ppl",
         "damage_recovered": "damage_recovered",
+        "damage_recovered_sd": "damage_recovered_sd",
         "kl": "spon_kl",
     }
     for name, column in fields.items():
@@ -102,33 +186,62 @@ def nested_metrics(frame: pd.DataFrame, dense_ppl: float) -> dict:
 DISPLAY = {
     "config": "config",
     "sparsity": "sparsity",
+    "sparsify": "TEAL set",
     "modules": "SPON modules",
     "layers": "layers",
-    "bias_parameters": "bias params",
+    "bias": "bias",
+    "seeds": "seeds",
     "relative_parameters": "rel. params",
     "dense_ppl": "dense ppl",
     "teal_ppl": "TEAL ppl",
     "spon_ppl": "SPON ppl",
+    "ppl_reduction_vs_teal": "% PPL vs TEAL",
+    "above_dense": "% above dense",
     "damage_recovered": "damage recovered",
-    "teal_kl": "TEAL KL",
+    "vs_reference": "vs ref.",
     "spon_kl": "SPON KL",
     "achieved_sparsity": "achieved sparsity",
+    "best_epochs": "kept epoch",
     "pareto": "Pareto",
 }
 
 
+def _pm(mean: object, sd: object, scale: float, digits: int, unit: str = "") -> str:
+    if mean is None or pd.isna(mean):
+        return "n/a"
+    text = f"{scale * float(mean):.{digits}f}"
+    if sd is not None and not pd.isna(sd):
+        text += f" ± {scale * float(sd):.{digits}f}"
+    return text + unit
+
+
 def display_table(frame: pd.DataFrame) -> pd.DataFrame:
-    """The columns a reader wants, rounded, with readable headers."""
+    """The columns a reader wants, rounded, with readable headers (mean ± seed sd)."""
     shown = frame[list(DISPLAY)].copy()
-    shown["relative_parameters"] = shown["relative_parameters"].map(lambda v: f"{100 * v:.3f}%")
-    shown["damage_recovered"] = shown["damage_recovered"].map(
-        lambda v: "n/a" if pd.isna(v) else f"{100 * v:.1f}%"
+    shown["relative_parameters"] = frame["relative_parameters"].map(
+        lambda v: "n/a" if pd.isna(v) else f"{v:.2f}x"
     )
-    for column in ("dense_ppl", "teal_ppl", "spon_ppl"):
-        shown[column] = shown[column].map(lambda v: f"{v:.3f}")
-    for column in ("teal_kl", "spon_kl", "achieved_sparsity"):
-        shown[column] = shown[column].map(lambda v: "n/a" if pd.isna(v) else f"{v:.4f}")
-    shown["pareto"] = shown["pareto"].map(lambda v: "yes" if v else "")
+    shown["spon_ppl"] = [
+        _pm(m, s, 1, 2) for m, s in zip(frame["spon_ppl"], frame["spon_ppl_sd"], strict=True)
+    ]
+    shown["damage_recovered"] = [
+        _pm(m, s, 100, 1, "%") if ok else f"n/a (TEAL +{d:.2f} ppl: within noise)"
+        for m, s, ok, d in zip(
+            frame["damage_recovered"],
+            frame["damage_recovered_sd"],
+            frame["damage_measurable"],
+            frame["teal_damage"],
+            strict=True,
+        )
+    ]
+    for column in ("ppl_reduction_vs_teal", "above_dense"):
+        shown[column] = frame[column].map(lambda v: f"{100 * v:.1f}%")
+    for column in ("dense_ppl", "teal_ppl"):
+        shown[column] = frame[column].map(lambda v: f"{v:.2f}")
+    for column in ("spon_kl", "achieved_sparsity"):
+        shown[column] = frame[column].map(lambda v: "n/a" if pd.isna(v) else f"{v:.4f}")
+    shown["pareto"] = frame["pareto"].map(lambda v: "yes" if v else "")
+    shown["vs_reference"] = frame["vs_reference"].fillna("")
     return shown.rename(columns=DISPLAY)
 
 
@@ -163,6 +276,7 @@ def to_latex(frame: pd.DataFrame) -> str:
 # Where `make repro` leaves what a reader looks at first (paths as in dvc.yaml).
 RESULT_PLACES: tuple[tuple[str, str], ...] = (
     ("metrics/tables/summary.md", "summary table (CSV and LaTeX beside it)"),
+    ("metrics/findings.md", "the study's claims (a)-(d) re-tested, with verdicts"),
     ("metrics/summary.json", "nested metrics (dvc metrics show / diff)"),
     ("plots/sweep", "sweep figures (dvc plots show / diff)"),
     ("reports/interpret", "what the biases encode, where they matter"),

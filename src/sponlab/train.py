@@ -64,10 +64,15 @@ def lr_lambda(schedule: str, warmup: int, total: int):
 
 @dataclass
 class TrainResult:
-    """Per-step loss rows, per-epoch validation rows and wall time."""
+    """Per-step loss rows, per-epoch validation rows, the kept epoch and wall time.
+
+    ``best_epoch`` is the epoch whose biases were kept (lowest validation KL; 0: the initial
+    biases, i.e. no epoch of training improved on them).
+    """
 
     steps: list[dict] = field(default_factory=list)
     epochs: list[dict] = field(default_factory=list)
+    best_epoch: int = 0
     seconds: float = 0.0
 
 
@@ -112,6 +117,30 @@ def validation_kl(
     return total / max(count, 1)
 
 
+@dataclass
+class Teachers:
+    """Dense targets of the train and validation blocks, shareable by several trainings."""
+
+    train: TeacherCache
+    val: TeacherCache
+
+    @classmethod
+    def for_blocks(
+        cls, model: nn.Module, train_blocks: torch.Tensor, val_blocks: torch.Tensor, keep: bool
+    ) -> Teachers:
+        return cls(TeacherCache(model, train_blocks, keep), TeacherCache(model, val_blocks, True))
+
+
+def _optimizer(biases: SponBiases, settings: TrainParams, total_steps: int):
+    optimizer = torch.optim.AdamW(
+        biases.parameters(), lr=settings.lr, weight_decay=settings.weight_decay
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lr_lambda(settings.schedule, settings.warmup_steps, total_steps)
+    )
+    return optimizer, scheduler
+
+
 def train_spon(
     model: nn.Module,
     site_map: SiteMap,
@@ -120,69 +149,89 @@ def train_spon(
     train_blocks: torch.Tensor,
     val_blocks: torch.Tensor,
     settings: TrainParams,
+    teachers: Teachers | None = None,
 ) -> TrainResult:
-    """Train ``biases`` in place; return the loss curve and per-epoch validation KL."""
+    """Train ``biases`` in place from their current values; keep the best validation epoch.
+
+    The validation KL is measured before training (epoch 0) and after every epoch; the biases of
+    the lowest one are restored at the end, so training never returns worse biases than it got.
+    ``teachers`` (dense targets of these blocks) may be shared by several calls, e.g. seeds.
+    """
     device = next(model.parameters()).device
     freeze(model)  # only the biases learn
     biases.to(device)
     torch.manual_seed(settings.seed)
     generator = torch.Generator().manual_seed(settings.seed)
-    steps_per_epoch = math.ceil(len(train_blocks) / settings.batch_size)
-    total_steps = steps_per_epoch * settings.epochs
-    optimizer = torch.optim.AdamW(
-        biases.parameters(), lr=settings.lr, weight_decay=settings.weight_decay
+    total_steps = math.ceil(len(train_blocks) / settings.batch_size) * settings.epochs
+    optimizer, scheduler = _optimizer(biases, settings, total_steps)
+    teachers = teachers or Teachers.for_blocks(
+        model, train_blocks, val_blocks, settings.teacher_cache
     )
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lr_lambda(settings.schedule, settings.warmup_steps, total_steps)
-    )
-    teacher = TeacherCache(model, train_blocks, keep=settings.teacher_cache)
-    val_teacher = TeacherCache(model, val_blocks, keep=True)
     result = TrainResult()
     start = time.perf_counter()
-    val0 = validation_kl(model, site_map, spec, biases, val_teacher, settings.batch_size, device)
-    result.epochs.append({"epoch": 0, "step": 0, "val_kl": val0, "train_kl": float("nan")})
-    log.info("epoch 0: val KL %.5f (TEAL-only, biases at zero)", val0)
-    step = 0
+
+    def validate(epoch: int, train_kl: float) -> None:
+        val = validation_kl(
+            model, site_map, spec, biases, teachers.val, settings.batch_size, device
+        )
+        result.epochs.append(
+            {"epoch": epoch, "step": len(result.steps), "val_kl": val, "train_kl": train_kl}
+        )
+        if epoch == 0 or val < result.epochs[result.best_epoch]["val_kl"]:
+            result.best_epoch, best[0] = epoch, biases.state()
+        log.info("epoch %d: train KL %.5f, val KL %.5f", epoch, train_kl, val)
+
+    best: list[dict[str, torch.Tensor]] = [{}]
+    validate(0, float("nan"))
     bar = tqdm(total=total_steps, desc="train", leave=False)
     for epoch in range(1, settings.epochs + 1):
         order = torch.randperm(len(train_blocks), generator=generator)
         epoch_loss = 0.0
         for batch_start in range(0, len(order), settings.batch_size):
             index = order[batch_start : batch_start + settings.batch_size]
-            target = teacher.get(index, device)  # [B, T, V], dense (no hooks active)
-            with sparsified(model, site_map, spec), biases.attached(model, site_map):
-                loss = kl_to_teacher(target, model(train_blocks[index].to(device)).logits)
-            if not torch.isfinite(loss):
-                raise TrainingDivergedError(
-                    f"non-finite loss {float(loss)} at step {step} (epoch {epoch}); "
-                    f"lower train.lr (now {settings.lr}) or check the thresholds"
-                )
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            grad_norm = nn.utils.clip_grad_norm_(
-                biases.parameters(), settings.grad_clip if settings.grad_clip > 0 else float("inf")
-            )
-            optimizer.step()
-            lr = scheduler.get_last_lr()[0]
-            scheduler.step()
-            step += 1
-            value = loss.item()
-            epoch_loss += value * len(index)
-            result.steps.append(
-                {
-                    "step": step,
-                    "epoch": epoch,
-                    "loss": value,
-                    "lr": lr,
-                    "grad_norm": float(grad_norm),
-                }
-            )
+            row = _step(model, site_map, spec, biases, train_blocks, index, teachers, device)
+            _update(biases, optimizer, scheduler, settings, row, epoch, len(result.steps) + 1)
+            result.steps.append(row)
+            epoch_loss += row["loss"] * len(index)
             bar.update(1)
-            bar.set_postfix(loss=f"{value:.4f}")
-        val = validation_kl(model, site_map, spec, biases, val_teacher, settings.batch_size, device)
-        train_kl = epoch_loss / len(train_blocks)
-        result.epochs.append({"epoch": epoch, "step": step, "val_kl": val, "train_kl": train_kl})
-        log.info("epoch %d: train KL %.5f, val KL %.5f", epoch, train_kl, val)
+            bar.set_postfix(loss=f"{row['loss']:.4f}")
+        validate(epoch, epoch_loss / len(train_blocks))
     bar.close()
+    biases.load_state(best[0])
+    if result.best_epoch == 0:
+        log.warning("no epoch lowered the validation KL: keeping the initial biases")
+    else:
+        log.info("kept the biases of epoch %d (lowest validation KL)", result.best_epoch)
     result.seconds = time.perf_counter() - start
     return result
+
+
+def _step(model, site_map, spec, biases, blocks, index, teachers, device) -> dict:
+    """Forward and backward of one batch; the row's ``loss`` (gradients left in the biases)."""
+    target = teachers.train.get(index, device)  # [B, T, V], dense (no hooks active)
+    with sparsified(model, site_map, spec), biases.attached(model, site_map):
+        loss = kl_to_teacher(target, model(blocks[index].to(device)).logits)
+    loss.backward()
+    return {"loss": loss.item()}
+
+
+def _update(biases, optimizer, scheduler, settings: TrainParams, row, epoch, step) -> None:
+    """Clip, step the optimizer and the schedule; complete ``row`` (raises on divergence)."""
+    if not math.isfinite(row["loss"]):
+        raise TrainingDivergedError(
+            f"non-finite loss {row['loss']} at step {step} (epoch {epoch}); "
+            f"lower train.lr (now {settings.lr}) or check the thresholds"
+        )
+    clip = settings.grad_clip if settings.grad_clip > 0 else float("inf")
+    grad_norm = nn.utils.clip_grad_norm_(biases.parameters(), clip)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    row.update(
+        {
+            "step": step,
+            "epoch": epoch,
+            "lr": scheduler.get_last_lr()[0],
+            "grad_norm": float(grad_norm),
+        }
+    )
+    scheduler.step()

@@ -52,7 +52,6 @@ class InterpretParams:
     configs: tuple[str, ...] = ("UNIF-ALL", "ATTN-ONLY")
     similarity: tuple[str, ...] = (
         "UNIF-ALL",
-        "UNIF-ALL-SEED1",
         "TOP-50",
         "TOP-75",
         "BOTTOM-50",
@@ -177,6 +176,19 @@ def check_configs(
             )
         if not configs[name].has_biases:
             raise ConfigError(f"params.yaml: {key}: config {name!r} has no SPON biases (TEAL-only)")
+
+
+def seed_checkpoints(
+    names: Sequence[str], configs: Mapping[str, AllocationConfig]
+) -> dict[str, tuple[str, int]]:
+    """Checkpoint name -> (config, seed) for every seed of each config; the first seed keeps the
+    config's name, the others are ``NAME@seed<k>``."""
+    out = {}
+    for name in names:
+        seeds = configs[name].seeds
+        for seed in seeds:
+            out[name if seed == seeds[0] else f"{name}@seed{seed}"] = (name, seed)
+    return out
 
 
 def first_blocks(blocks: torch.Tensor, count: int, key: str) -> torch.Tensor:

@@ -22,13 +22,12 @@ from sponlab.sites import Site, sort_sites
 
 
 def same_allocation(a: AllocationConfig, b: AllocationConfig) -> bool:
-    """True when two configs differ at most in name and seed (a cross-seed control pair)."""
-    return (a.layers, a.modules, a.sparsify_modules, a.parametrization) == (
-        b.layers,
-        b.modules,
-        b.sparsify_modules,
-        b.parametrization,
-    )
+    """True when two checkpoints differ at most in name and seed (a cross-seed control pair)."""
+
+    def key(c: AllocationConfig) -> tuple:
+        return (c.layers, c.modules, c.sparsify_modules, c.parametrization, c.bias, c.init)
+
+    return key(a) == key(b)
 
 
 def similarity_rows(

@@ -1,0 +1,126 @@
+"""Reading one mapping of ``params.yaml`` with messages that name the full dotted key.
+
+:class:`Section` is what every params parser (core and analysis sections) uses: typed getters with
+defaults and bounds, and :meth:`Section.finish` refusing unknown keys with the allowed ones listed.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, TypeVar
+
+from sponlab.sites import PROJECTIONS
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A parameter value that is missing, of the wrong type or outside the allowed values."""
+
+
+class Section:
+    """Reads one mapping of params.yaml, reporting every problem with its full dotted key."""
+
+    def __init__(self, data: Any, path: str, source: str) -> None:
+        if data is None:
+            data = {}
+        if not isinstance(data, Mapping):
+            raise ConfigError(f"{source}: {path or 'top level'} must be a mapping, got {data!r}")
+        self.data, self.path, self.source = dict(data), path, source
+        self.used: set[str] = set()
+
+    def key(self, name: str) -> str:
+        return f"{self.path}.{name}" if self.path else name
+
+    def fail(self, name: str, message: str) -> ConfigError:
+        return ConfigError(f"{self.source}: {self.key(name)} {message}")
+
+    def require_le(self, low: str, low_value: float, high: str, high_value: float) -> None:
+        """Refuse ``low_value > high_value`` for two keys of this section, naming both."""
+        if low_value > high_value:
+            raise ConfigError(
+                f"{self.source}: {self.key(low)} ({low_value}) must be <= "
+                f"{self.key(high)} ({high_value})"
+            )
+
+    def get(self, name: str, default: Any = ...) -> Any:
+        self.used.add(name)
+        if name not in self.data:
+            if default is ...:
+                raise self.fail(name, "is required")
+            return default
+        return self.data[name]
+
+    def section(self, name: str) -> Section:
+        return Section(self.get(name, {}), self.key(name), self.source)
+
+    def choice(self, name: str, allowed: Sequence[str], default: Any = ...) -> str:
+        value = self.get(name, default)
+        if value not in allowed:
+            raise self.fail(name, f"must be one of {list(allowed)}, got {value!r}")
+        return value
+
+    def number(
+        self,
+        name: str,
+        default: Any = ...,
+        lo: float | None = None,
+        hi: float | None = None,
+        integer: bool = False,
+        lo_open: bool = False,
+    ) -> Any:
+        value = self.get(name, default)
+        kind = int if integer else (int, float)
+        if isinstance(value, bool) or not isinstance(value, kind):
+            raise self.fail(
+                name, f"must be {'an integer' if integer else 'a number'}, got {value!r}"
+            )
+        if lo is not None and (value < lo or (lo_open and value == lo)):
+            raise self.fail(name, f"must be {'>' if lo_open else '>='} {lo}, got {value!r}")
+        if hi is not None and value > hi:
+            raise self.fail(name, f"must be <= {hi}, got {value!r}")
+        return int(value) if integer else float(value)
+
+    def boolean(self, name: str, default: Any = ...) -> bool:
+        value = self.get(name, default)
+        if not isinstance(value, bool):
+            raise self.fail(name, f"must be true or false, got {value!r}")
+        return value
+
+    def string(self, name: str, default: Any = ..., pattern: re.Pattern[str] | None = None) -> str:
+        value = self.get(name, default)
+        if not isinstance(value, str) or not value:
+            raise self.fail(name, f"must be a non-empty string, got {value!r}")
+        if pattern is not None and not pattern.match(value):
+            raise self.fail(name, f"has an invalid value {value!r} (expected {pattern.pattern})")
+        return value
+
+    def modules(self, name: str, default: Any = ..., allow_empty: bool = False) -> tuple[str, ...]:
+        value = self.get(name, default)
+        if value == "all":
+            return PROJECTIONS
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise self.fail(
+                name, f"must be 'all' or a list of projections from {list(PROJECTIONS)}"
+            )
+        unknown = [v for v in value if v not in PROJECTIONS]
+        if unknown:
+            raise self.fail(name, f"has unknown module(s) {unknown}; allowed: {list(PROJECTIONS)}")
+        if not value and not allow_empty:
+            raise self.fail(name, "must name at least one projection")
+        return tuple(m for m in PROJECTIONS if m in value)
+
+    def items(self, name: str, parse: Callable[[Any, str], T], default: Any = ...) -> list[T]:
+        value = self.get(name, default)
+        if not isinstance(value, list) or not value:
+            raise self.fail(name, f"must be a non-empty list, got {value!r}")
+        return [parse(v, f"{self.key(name)}[{i}]") for i, v in enumerate(value)]
+
+    def finish(self) -> None:
+        unknown = sorted(set(self.data) - self.used)
+        if unknown:
+            raise ConfigError(
+                f"{self.source}: unknown key(s) {[self.key(k) for k in unknown]}; "
+                f"allowed here: {sorted(self.used)}"
+            )

@@ -1,0 +1,41 @@
+"""Re-test the SPON-extension study's claims (a)-(d) on this run: findings JSON + Markdown table."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+import typer
+
+from sponlab.analysis.interpret import InterpretParams
+from sponlab.config import analysis_params
+from sponlab.findings import findings_json, findings_markdown, study_findings
+from sponlab.provenance import write_metrics
+from sponlab.stages.common import PARAMS_OPTION, cell_path, read_params
+from sponlab.tensorio import read_json, write_text
+
+
+def main(
+    params: Path = PARAMS_OPTION,
+    summary: Path = typer.Option(Path("metrics/tables/summary.csv"), "--summary"),
+    evals: Path = typer.Option(Path("metrics/eval"), "--evals", help="Evaluate cells root."),
+    interpret: Path = typer.Option(Path("metrics/interpret.json"), "--interpret"),
+    out: Path = typer.Option(Path("metrics/findings.json"), "--out"),
+    markdown: Path = typer.Option(Path("metrics/findings.md"), "--markdown"),
+) -> None:
+    cfg = read_params(params)
+    frame = pd.read_csv(summary)
+    shifts = {}
+    if "UNIF-ALL" in cfg.sweep_configs:
+        for s in cfg.sparsities:
+            file = cell_path(evals, "UNIF-ALL", s) / "shift.csv"
+            shifts[s] = pd.read_csv(file).to_dict("records")
+    similarity, sim_sparsity = None, None
+    if interpret.is_file():
+        ip: InterpretParams = analysis_params(cfg, "interpret")
+        similarity, sim_sparsity = read_json(interpret, "interpret")["similarity"], ip.sparsity
+    found = study_findings(frame, shifts, similarity, sim_sparsity, cfg.summary.noise_sigmas)
+    write_metrics(out, findings_json(found))
+    text = findings_markdown(found)
+    write_text(markdown, "# SPON-extension study: claims re-tested on this run\n\n" + text)
+    typer.echo(text)
