@@ -1,4 +1,5 @@
-"""Re-test the SPON-extension study's claims (a)-(d) on this run: findings JSON + Markdown table."""
+"""Re-test the SPON-extension study's claims (a)-(d) on this run, and report the closed-form
+baseline (free, and as an initialisation): findings JSON + Markdown table."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from sponlab.analysis.interpret import InterpretParams
 from sponlab.config import analysis_params
 from sponlab.findings import findings_json, findings_markdown, study_findings
 from sponlab.provenance import write_metrics
-from sponlab.stages.common import PARAMS_OPTION, cell_path, read_params
+from sponlab.stages.common import PARAMS_OPTION, cell_path, read_params, seed_path
 from sponlab.tensorio import read_json, write_text
 
 
@@ -20,6 +21,7 @@ def main(
     summary: Path = typer.Option(Path("metrics/tables/summary.csv"), "--summary"),
     evals: Path = typer.Option(Path("metrics/eval"), "--evals", help="Evaluate cells root."),
     interpret: Path = typer.Option(Path("metrics/interpret.json"), "--interpret"),
+    trained: Path = typer.Option(Path("models/spon"), "--trained", help="Train cells root."),
     out: Path = typer.Option(Path("metrics/findings.json"), "--out"),
     markdown: Path = typer.Option(Path("metrics/findings.md"), "--markdown"),
 ) -> None:
@@ -34,7 +36,19 @@ def main(
     if interpret.is_file():
         ip: InterpretParams = analysis_params(cfg, "interpret")
         similarity, sim_sparsity = read_json(interpret, "interpret")["similarity"], ip.sparsity
-    found = study_findings(frame, shifts, similarity, sim_sparsity, cfg.summary.noise_sigmas)
+    curves: dict[float, dict[str, list[list[float]]]] = {s: {} for s in cfg.sparsities}
+    for config in ("UNIF-ALL", "UNIF-ALL-CF-INIT"):
+        if config not in cfg.sweep_configs:
+            continue
+        for s in cfg.sparsities:
+            cell = cell_path(trained, config, s)
+            curves[s][config] = [
+                pd.read_csv(seed_path(cell, k) / "val.csv")["val_kl"].tolist()
+                for k in cfg.config(config).seeds
+            ]
+    found = study_findings(
+        frame, shifts, similarity, sim_sparsity, cfg.summary.noise_sigmas, curves
+    )
     write_metrics(out, findings_json(found))
     text = findings_markdown(found)
     write_text(markdown, "# SPON-extension study: claims re-tested on this run\n\n" + text)

@@ -20,6 +20,18 @@ def test_shipped_params_parse():
     assert params.sparsities[:2] == (0.5, 0.6)
     assert not params.configs["BASELINE-TEAL"].has_biases
     assert params.configs["ATTN-ONLY"].modules == ("o_proj",)
+    # the study's sites, one TEAL set for the fair comparison, the study's own sets beside it
+    for name in ("UNIF-ALL", "TOP-50", "TOP-75", "BOTTOM-50", "CLOSED-FORM"):
+        assert params.configs[name].modules == ("down_proj",)
+        assert params.configs[name].sparsify == "all"
+    assert params.configs["STUDY-UNIF-ALL"].sparsify_modules == ("down_proj",)
+    assert params.configs["STUDY-ATTN-ONLY"].sparsify_modules == ("o_proj",)
+    for name in ("UNIF-ALL", "TOP-50", "ATTN-ONLY"):
+        assert len(params.configs[name].seeds) >= 3
+    assert params.configs["CLOSED-FORM"].bias == "closed_form"
+    assert params.configs["UNIF-ALL-CF-INIT"].init == "closed_form"
+    assert params.configs["UNIF-ALL"].init == params.train.init == "zeros"
+    assert params.summary.reference == "UNIF-ALL"
 
 
 @pytest.mark.parametrize(
@@ -54,6 +66,22 @@ def test_shipped_params_parse():
         ),
         (("interpret", "similarity"), ["UNIF-ALL", "TOP50"], r"interpret.similarity names unknown"),
         (("interpret", "layers", "config"), "UNIF", r"interpret.layers.config names unknown"),
+        # sparsified sets, seeds, closed form, summary
+        (("sparsify", "sets", "mlp"), ["gate"], r"sparsify.sets.mlp has unknown module"),
+        (("sparsify", "sets"), [], r"sparsify.sets must map set names"),
+        (
+            ("configs", "ATTN-ONLY", "sparsify"),
+            "attn",
+            r"configs.ATTN-ONLY.sparsify must be one of \['all', 'down_proj', 'o_proj'\]",
+        ),
+        (("configs", "UNIF-ALL", "seeds"), [0, 0], r"configs.UNIF-ALL.seeds has duplicates"),
+        (("configs", "UNIF-ALL", "seeds"), [-1], r"configs.UNIF-ALL.seeds\[0\] must be an integer"),
+        (("configs", "CLOSED-FORM", "seeds"), [0, 1], r"closed_form is computed, not trained"),
+        (("configs", "UNIF-ALL", "init"), "ones", r"configs.UNIF-ALL.init must be one of"),
+        (("train", "init"), "random", r"train.init must be one of \['zeros', 'closed_form'\]"),
+        (("summary", "reference"), "ALL7-UNIF-ALL", r"summary.reference names unknown config"),
+        (("summary", "min_damage"), -0.1, r"summary.min_damage must be >= 0"),
+        (("sparsify", "modules"), "all", r"unknown key\(s\) \['sparsify.modules'\]"),
     ],
 )
 def test_bad_values_name_the_key_and_allowed_values(path, value, message):

@@ -158,22 +158,72 @@ def _direction(c: Mapping, expect_positive: bool) -> str:
     return "reproduced" if (c["difference"] > 0) == expect_positive else "not reproduced"
 
 
+def closed_form_free(frame: pd.DataFrame, sparsity: float, sigmas: float) -> Finding:
+    """How much of SPON's benefit the closed-form bias gets without any training."""
+    cf, full = _row(frame, "CLOSED-FORM", sparsity), _row(frame, "UNIF-ALL", sparsity)
+    statement = "CLOSED-FORM (b = W E[x - S(x)], no training) vs trained UNIF-ALL"
+    evidence = "metrics/tables/summary.csv"
+    why = _testable(cf, full)
+    if why:
+        return Finding("cf", statement, sparsity, "-", why, "not testable", evidence)
+    a, b = seed_values(cf["damage_recovered_seeds"]), seed_values(full["damage_recovered_seeds"])
+    share = spread(a).mean / spread(b).mean if spread(b).mean else math.nan
+    c = compare(a, b, _floor(frame, sparsity), sigmas)
+    ours = f"CLOSED-FORM {_pm(a)} vs UNIF-ALL {_pm(b)}: {100 * share:.0f}% of the benefit for free"
+    verdict = "within noise of SPON" if c["within_noise"] else f"{100 * share:.0f}% of SPON"
+    return Finding("cf", statement, sparsity, "-", ours, verdict, evidence)
+
+
+def closed_form_init(
+    curves: Mapping[str, Sequence[Sequence[float]]], sparsity: float, sigmas: float
+) -> Finding:
+    """Does starting from the closed form speed training? Validation KL after the first epoch
+    (and the kept one) of UNIF-ALL-CF-INIT vs UNIF-ALL's seeds started from zeros."""
+    statement = "training from the closed form (UNIF-ALL-CF-INIT) vs from zeros (UNIF-ALL)"
+    evidence = f"models/spon/{{UNIF-ALL,UNIF-ALL-CF-INIT}}/s{sparsity:g}/seed*/val.csv"
+    init, zeros = curves.get("UNIF-ALL-CF-INIT"), curves.get("UNIF-ALL")
+    if not init or not zeros or min(len(c) for c in [*init, *zeros]) < 2:
+        return Finding(
+            "cf-init", statement, sparsity, "-", "cells missing", "not testable", evidence
+        )
+    after = [c[1] for c in init], [c[1] for c in zeros]
+    first = compare(*after, spread(after[1]).sd, sigmas)  # a lone CF-INIT seed: zeros' spread
+    best = [min(c) for c in init], [min(c) for c in zeros]
+    ours = (
+        f"val KL at start {_pm([c[0] for c in init], 1, '')} vs {_pm([c[0] for c in zeros], 1, '')}"
+        f"; after epoch 1 {_pm([c[1] for c in init], 1, '')} vs {_pm([c[1] for c in zeros], 1, '')}"
+        f"; best {_pm(best[0], 1, '')} vs {_pm(best[1], 1, '')}"
+    )
+    if first["within_noise"]:
+        verdict = "no faster (within noise)"
+    else:
+        verdict = "faster" if first["difference"] < 0 else "slower"
+    return Finding("cf-init", statement, sparsity, "-", ours, verdict, evidence)
+
+
 def study_findings(
     frame: pd.DataFrame,
     shifts: Mapping[float, Sequence[Mapping[str, float]]],
     similarity: Mapping[str, Mapping] | None,
     similarity_sparsity: float | None,
     sigmas: float,
+    curves: Mapping[float, Mapping[str, Sequence[Sequence[float]]]] | None = None,
 ) -> list[Finding]:
     """All claims at every sparsity of ``frame``: (a) on the same TEAL set (fair) and on the
-    study's own sets (STUDY-* configs), (b), (c) from UNIF-ALL's ``shifts``, (d) once."""
+    study's own sets (STUDY-* configs), (b), (c) from UNIF-ALL's ``shifts``, (d) once; then the
+    closed-form baseline, free and as an initialisation (``curves``: per sparsity, config ->
+    per-seed validation KL by epoch)."""
     out = []
-    for s in sorted(frame["sparsity"].unique()):
+    sparsities = sorted(frame["sparsity"].unique())
+    for s in sparsities:
         out.append(claim_a(frame, s, "ATTN-ONLY", "UNIF-ALL", sigmas))
         out.append(claim_a(frame, s, "STUDY-ATTN-ONLY", "STUDY-UNIF-ALL", sigmas, "a-study"))
         out.append(claim_b(frame, s, sigmas))
         out.append(claim_c(shifts.get(s, []), _row(frame, "UNIF-ALL", s), s, "UNIF-ALL"))
     out.append(claim_d(similarity or {}, similarity_sparsity, sigmas))
+    for s in sparsities:
+        out.append(closed_form_free(frame, s, sigmas))
+        out.append(closed_form_init((curves or {}).get(s, {}), s, sigmas))
     return out
 
 

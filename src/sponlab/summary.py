@@ -46,7 +46,8 @@ class CellResult:
     above_dense: float  # (SPON - dense) / dense
     teal_kl: float | None
     spon_kl: float | None
-    achieved_sparsity: float
+    achieved_sparsity: float  # mean over the set's sites, on the test text
+    sparsity_gap: float  # achieved - target: thresholds that miss their target are visible
     best_epochs: str  # the kept epoch of each seed (0: initial biases kept)
     final_val_kl: float | None  # mean over seeds of the kept epoch's validation KL
 
@@ -84,6 +85,7 @@ def cell_result(evaluation: dict, trainings: Sequence[dict], model_parameters: i
         teal_kl=teal["kl"],
         spon_kl=spon["kl"]["mean"] if spon["kl"] else None,
         achieved_sparsity=evaluation["achieved_sparsity"]["mean"],
+        sparsity_gap=evaluation["achieved_sparsity"]["mean"] - float(evaluation["sparsity"]),
         best_epochs=",".join(str(t.get("best_epoch", 0)) for t in trainings),
         final_val_kl=sum(kept) / len(kept) if kept else None,
     )
@@ -183,6 +185,8 @@ def nested_metrics(frame: pd.DataFrame, dense_ppl: float) -> dict:
     return out
 
 
+SPARSITY_TOLERANCE = 0.02  # |achieved - target| beyond this is flagged in the table
+
 DISPLAY = {
     "config": "config",
     "sparsity": "sparsity",
@@ -238,8 +242,11 @@ def display_table(frame: pd.DataFrame) -> pd.DataFrame:
         shown[column] = frame[column].map(lambda v: f"{100 * v:.1f}%")
     for column in ("dense_ppl", "teal_ppl"):
         shown[column] = frame[column].map(lambda v: f"{v:.2f}")
-    for column in ("spon_kl", "achieved_sparsity"):
-        shown[column] = frame[column].map(lambda v: "n/a" if pd.isna(v) else f"{v:.4f}")
+    shown["spon_kl"] = frame["spon_kl"].map(lambda v: "n/a" if pd.isna(v) else f"{v:.4f}")
+    shown["achieved_sparsity"] = [
+        f"{a:.3f}" + (f" (off by {g:+.3f})" if abs(g) > SPARSITY_TOLERANCE else "")
+        for a, g in zip(frame["achieved_sparsity"], frame["sparsity_gap"], strict=True)
+    ]
     shown["pareto"] = frame["pareto"].map(lambda v: "yes" if v else "")
     shown["vs_reference"] = frame["vs_reference"].fillna("")
     return shown.rename(columns=DISPLAY)
