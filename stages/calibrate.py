@@ -14,6 +14,7 @@ from pathlib import Path
 import typer
 
 from sponlab.calibration import calibrate_sequential
+from sponlab.layout import threshold_path
 from sponlab.sparsify import calibrate_thresholds, thresholds_to_tensors
 from sponlab.stages.common import (
     MODEL_OPTION,
@@ -21,7 +22,6 @@ from sponlab.stages.common import (
     load_base,
     load_blocks,
     read_params,
-    threshold_path,
     timed,
 )
 from sponlab.tensorio import save_tensors

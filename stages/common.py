@@ -71,19 +71,3 @@ def load_blocks(path: Path):
     if "input_ids" not in tensors:
         raise input_error(path, f"holds {sorted(tensors)}, not token blocks", "prepare")
     return tensors["input_ids"]
-
-
-def threshold_path(root: Path, sparsity: float, sparsified: str) -> Path:
-    """The calibrate stage's file for one sparsity and sparsified set (as in dvc.yaml):
-    ``root/s0.5/all.safetensors``."""
-    return Path(root) / f"s{sparsity:g}" / f"{sparsified}.safetensors"
-
-
-def cell_path(root: Path, config: str, sparsity: float) -> Path:
-    """Per-cell location under ``root``: ``root/CONFIG/s0.5`` (matches dvc.yaml's matrix paths)."""
-    return Path(root) / config / f"s{sparsity:g}"
-
-
-def seed_path(cell: Path, seed: int) -> Path:
-    """One training seed's folder inside a train cell: ``cell/seed0``."""
-    return Path(cell) / f"seed{seed}"

@@ -13,28 +13,29 @@ import typer
 
 from sponlab.evaluate import (
     SHIFT_FIELDS,
+    SPARSITY_FIELDS,
     VariantMetrics,
+    achieved_summary,
     cell_metrics,
     evaluate_variant,
     load_reference,
     shift_rows,
+    sparsity_rows,
 )
 from sponlab.experiment import sparsify_spec
+from sponlab.layout import cell_path, seed_path, threshold_path
 from sponlab.provenance import write_metrics
 from sponlab.sparsify import SparsityStats, load_thresholds
 from sponlab.spon import load_biases
 from sponlab.stages.common import (
     MODEL_OPTION,
     PARAMS_OPTION,
-    cell_path,
     load_base,
     load_blocks,
     read_params,
-    seed_path,
-    threshold_path,
     timed,
 )
-from sponlab.stats import damage, spread
+from sponlab.stats import damage
 from sponlab.tensorio import read_json, write_rows
 
 
@@ -92,18 +93,9 @@ def main(
         cfg.summary.noise_sigmas,
     )
     payload = cell_metrics(config, sparsity, alloc.sparsify, dense_info["ppl"], teal, seeds)
-    payload["teal_damage"] = hurt.as_dict()
-    payload["bias_sites"] = len(spon.sites)
-    payload["bias_parameters"] = spon.num_parameters()
-    values = list(stats.achieved().values())
-    payload["achieved_sparsity"] = spread(values).as_dict() | {"target": sparsity}
+    payload |= {"teal_damage": hurt.as_dict(), "bias_sites": len(spon.sites)}
+    payload |= {"bias_parameters": spon.num_parameters()}
+    payload["achieved_sparsity"] = achieved_summary(stats, sparsity)
     write_metrics(out / "metrics.json", payload, loaded.device, loaded.dtype)
     write_rows(out / "shift.csv", shift_rows(teal, list(seeds.values())), SHIFT_FIELDS)
-    write_rows(
-        out / "sparsity.csv",
-        [
-            {"site": s.key, "layer": s.layer, "module": s.module, "target": sparsity, "achieved": v}
-            for s, v in stats.achieved().items()
-        ],
-        ["site", "layer", "module", "target", "achieved"],
-    )
+    write_rows(out / "sparsity.csv", sparsity_rows(stats, sparsity), SPARSITY_FIELDS)

@@ -11,8 +11,9 @@ import typer
 from sponlab.analysis.interpret import InterpretParams
 from sponlab.config import analysis_params
 from sponlab.findings import findings_json, findings_markdown, study_findings
+from sponlab.layout import cell_path, seed_path
 from sponlab.provenance import write_metrics
-from sponlab.stages.common import PARAMS_OPTION, cell_path, read_params, seed_path
+from sponlab.stages.common import PARAMS_OPTION, read_params
 from sponlab.tensorio import read_json, write_text
 
 

@@ -31,6 +31,7 @@ from sponlab.analysis.similarity import similarity_table
 from sponlab.config import analysis_params
 from sponlab.data import wants_bos
 from sponlab.experiment import sparsify_spec
+from sponlab.layout import cell_path, seed_path, threshold_path
 from sponlab.plots import interpret as plots
 from sponlab.provenance import write_metrics
 from sponlab.sites import sort_sites
@@ -39,13 +40,10 @@ from sponlab.spon import load_biases
 from sponlab.stages.common import (
     MODEL_OPTION,
     PARAMS_OPTION,
-    cell_path,
     load_base,
     load_blocks,
     read_params,
     replace_dir,
-    seed_path,
-    threshold_path,
     timed,
 )
 from sponlab.tensorio import write_table

@@ -17,6 +17,7 @@ from sponlab.analysis import shift as sh
 from sponlab.analysis.alignment import collect_moments
 from sponlab.config import analysis_params
 from sponlab.experiment import sparsify_spec
+from sponlab.layout import cell_path, seed_path, threshold_path
 from sponlab.plots.interpret import plot_layer_importance
 from sponlab.provenance import write_metrics
 from sponlab.sparsify import load_thresholds
@@ -24,13 +25,10 @@ from sponlab.spon import load_biases
 from sponlab.stages.common import (
     MODEL_OPTION,
     PARAMS_OPTION,
-    cell_path,
     load_base,
     load_blocks,
     read_params,
     replace_dir,
-    seed_path,
-    threshold_path,
     timed,
 )
 from sponlab.tensorio import write_table

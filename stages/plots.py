@@ -7,8 +7,9 @@ from pathlib import Path
 import pandas as pd
 import typer
 
+from sponlab.layout import cell_path, seed_path
 from sponlab.plots import pipeline as figures
-from sponlab.stages.common import PARAMS_OPTION, cell_path, read_params, seed_path
+from sponlab.stages.common import PARAMS_OPTION, read_params
 from sponlab.summary import sparsity_key
 from sponlab.tensorio import atomic_path, read_json
 

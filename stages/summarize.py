@@ -7,8 +7,9 @@ from pathlib import Path
 
 import typer
 
+from sponlab.layout import cell_path, seed_path
 from sponlab.provenance import write_metrics
-from sponlab.stages.common import PARAMS_OPTION, cell_path, read_params, seed_path
+from sponlab.stages.common import PARAMS_OPTION, read_params
 from sponlab.summary import cell_result, nested_metrics, summary_table, to_latex, to_markdown
 from sponlab.tensorio import atomic_path, read_json, write_text
 

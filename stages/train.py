@@ -14,17 +14,15 @@ import typer
 
 from sponlab.closed_form import closed_form_biases
 from sponlab.experiment import bias_sites, sparsify_spec
+from sponlab.layout import cell_path, seed_path, threshold_path
 from sponlab.sparsify import load_thresholds
 from sponlab.spon import SponBiases, save_biases
 from sponlab.stages.common import (
     MODEL_OPTION,
     PARAMS_OPTION,
-    cell_path,
     load_base,
     load_blocks,
     read_params,
-    seed_path,
-    threshold_path,
     timed,
 )
 from sponlab.tensorio import write_json, write_rows
@@ -59,33 +57,33 @@ def main(
         sparse_sites,
     )
     spec = sparsify_spec(cfg, alloc, sparsity, site_map, thr)
-    start = SponBiases.for_model(loaded.model, site_map, sites, alloc.parametrization)
-    if sites and (alloc.bias == "closed_form" or alloc.init == "closed_form"):
-        with timed(f"closed-form biases of {config} at s={sparsity} ({len(sites)} sites)"):
-            start = closed_form_biases(
-                loaded.model,
-                site_map,
-                spec,
-                sites,
-                load_blocks(data / "calib.safetensors"),
-                cfg.eval.batch_size,
-                alloc.parametrization,
-            )
-    trains = sites and alloc.bias == "trained"
+    start = initial_biases(cfg, alloc, loaded.model, site_map, spec, sites, data, sparsity)
     teachers = None
-    if trains:
+    if sites and alloc.bias == "trained":
         teachers = Teachers.for_blocks(
             loaded.model,
             load_blocks(data / "train.safetensors"),
             load_blocks(data / "val.safetensors"),
             cfg.train.teacher_cache,
         )
+    meta = {
+        "model": str(model),
+        "model_fingerprint": loaded.fingerprint,
+        "config": config,
+        "sparsity": sparsity,
+        "layers": alloc.layers.describe(),
+        "modules": list(alloc.modules),
+        "sparsify": alloc.sparsify,
+        "sparsify_modules": list(alloc.sparsify_modules),
+        "method": cfg.sparsify.method,
+        "bias": alloc.bias,
+        "init": alloc.init,
+    }
     for seed in alloc.seeds:
         biases = SponBiases.for_model(loaded.model, site_map, sites, alloc.parametrization)
         biases.load_state(start.state())
         result = TrainResult()
-        if trains:
-            settings = replace(cfg.train, seed=seed)
+        if teachers is not None:
             what = f"train {config} at s={sparsity}, seed {seed}: {len(sites)} sites"
             with timed(f"{what}, {biases.num_parameters()} params"):
                 result = train_spon(
@@ -95,24 +93,26 @@ def main(
                     biases,
                     teachers.train.blocks,
                     teachers.val.blocks,
-                    settings,
+                    replace(cfg.train, seed=seed),
                     teachers,
                 )
-        meta = {
-            "model": str(model),
-            "model_fingerprint": loaded.fingerprint,
-            "config": config,
-            "sparsity": sparsity,
-            "layers": alloc.layers.describe(),
-            "modules": list(alloc.modules),
-            "sparsify": alloc.sparsify,
-            "sparsify_modules": list(alloc.sparsify_modules),
-            "method": cfg.sparsify.method,
-            "bias": alloc.bias,
-            "init": alloc.init,
-            "seed": seed,
-        }
-        write_seed(seed_path(out, seed), meta, biases, result, len(sites))
+        write_seed(seed_path(out, seed), {**meta, "seed": seed}, biases, result, len(sites))
+
+
+def initial_biases(cfg, alloc, model, site_map, spec, sites, data: Path, sparsity: float):
+    """Zeros, or the closed form on the calibration blocks (``bias`` or ``init: closed_form``)."""
+    if sites and (alloc.bias == "closed_form" or alloc.init == "closed_form"):
+        with timed(f"closed-form biases of {alloc.name} at s={sparsity} ({len(sites)} sites)"):
+            return closed_form_biases(
+                model,
+                site_map,
+                spec,
+                sites,
+                load_blocks(data / "calib.safetensors"),
+                cfg.eval.batch_size,
+                alloc.parametrization,
+            )
+    return SponBiases.for_model(model, site_map, sites, alloc.parametrization)
 
 
 def write_seed(

@@ -82,6 +82,12 @@ def test_shipped_params_parse():
         (("summary", "reference"), "ALL7-UNIF-ALL", r"summary.reference names unknown config"),
         (("summary", "min_damage"), -0.1, r"summary.min_damage must be >= 0"),
         (("sparsify", "modules"), "all", r"unknown key\(s\) \['sparsify.modules'\]"),
+        (("sweep", "sets"), ["al"], r"sweep.sets\[0\] names unknown set 'al'"),
+        (
+            ("sweep", "configs"),
+            ["UNIF-ALL", "STUDY-ATTN-ONLY"],
+            r"'STUDY-ATTN-ONLY', which sparsifies set 'o_proj'; add it to sweep.sets",
+        ),
     ],
 )
 def test_bad_values_name_the_key_and_allowed_values(path, value, message):

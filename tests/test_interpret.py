@@ -11,6 +11,7 @@ import pytest
 import torch
 from sklearn.decomposition import PCA
 
+from sponlab.allocations import AllocationConfig
 from sponlab.analysis import interpret as ia
 from sponlab.analysis import layers as la
 from sponlab.analysis import shift as sh
@@ -30,7 +31,7 @@ from sponlab.analysis.prompts import (
     prompt_variants,
     select_prompts,
 )
-from sponlab.config import AllocationConfig, ConfigError, Section
+from sponlab.config import ConfigError, Section
 from sponlab.sites import LayerSelection, Site
 from sponlab.sparsify import SparsifySpec, calibrate_thresholds, capture_inputs, sparsified
 from sponlab.spon import SponBiases

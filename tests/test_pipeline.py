@@ -56,7 +56,7 @@ def tiny_params(model_dir: Path) -> dict:
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     params["base"] = {"source": "hub", "name": str(model_dir), "device": "cpu", "dtype": "float32"}
     params["data"].update(block_len=16, calib_blocks=4, train_blocks=4, val_blocks=2, test_blocks=4)
-    params["sweep"] = {"configs": CONFIGS, "sparsities": [0.5]}
+    params["sweep"] = {"configs": CONFIGS, "sparsities": [0.5], "sets": SETS}
     params["sparsify"]["sets"] = {"all": "all", "o_proj": ["o_proj"]}
     params["configs"] = {k: v for k, v in params["configs"].items() if k != "STUDY-UNIF-ALL"}
     params["configs"]["UNIF-ALL"]["seeds"] = [0, 1]

@@ -16,9 +16,16 @@ from typing import Any
 
 import yaml
 
+from sponlab.allocations import (
+    INITS,
+    PARAMETRIZATIONS,
+    AllocationConfig,
+    parse_config,
+    parse_sets,
+)
 from sponlab.models import DTYPES
 from sponlab.paramcheck import ConfigError, Section  # re-exported: analysis parsers use them
-from sponlab.sites import PROJECTIONS, LayerSelection
+from sponlab.sites import PROJECTIONS
 
 BASE_SOURCES = ("smollm2", "hub")
 DATA_SOURCES = ("builtin", "wikitext")
@@ -26,12 +33,8 @@ SPARSIFY_METHODS = ("teal", "topk")
 THRESHOLD_METHODS = ("quantile", "histogram")
 CALIBRATION_MODES = ("sequential", "dense")
 PREFILL_POLICIES = ("all", "dense_prefix")
-PARAMETRIZATIONS = ("output", "input")
 SCHEDULES = ("constant", "cosine", "linear")
-BIAS_KINDS = ("trained", "closed_form")
-INITS = ("zeros", "closed_form")
 DEVICE_RE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
-CONFIG_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
 @dataclass(frozen=True)
@@ -64,31 +67,6 @@ class SparsifyParams:
     sets: Mapping[str, tuple[str, ...]] = field(default_factory=lambda: {"all": PROJECTIONS})
     prefill: str = "all"
     dense_prefix: int = 0
-
-
-@dataclass(frozen=True)
-class AllocationConfig:
-    """One named allocation: SPON biases on ``layers`` x ``modules`` (empty: TEAL-only).
-
-    ``sparsify`` names the sparsified set (``sparsify.sets``; its modules in ``sparsify_modules``)
-    that both the TEAL-only baseline and TEAL+SPON of this config use. ``bias`` is ``trained``
-    (KL distillation, from ``init``) or ``closed_form`` (b = W E[x - S(x)] on calibration text,
-    no training). ``seeds`` are independent trainings of the same cell (replicates).
-    """
-
-    name: str
-    layers: LayerSelection
-    modules: tuple[str, ...]
-    sparsify: str = "all"
-    sparsify_modules: tuple[str, ...] = PROJECTIONS
-    parametrization: str = "output"
-    seeds: tuple[int, ...] = (0,)
-    bias: str = "trained"
-    init: str = "zeros"
-
-    @property
-    def has_biases(self) -> bool:
-        return bool(self.modules) and self.layers.kind != "none"
 
 
 @dataclass(frozen=True)
@@ -129,6 +107,7 @@ class Params:
     sparsify: SparsifyParams
     sparsities: tuple[float, ...]
     sweep_configs: tuple[str, ...]
+    sweep_sets: tuple[str, ...]
     configs: dict[str, AllocationConfig]
     train: TrainParams
     eval: EvalParams
@@ -157,80 +136,6 @@ class Params:
                 f"sparsity {sparsity} is not in sweep.sparsities {list(self.sparsities)}"
             )
         return sparsity
-
-
-def parse_layers(value: Any, key: str, source: str = "params.yaml") -> LayerSelection:
-    """``all`` | ``none`` | ``{first: f}`` | ``{last: f}`` | ``[i, j, ...]``."""
-    if value in ("all", "none"):
-        return LayerSelection(kind=value)
-    if isinstance(value, list) and all(
-        isinstance(v, int) and not isinstance(v, bool) for v in value
-    ):
-        if any(v < 0 for v in value) or not value:
-            raise ConfigError(f"{source}: {key} must list layer indices >= 0, got {value!r}")
-        return LayerSelection(kind="list", layers=tuple(value))
-    if isinstance(value, Mapping) and len(value) == 1:
-        ((kind, fraction),) = value.items()
-        ok = isinstance(fraction, (int, float)) and not isinstance(fraction, bool)
-        if kind in ("first", "last") and ok and 0 < fraction <= 1:
-            return LayerSelection(kind=kind, fraction=float(fraction))
-    raise ConfigError(
-        f"{source}: {key} must be 'all', 'none', {{first: f}} or {{last: f}} with 0 < f <= 1, "
-        f"or a list of layer indices; got {value!r}"
-    )
-
-
-def _parse_config(
-    name: str,
-    value: Any,
-    sets: Mapping[str, tuple[str, ...]],
-    defaults: tuple[str, int, str],
-    source: str,
-) -> AllocationConfig:
-    if not CONFIG_NAME_RE.match(name):
-        raise ConfigError(f"{source}: config name {name!r} must match {CONFIG_NAME_RE.pattern}")
-    parametrization, seed, init = defaults
-    sec = Section(value, f"configs.{name}", source)
-    set_name = sec.choice("sparsify", list(sets), "all" if "all" in sets else next(iter(sets)))
-    seeds = tuple(sec.items("seeds", _seed, [seed]))
-    if len(set(seeds)) != len(seeds):
-        raise sec.fail("seeds", f"has duplicates: {list(seeds)}")
-    cfg = AllocationConfig(
-        name=name,
-        layers=parse_layers(sec.get("layers"), sec.key("layers"), source),
-        modules=sec.modules("modules", allow_empty=True),
-        sparsify=set_name,
-        sparsify_modules=sets[set_name],
-        parametrization=sec.choice("parametrization", PARAMETRIZATIONS, parametrization),
-        seeds=seeds,
-        bias=sec.choice("bias", BIAS_KINDS, "trained"),
-        init=sec.choice("init", INITS, init),
-    )
-    if cfg.bias == "closed_form" and (len(cfg.seeds) > 1 or "init" in sec.data):
-        raise sec.fail("bias", "closed_form is computed, not trained: it takes no seeds or init")
-    sec.finish()
-    return cfg
-
-
-def _seed(value: Any, key: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ConfigError(f"params.yaml: {key} must be an integer >= 0, got {value!r}")
-    return value
-
-
-def _parse_sets(sec: Section) -> dict[str, tuple[str, ...]]:
-    """``sparsify.sets``: name -> projections (``all`` or a list); names as config names."""
-    raw = sec.get("sets", {"all": "all"})
-    if not isinstance(raw, Mapping) or not raw:
-        raise sec.fail("sets", f"must map set names to 'all' or projection lists, got {raw!r}")
-    sets_sec = Section(raw, sec.key("sets"), sec.source)
-    out = {}
-    for name in list(raw):
-        if not isinstance(name, str) or not CONFIG_NAME_RE.match(name):
-            raise sets_sec.fail(str(name), f"is not a valid set name ({CONFIG_NAME_RE.pattern})")
-        out[name] = sets_sec.modules(name)
-    sets_sec.finish()
-    return out
 
 
 def _sparsity(value: Any, key: str) -> float:
@@ -270,7 +175,7 @@ def parse_params(raw: Any, source: str = "params.yaml") -> Params:
         method=sec.choice("method", SPARSIFY_METHODS, "teal"),
         threshold=sec.choice("threshold", THRESHOLD_METHODS, "quantile"),
         calibration=sec.choice("calibration", CALIBRATION_MODES, "sequential"),
-        sets=_parse_sets(sec),
+        sets=parse_sets(sec),
         prefill=sec.choice("prefill", PREFILL_POLICIES, "all"),
         dense_prefix=sec.number("dense_prefix", 0, lo=0, integer=True),
     )
@@ -286,7 +191,7 @@ def parse_params(raw: Any, source: str = "params.yaml") -> Params:
         raise ConfigError(f"{source}: configs must define at least one allocation config")
     defaults = (parametrization, train.seed, train.init)
     configs = {
-        name: _parse_config(name, sec.get(name), sparsify.sets, defaults, source)
+        name: parse_config(name, sec.get(name), sparsify.sets, defaults, source)
         for name in list(sec.data)
     }
 
@@ -295,7 +200,17 @@ def parse_params(raw: Any, source: str = "params.yaml") -> Params:
     if len(set(sparsities)) != len(sparsities):
         raise ConfigError(f"{source}: sweep.sparsities has duplicates: {list(sparsities)}")
     sweep_configs = tuple(sec.items("configs", lambda v, k: _config_ref(v, k, configs, source)))
+    sweep_sets = tuple(
+        sec.items("sets", lambda v, k: _config_ref(v, k, sparsify.sets, source, "set"), ["all"])
+    )
     sec.finish()
+    for name in sweep_configs:
+        if configs[name].sparsify not in sweep_sets:
+            raise ConfigError(
+                f"{source}: sweep.configs has {name!r}, which sparsifies set "
+                f"{configs[name].sparsify!r}; add it to sweep.sets {list(sweep_sets)} so it is "
+                "calibrated"
+            )
 
     sec = top.section("eval")
     evaluation = EvalParams(
@@ -336,6 +251,7 @@ def parse_params(raw: Any, source: str = "params.yaml") -> Params:
         sparsify=sparsify,
         sparsities=sparsities,
         sweep_configs=sweep_configs,
+        sweep_sets=sweep_sets,
         configs=configs,
         train=train,
         eval=evaluation,
@@ -362,11 +278,15 @@ def _parse_train(sec: Section) -> TrainParams:
 
 
 def _config_ref(
-    value: Any, key: str, configs: Sequence[str] | Mapping[str, Any], source: str
+    value: Any,
+    key: str,
+    configs: Sequence[str] | Mapping[str, Any],
+    source: str,
+    what: str = "config",
 ) -> str:
     if value not in configs:
         raise ConfigError(
-            f"{source}: {key} names unknown config {value!r}; allowed: {sorted(configs)}"
+            f"{source}: {key} names unknown {what} {value!r}; allowed: {sorted(configs)}"
         )
     return value
 

@@ -204,3 +204,19 @@ def shift_rows(teal: VariantMetrics, seeds: list[VariantMetrics]) -> list[dict]:
         }
         for i in range(len(teal.shift_l2))
     ]
+
+
+SPARSITY_FIELDS = ["site", "layer", "module", "target", "achieved"]
+
+
+def sparsity_rows(stats: SparsityStats, target: float) -> list[dict]:
+    """Achieved sparsity per site (fraction of zeroed inputs on the evaluated tokens)."""
+    return [
+        {"site": s.key, "layer": s.layer, "module": s.module, "target": target, "achieved": v}
+        for s, v in stats.achieved().items()
+    ]
+
+
+def achieved_summary(stats: SparsityStats, target: float) -> dict:
+    """Mean, sd and range of the achieved sparsity over sites, with the target."""
+    return spread(list(stats.achieved().values())).as_dict() | {"target": target}

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from typing import Any
 
-from sponlab.config import AllocationConfig, Params
-from sponlab.sites import Site, SiteMap
+from sponlab.allocations import AllocationConfig, parse_layers
+from sponlab.config import Params
+from sponlab.sites import PROJECTIONS, Site, SiteMap
 from sponlab.sparsify import SparsifySpec
 
 
@@ -25,6 +27,29 @@ def sparsify_spec(
         sites=tuple(sites),
         thresholds=thresholds if params.sparsify.method == "teal" else None,
         dense_prefix=prefix,
+    )
+
+
+def allocation(
+    layers: Any = "all",
+    modules: Sequence[str] = ("down_proj",),
+    sparsify_modules: Sequence[str] = PROJECTIONS,
+    name: str = "custom",
+    parametrization: str = "output",
+) -> AllocationConfig:
+    """An allocation outside params.yaml: biases on ``layers`` x ``modules``, TEAL on
+    ``sparsify_modules``. ``layers`` as in params.yaml: ``"all"``, ``"none"``, ``{"first": 0.5}``,
+    ``{"last": 0.5}`` or a list of indices."""
+    unknown = [m for m in (*modules, *sparsify_modules) if m not in PROJECTIONS]
+    if unknown:
+        raise ValueError(f"unknown projection(s) {unknown}; allowed: {list(PROJECTIONS)}")
+    return AllocationConfig(
+        name=name,
+        layers=parse_layers(layers, "layers", "allocation()"),
+        modules=tuple(m for m in PROJECTIONS if m in modules),
+        sparsify="custom",
+        sparsify_modules=tuple(m for m in PROJECTIONS if m in sparsify_modules),
+        parametrization=parametrization,
     )
 
 

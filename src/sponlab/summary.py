@@ -282,6 +282,7 @@ def to_latex(frame: pd.DataFrame) -> str:
 
 # Where `make repro` leaves what a reader looks at first (paths as in dvc.yaml).
 RESULT_PLACES: tuple[tuple[str, str], ...] = (
+    ("metrics/report.md", "the run's report: tables, findings, every figure with its caption"),
     ("metrics/tables/summary.md", "summary table (CSV and LaTeX beside it)"),
     ("metrics/findings.md", "the study's claims (a)-(d) re-tested, with verdicts"),
     ("metrics/summary.json", "nested metrics (dvc metrics show / diff)"),

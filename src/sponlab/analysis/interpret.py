@@ -22,7 +22,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from sponlab.config import AllocationConfig, ConfigError, Section
+from sponlab.allocations import AllocationConfig
+from sponlab.config import ConfigError, Section
 from sponlab.sites import Site, SiteMap, sort_sites
 from sponlab.spon import SponBiases
 

@@ -16,8 +16,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from sponlab.allocations import AllocationConfig
 from sponlab.analysis.interpret import RandomBaseline, cosine, expected_abs_cos, nanmean
-from sponlab.config import AllocationConfig
 from sponlab.sites import Site, sort_sites
 
 

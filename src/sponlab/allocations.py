@@ -1,0 +1,120 @@
+"""Allocation configs (``configs:`` of params.yaml): where SPON biases go and what TEAL sparsifies.
+
+An :class:`AllocationConfig` names SPON bias sites (layers x modules), the sparsified set its
+TEAL baseline and TEAL+SPON share, its seeds and how its biases are obtained (trained or closed
+form). Parsed once at the edge by :mod:`sponlab.config` with messages naming the key.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from sponlab.paramcheck import ConfigError, Section
+from sponlab.sites import PROJECTIONS, LayerSelection
+
+PARAMETRIZATIONS = ("output", "input")
+BIAS_KINDS = ("trained", "closed_form")
+INITS = ("zeros", "closed_form")
+CONFIG_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+@dataclass(frozen=True)
+class AllocationConfig:
+    """One named allocation: SPON biases on ``layers`` x ``modules`` (empty: TEAL-only).
+
+    ``sparsify`` names the sparsified set (``sparsify.sets``; its modules in ``sparsify_modules``)
+    that both the TEAL-only baseline and TEAL+SPON of this config use. ``bias`` is ``trained``
+    (KL distillation, from ``init``) or ``closed_form`` (b = W E[x - S(x)] on calibration text,
+    no training). ``seeds`` are independent trainings of the same cell (replicates).
+    """
+
+    name: str
+    layers: LayerSelection
+    modules: tuple[str, ...]
+    sparsify: str = "all"
+    sparsify_modules: tuple[str, ...] = PROJECTIONS
+    parametrization: str = "output"
+    seeds: tuple[int, ...] = (0,)
+    bias: str = "trained"
+    init: str = "zeros"
+
+    @property
+    def has_biases(self) -> bool:
+        return bool(self.modules) and self.layers.kind != "none"
+
+
+def parse_layers(value: Any, key: str, source: str = "params.yaml") -> LayerSelection:
+    """``all`` | ``none`` | ``{first: f}`` | ``{last: f}`` | ``[i, j, ...]``."""
+    if value in ("all", "none"):
+        return LayerSelection(kind=value)
+    if isinstance(value, list) and all(
+        isinstance(v, int) and not isinstance(v, bool) for v in value
+    ):
+        if any(v < 0 for v in value) or not value:
+            raise ConfigError(f"{source}: {key} must list layer indices >= 0, got {value!r}")
+        return LayerSelection(kind="list", layers=tuple(value))
+    if isinstance(value, Mapping) and len(value) == 1:
+        ((kind, fraction),) = value.items()
+        ok = isinstance(fraction, (int, float)) and not isinstance(fraction, bool)
+        if kind in ("first", "last") and ok and 0 < fraction <= 1:
+            return LayerSelection(kind=kind, fraction=float(fraction))
+    raise ConfigError(
+        f"{source}: {key} must be 'all', 'none', {{first: f}} or {{last: f}} with 0 < f <= 1, "
+        f"or a list of layer indices; got {value!r}"
+    )
+
+
+def parse_config(
+    name: str,
+    value: Any,
+    sets: Mapping[str, tuple[str, ...]],
+    defaults: tuple[str, int, str],
+    source: str,
+) -> AllocationConfig:
+    if not CONFIG_NAME_RE.match(name):
+        raise ConfigError(f"{source}: config name {name!r} must match {CONFIG_NAME_RE.pattern}")
+    parametrization, seed, init = defaults
+    sec = Section(value, f"configs.{name}", source)
+    set_name = sec.choice("sparsify", list(sets), "all" if "all" in sets else next(iter(sets)))
+    seeds = tuple(sec.items("seeds", _seed, [seed]))
+    if len(set(seeds)) != len(seeds):
+        raise sec.fail("seeds", f"has duplicates: {list(seeds)}")
+    cfg = AllocationConfig(
+        name=name,
+        layers=parse_layers(sec.get("layers"), sec.key("layers"), source),
+        modules=sec.modules("modules", allow_empty=True),
+        sparsify=set_name,
+        sparsify_modules=sets[set_name],
+        parametrization=sec.choice("parametrization", PARAMETRIZATIONS, parametrization),
+        seeds=seeds,
+        bias=sec.choice("bias", BIAS_KINDS, "trained"),
+        init=sec.choice("init", INITS, init),
+    )
+    if cfg.bias == "closed_form" and (len(cfg.seeds) > 1 or "init" in sec.data):
+        raise sec.fail("bias", "closed_form is computed, not trained: it takes no seeds or init")
+    sec.finish()
+    return cfg
+
+
+def _seed(value: Any, key: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ConfigError(f"params.yaml: {key} must be an integer >= 0, got {value!r}")
+    return value
+
+
+def parse_sets(sec: Section) -> dict[str, tuple[str, ...]]:
+    """``sparsify.sets``: name -> projections (``all`` or a list); names as config names."""
+    raw = sec.get("sets", {"all": "all"})
+    if not isinstance(raw, Mapping) or not raw:
+        raise sec.fail("sets", f"must map set names to 'all' or projection lists, got {raw!r}")
+    sets_sec = Section(raw, sec.key("sets"), sec.source)
+    out = {}
+    for name in list(raw):
+        if not isinstance(name, str) or not CONFIG_NAME_RE.match(name):
+            raise sets_sec.fail(str(name), f"is not a valid set name ({CONFIG_NAME_RE.pattern})")
+        out[name] = sets_sec.modules(name)
+    sets_sec.finish()
+    return out

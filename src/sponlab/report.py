@@ -1,0 +1,231 @@
+"""The run's report: one Markdown file written only from metrics and plot files, never by hand.
+
+Sections: what ran (model, data, protocol, versions), the summary table, the findings with
+verdicts, every sweep figure with a caption that states what it shows and what this run found,
+then the analyses (interpretability, layer importance, SAEs and importance, weight spectra) with
+their key numbers. Figures are linked relative to the report's own folder.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from sponlab.summary import sparsity_key, to_markdown
+
+
+@dataclass
+class RunFiles:
+    """What a finished run wrote that the report reads (missing analyses are skipped)."""
+
+    params: Any  # sponlab.config.Params
+    dense: Mapping[str, Any]
+    summary: pd.DataFrame
+    findings_md: str | None
+    interpret: Mapping[str, Any] | None
+    layers: Mapping[str, Any] | None
+    sae: Mapping[str, Any] | None
+    importance: Mapping[str, Any] | None
+    spectrum: Mapping[str, Any] | None
+    figures: Mapping[str, Path]  # figure key -> file
+
+
+def _figure(report_dir: Path, path: Path | None, caption: str) -> list[str]:
+    if path is None or not path.is_file():
+        return []
+    rel = os.path.relpath(path, report_dir)
+    return [f"![{caption}]({rel})", "", f"*{caption}*", ""]
+
+
+def _fmt(value: Any, digits: int = 2) -> str:
+    return "n/a" if value is None or pd.isna(value) else f"{float(value):.{digits}f}"
+
+
+def run_section(run: RunFiles) -> list[str]:
+    """Model, data, perplexity protocol and versions."""
+    p, env = run.params, run.dense.get("env", {})
+    data = p.data
+    return [
+        "## What ran",
+        "",
+        f"- Model: `{p.base.name}` (source `{p.base.source}`), {run.dense['num_layers']} layers, "
+        f"{run.dense['parameters'] / 1e6:.1f}M parameters, {env.get('dtype')} on {env.get('device')}.",
+        f"- Data: `{data.source}`; {data.calib_blocks} calibration, {data.train_blocks} training, "
+        f"{data.val_blocks} validation and {data.test_blocks} test blocks of {data.block_len} tokens.",
+        f"- Perplexity protocol: {data.test_blocks} non-overlapping test blocks x {data.block_len} "
+        f"tokens, each block scored on its own ({run.dense['tokens']} predicted tokens), "
+        f"sparsification `{p.sparsify.method}` on every token (prefill policy "
+        f"`{p.sparsify.prefill}`), {env.get('dtype')}. Dense perplexity "
+        f"{run.dense['ppl']:.2f}.",
+        f"- Sweep: {len(p.sweep_configs)} configs x sparsities {list(p.sparsities)}; "
+        f"{p.train.epochs} epochs, lr {p.train.lr}, batch {p.train.batch_size}.",
+        "- Versions: "
+        + ", ".join(f"{k} {v}" for k, v in env.items() if k not in ("device", "dtype")),
+        "",
+    ]
+
+
+def _best(frame: pd.DataFrame, sparsity: float) -> str:
+    group = frame[(frame["sparsity"] == sparsity) & frame["damage_recovered"].notna()]
+    group = group[group["bias_parameters"] > 0]
+    if group.empty:
+        return "no cell with measurable damage"
+    row = group.loc[group["damage_recovered"].idxmax()]
+    return f"{row['config']} recovers most at s={sparsity:g} ({100 * row['damage_recovered']:.1f}%)"
+
+
+def sweep_figures(run: RunFiles, report_dir: Path) -> list[str]:
+    """The sweep figures, each with a caption carrying this run's key number."""
+    frame, figs = run.summary, run.figures
+    sparsities = sorted(frame["sparsity"].unique())
+    best = "; ".join(_best(frame, s) for s in sparsities)
+    teal = "; ".join(
+        f"TEAL {frame[frame['sparsity'] == s]['teal_ppl'].max():.1f} at s={s:g}" for s in sparsities
+    )
+    pareto = ", ".join(
+        sorted(set(frame[frame["pareto"] & (frame["bias_parameters"] > 0)]["config"]))
+    )
+    lines = ["## Sweep figures", ""]
+    lines += _figure(
+        report_dir,
+        figs.get("ppl"),
+        f"Test perplexity, TEAL-only vs TEAL+SPON per config (dense {run.dense['ppl']:.1f}; {teal}).",
+    )
+    lines += _figure(
+        report_dir,
+        figs.get("damage"),
+        f"Share of the TEAL damage recovered (mean ± seed sd). {best}.",
+    )
+    lines += _figure(
+        report_dir,
+        figs.get("pareto"),
+        f"Perplexity vs bias parameters; on the frontier at some sparsity: {pareto or 'none'}.",
+    )
+    lines += _figure(
+        report_dir, figs.get("loss"), "Training KL per step (first seed of each cell)."
+    )
+    for s in sparsities:
+        lines += _figure(
+            report_dir,
+            figs.get(f"shift_{sparsity_key(s)}"),
+            f"Hidden-state shift from dense by layer at s={s:g}: TEAL-only (dashed) and each config.",
+        )
+    return lines
+
+
+def analysis_sections(run: RunFiles, report_dir: Path) -> list[str]:
+    """Interpretability, layer importance, SAE / importance and spectrum key numbers."""
+    lines: list[str] = []
+    if run.interpret:
+        lines += interpret_section(run.interpret, run.figures, report_dir)
+    if run.layers:
+        lines += layers_section(run.layers, run.figures, report_dir)
+    if run.sae or run.importance:
+        lines += ["## SAEs and activation / gradient importance", ""]
+        if run.sae:
+            lines.append(
+                f"- SAEs on layers {list(run.sae['layers'])}: mean held-out FVE "
+                f"{run.sae['mean_fve']:.3f}, mean L0 {run.sae['mean_l0']:.1f}."
+            )
+        if run.importance:
+            lines.append(
+                "- A gradient pass costs "
+                f"{run.importance['gradients_over_values']:.2f}x a values pass."
+            )
+        lines.append("")
+        lines += _figure(report_dir, run.figures.get("importance"), "Gradient importance by layer.")
+    if run.spectrum:
+        lines += spectrum_section(run.spectrum, run.figures, report_dir)
+    return lines
+
+
+def interpret_section(
+    metrics: Mapping[str, Any], figs: Mapping[str, Path], report_dir: Path
+) -> list[str]:
+    """What the biases encode: size, alignment, drift, prompts, similarity."""
+    lines = [f"## What the biases encode (s={metrics['sparsity']:g})", ""]
+    for name, cp in metrics["checkpoints"].items():
+        bias, align, shift = cp.get("bias", {}), cp.get("alignment", {}), cp.get("shift", {})
+        lines.append(
+            f"- {name}: {bias.get('sites')} sites, bias / dense output RMS "
+            f"{_fmt(bias.get('l2_rel'), 4)}; cosine with the mean sparsification error "
+            f"{_fmt(align.get('cos_global'), 3)} (chance {_fmt(align.get('chance_abs_cos'), 3)}); "
+            f"final-layer drift {_fmt(shift.get('test_final_teal_rel'), 3)} -> "
+            f"{_fmt(shift.get('test_final_spon_rel'), 3)}."
+        )
+    lines.append("")
+    lines += _figure(
+        report_dir, figs.get("similarity"), "Bias cosine similarity between checkpoints."
+    )
+    lines += _figure(
+        report_dir, figs.get("prompts"), "KL to dense per prompt category and variant."
+    )
+    return lines
+
+
+def layers_section(
+    metrics: Mapping[str, Any], figs: Mapping[str, Path], report_dir: Path
+) -> list[str]:
+    """Leave-one-layer-out: how many layers carry the benefit."""
+    needed = metrics.get("layers_needed", {}).get("measured", {})
+    share = metrics.get("phase_share", {}).get("importance", {})
+    lines = [
+        f"## Where the biases matter ({metrics['config']}, s={metrics['sparsity']:g})",
+        "",
+        f"- Validation ppl TEAL {metrics['ppl_teal']:.2f} -> {metrics['ppl_full']:.2f} with all "
+        "biases; layers needed for "
+        + ", ".join(f"{100 * float(k):.0f}%: {v}" for k, v in needed.items())
+        + " of the benefit.",
+        "- Importance share early / middle / late: "
+        + " / ".join(f"{100 * share[k]:.0f}%" for k in ("early", "middle", "late") if k in share)
+        + ".",
+        "",
+    ]
+    return lines + _figure(report_dir, figs.get("layers"), "Leave-one-layer-out importance.")
+
+
+def spectrum_section(
+    metrics: Mapping[str, Any], figs: Mapping[str, Path], report_dir: Path
+) -> list[str]:
+    """Weight spectra: effective rank ratios, attention kernels, down_proj SVD."""
+    ratio = metrics.get("erank_ratio_mean", {})
+    down = metrics.get("down_proj", {})
+    lines = [
+        "## Weight spectra",
+        "",
+        "- Mean effective-rank ratio: " + ", ".join(f"{k} {v:.2f}" for k, v in ratio.items()) + ".",
+        f"- down_proj of layer {down.get('layer')}: condition number "
+        f"{_fmt(down.get('condition_number'), 1)}, {down.get('k90')} components for 90% of the "
+        "energy.",
+        "",
+    ]
+    return lines + _figure(report_dir, figs.get("erank"), "Effective rank by layer and projection.")
+
+
+def build_report(run: RunFiles, report_dir: Path) -> str:
+    """The whole report as Markdown (links relative to ``report_dir``)."""
+    lines = ["# sponlab run report", "", *run_section(run)]
+    lines += ["## Summary", "", to_markdown(run.summary), ""]
+    if run.findings_md:
+        lines += ["## The study's claims, re-tested", "", run.findings_md.strip(), ""]
+    lines += sweep_figures(run, report_dir)
+    lines += analysis_sections(run, report_dir)
+    return "\n".join(lines).rstrip() + "\n"
+
+
+FIGURES: Sequence[tuple[str, str]] = (
+    ("ppl", "plots/sweep/ppl_by_config.png"),
+    ("damage", "plots/sweep/damage_recovered.png"),
+    ("pareto", "plots/sweep/pareto.png"),
+    ("loss", "plots/sweep/loss_curves.png"),
+    ("similarity", "reports/interpret/similarity/similarity.png"),
+    ("prompts", "reports/interpret/prompts/kl.png"),
+    ("layers", "reports/interpret/layers/importance.png"),
+    ("importance", "reports/importance/mlp/figures/gradients_mean_abs_norm-sum_abs_all_layers.png"),
+    ("erank", "reports/spectrum/figures/erank_ratio_by_layer.png"),
+)

@@ -1,0 +1,45 @@
+"""The run's report: metrics/report.md, written only from metrics and plot files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+import typer
+
+from sponlab.report import FIGURES, RunFiles, build_report
+from sponlab.stages.common import PARAMS_OPTION, read_params
+from sponlab.summary import sparsity_key
+from sponlab.tensorio import read_json, write_text
+
+
+def _optional_json(path: Path, producer: str):
+    return read_json(path, producer) if path.is_file() else None
+
+
+def main(
+    params: Path = PARAMS_OPTION,
+    root: Path = typer.Option(Path("."), "--root", help="Run folder (metrics/, plots/, reports/)."),
+    out: Path = typer.Option(Path("metrics/report.md"), "--out"),
+) -> None:
+    cfg = read_params(params)
+    metrics = root / "metrics"
+    findings = metrics / "findings.md"
+    figures = {key: root / rel for key, rel in FIGURES}
+    for s in cfg.sparsities:
+        key = f"shift_{sparsity_key(s)}"
+        figures[key] = root / f"plots/sweep/{key}.png"
+    run = RunFiles(
+        params=cfg,
+        dense=read_json(metrics / "dense.json", "dense"),
+        summary=pd.read_csv(metrics / "tables/summary.csv"),
+        findings_md=findings.read_text() if findings.is_file() else None,
+        interpret=_optional_json(metrics / "interpret.json", "interpret"),
+        layers=_optional_json(metrics / "interpret_layers.json", "layer-importance"),
+        sae=_optional_json(metrics / "sae.json", "sae"),
+        importance=_optional_json(metrics / "importance.json", "importance"),
+        spectrum=_optional_json(metrics / "spectrum.json", "spectrum"),
+        figures=figures,
+    )
+    write_text(out, build_report(run, out.parent))
+    typer.echo(f"report: {out}")
