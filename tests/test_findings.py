@@ -119,4 +119,4 @@ def test_claim_verdicts():
     assert closed_form_init(curves, 0.5, 2.0).verdict == "no faster (within noise)"
     with_cf = frame([("UNIF-ALL", [0.30, 0.34, 0.26], {}), ("CLOSED-FORM", [0.03], {})])
     free = closed_form_free(with_cf, 0.5, 2.0)
-    assert "10% of the benefit" in free.ours and free.verdict == "10% of SPON"
+    assert "10% of the benefit" in free.ours and free.verdict == "10% of SPON's benefit"

@@ -38,10 +38,15 @@ def _row(frame: pd.DataFrame, config: str, sparsity: float) -> pd.Series | None:
     return None if rows.empty else rows.iloc[0]
 
 
-def _pm(values: Sequence[float], scale: float = 100, unit: str = "%") -> str:
+def _pm(values: Sequence[float], scale: float = 100, unit: str = "%", digits: int = 1) -> str:
     s = spread(values)
-    sd = "" if math.isnan(s.sd) else f" ± {scale * s.sd:.1f}"
-    return f"{scale * s.mean:.1f}{sd}{unit} (n={s.n})"
+    sd = "" if math.isnan(s.sd) else f" ± {scale * s.sd:.{digits}f}"
+    return f"{scale * s.mean:.{digits}f}{sd}{unit} (n={s.n})"
+
+
+def _raw(values: Sequence[float]) -> str:
+    """Mean ± sd of an unscaled quantity (cosines, KL) with 3 decimals."""
+    return _pm(values, 1, "", 3)
 
 
 def _testable(*rows: pd.Series | None) -> str | None:
@@ -81,8 +86,13 @@ def claim_a(
     a, b = seed_values(o["damage_recovered_seeds"]), seed_values(down["damage_recovered_seeds"])
     c = compare(a, b, _floor(frame, sparsity), sigmas)
     verdict = _direction(c, expect_positive=True)
+    if verdict == "reproduced":
+        verdict = "reproduced (direction)"
     same = "same TEAL set" if o["sparsify"] == down["sparsify"] else "different TEAL sets"
-    ours = f"{o_cfg} {_pm(a)} vs {down_cfg} {_pm(b)} ({same}: {o['sparsify']} / {down['sparsify']})"
+    ours = (
+        f"{o_cfg} {_pm(a)} vs {down_cfg} {_pm(b)}: gap {100 * c['difference']:+.1f} points "
+        f"(study: +54 to +57); {same}: {o['sparsify']} / {down['sparsify']}"
+    )
     return Finding(claim, label, sparsity, study, ours, verdict, evidence)
 
 
@@ -144,10 +154,7 @@ def claim_d(similarity: Mapping[str, Mapping], sparsity: float | None, sigmas: f
             "d", statement, sparsity, study, "no config or seed pairs", "not testable", evidence
         )
     c = compare(configs, seeds, math.nan, sigmas)
-    ours = (
-        f"mean cosine between configs {_pm(configs, 1, '')}, between seeds of one config "
-        f"{_pm(seeds, 1, '')}"
-    )
+    ours = f"mean cosine between configs {_raw(configs)}, between seeds of one config {_raw(seeds)}"
     verdict = "reproduced" if c["within_noise"] or c["difference"] > 0 else "not reproduced"
     return Finding("d", statement, sparsity, study, ours, verdict, evidence)
 
@@ -170,7 +177,12 @@ def closed_form_free(frame: pd.DataFrame, sparsity: float, sigmas: float) -> Fin
     share = spread(a).mean / spread(b).mean if spread(b).mean else math.nan
     c = compare(a, b, _floor(frame, sparsity), sigmas)
     ours = f"CLOSED-FORM {_pm(a)} vs UNIF-ALL {_pm(b)}: {100 * share:.0f}% of the benefit for free"
-    verdict = "within noise of SPON" if c["within_noise"] else f"{100 * share:.0f}% of SPON"
+    if c["within_noise"]:
+        verdict = "as good as SPON (within noise)"
+    elif share <= 0:
+        verdict = "none of SPON's benefit"
+    else:
+        verdict = f"{100 * share:.0f}% of SPON's benefit"
     return Finding("cf", statement, sparsity, "-", ours, verdict, evidence)
 
 
@@ -190,9 +202,9 @@ def closed_form_init(
     first = compare(*after, spread(after[1]).sd, sigmas)  # a lone CF-INIT seed: zeros' spread
     best = [min(c) for c in init], [min(c) for c in zeros]
     ours = (
-        f"val KL at start {_pm([c[0] for c in init], 1, '')} vs {_pm([c[0] for c in zeros], 1, '')}"
-        f"; after epoch 1 {_pm([c[1] for c in init], 1, '')} vs {_pm([c[1] for c in zeros], 1, '')}"
-        f"; best {_pm(best[0], 1, '')} vs {_pm(best[1], 1, '')}"
+        f"val KL at start {_raw([c[0] for c in init])} vs {_raw([c[0] for c in zeros])}"
+        f"; after epoch 1 {_raw(after[0])} vs {_raw(after[1])}"
+        f"; best {_raw(best[0])} vs {_raw(best[1])}"
     )
     if first["within_noise"]:
         verdict = "no faster (within noise)"

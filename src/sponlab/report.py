@@ -129,7 +129,7 @@ def analysis_sections(run: RunFiles, report_dir: Path) -> list[str]:
         lines += ["## SAEs and activation / gradient importance", ""]
         if run.sae:
             lines.append(
-                f"- SAEs on layers {list(run.sae['layers'])}: mean held-out FVE "
+                f"- SAEs on layers {', '.join(map(str, run.sae['layers']))}: mean held-out FVE "
                 f"{run.sae['mean_fve']:.3f}, mean L0 {run.sae['mean_l0']:.1f}."
             )
         if run.importance:

@@ -143,6 +143,8 @@ def _noise_marks(group: pd.DataFrame, ref: pd.Series, sigmas: float) -> list[str
         values = seed_values(row.damage_recovered_seeds)
         if row.config == ref["config"]:
             marks.append("ref")
+        elif not row.bias_parameters:
+            marks.append("")  # no biases: nothing recovered to compare
         elif (
             not values
             or not ref_values
