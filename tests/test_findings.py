@@ -114,9 +114,10 @@ def test_claim_verdicts():
     assert set(report["claims"]) == claims
     assert sum(report["verdicts"].values()) == 7
     assert report["claims"]["cf.s50"]["verdict"] == "not testable"  # no CLOSED-FORM cell
-    assert report["claims"]["cf-init.s50"]["verdict"] == "faster"
-    curves["UNIF-ALL-CF-INIT"] = [[0.45, 0.41, 0.30]]
-    assert closed_form_init(curves, 0.5, 2.0).verdict == "no faster (within noise)"
+    assert report["claims"]["cf-init.s50"]["verdict"] == "epoch 1: lower KL; best epoch: lower KL"
+    curves["UNIF-ALL-CF-INIT"] = [[0.45, 0.41, 0.40]]
+    verdict = closed_form_init(curves, 0.5, 2.0).verdict
+    assert verdict == "epoch 1: same (within noise); best epoch: higher KL"
     with_cf = frame([("UNIF-ALL", [0.30, 0.34, 0.26], {}), ("CLOSED-FORM", [0.03], {})])
     free = closed_form_free(with_cf, 0.5, 2.0)
     assert "10% of the benefit" in free.ours and free.verdict == "10% of SPON's benefit"

@@ -159,6 +159,13 @@ def claim_d(similarity: Mapping[str, Mapping], sparsity: float | None, sigmas: f
     return Finding("d", statement, sparsity, study, ours, verdict, evidence)
 
 
+def _lower(c: Mapping) -> str:
+    """A validation-KL difference in words (negative difference: the first is lower)."""
+    if c["within_noise"]:
+        return "same (within noise)"
+    return "lower KL" if c["difference"] < 0 else "higher KL"
+
+
 def _direction(c: Mapping, expect_positive: bool) -> str:
     if c["within_noise"]:
         return "within noise"
@@ -206,10 +213,8 @@ def closed_form_init(
         f"; after epoch 1 {_raw(after[0])} vs {_raw(after[1])}"
         f"; best {_raw(best[0])} vs {_raw(best[1])}"
     )
-    if first["within_noise"]:
-        verdict = "no faster (within noise)"
-    else:
-        verdict = "faster" if first["difference"] < 0 else "slower"
+    end = compare(*best, spread(best[1]).sd, sigmas)
+    verdict = f"epoch 1: {_lower(first)}; best epoch: {_lower(end)}"
     return Finding("cf-init", statement, sparsity, "-", ours, verdict, evidence)
 
 
