@@ -13,7 +13,7 @@ from sponlab.findings import (
     findings_json,
     study_findings,
 )
-from sponlab.summary import cell_result, summary_table, to_markdown
+from sponlab.summary import cell_result, seed_values, summary_table, to_markdown
 
 
 def evaluation(config, values, teal=60.0, dense=40.0, params=100, sparsify="all", ok=True):
@@ -75,6 +75,14 @@ def test_summary_marks_noise_and_relative_parameters():
     text = to_markdown(table.reset_index())
     assert "30.0 ± 4.0%" in text and "within noise" in text and "% PPL vs TEAL" in text
     assert "0.450 (off by -0.050)" in text and "0.500 |" in text
+
+
+def test_seed_values_survive_a_csv_round_trip(tmp_path):
+    table = frame([("UNIF-ALL", [0.30], {}), ("TOP-50", [0.2], {"params": 50})])
+    table.to_csv(tmp_path / "s.csv", index=False)
+    back = pd.read_csv(tmp_path / "s.csv")  # single values come back as floats
+    assert [seed_values(v) for v in back["damage_recovered_seeds"]] == [[0.2], [0.3]]
+    assert seed_values(float("nan")) == [] and seed_values("0.1;0.2") == [0.1, 0.2]
 
 
 def test_claim_verdicts():

@@ -91,11 +91,14 @@ def cell_result(evaluation: dict, trainings: Sequence[dict], model_parameters: i
     )
 
 
-def seed_values(text: object) -> list[float]:
-    """Per-seed values of a ``damage_recovered_seeds`` cell ('' or NaN: none)."""
-    if not isinstance(text, str) or not text:
+def seed_values(value: object) -> list[float]:
+    """Per-seed values of a ``damage_recovered_seeds`` cell: ';'-joined text, or one number when
+    a CSV reader parsed a single value as float ('' or NaN: none)."""
+    if isinstance(value, (int, float)):
+        return [] if pd.isna(value) else [float(value)]
+    if not isinstance(value, str) or not value:
         return []
-    return [float(v) for v in text.split(";")]
+    return [float(v) for v in value.split(";")]
 
 
 def pareto_front(params: Sequence[float], ppl: Sequence[float]) -> list[bool]:
