@@ -77,6 +77,11 @@ def test_summary_marks_noise_and_relative_parameters():
     assert "0.450 (off by -0.050)" in text and "0.500 |" in text
 
 
+def test_no_noise_estimate_is_said_not_called_within_noise():
+    table = frame([("UNIF-ALL", [0.30], {}), ("TOP-50", [0.2], {"params": 50})])
+    assert list(table["vs_reference"]) == ["no seed spread", "ref"]
+
+
 def test_seed_values_survive_a_csv_round_trip(tmp_path):
     table = frame([("UNIF-ALL", [0.30], {}), ("TOP-50", [0.2], {"params": 50})])
     table.to_csv(tmp_path / "s.csv", index=False)

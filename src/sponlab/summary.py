@@ -138,7 +138,8 @@ def summary_table(
 
 
 def _noise_marks(group: pd.DataFrame, ref: pd.Series, sigmas: float) -> list[str]:
-    """'ref', 'within noise', 'better' / 'worse' than the reference, or '' (not comparable)."""
+    """'ref', 'within noise', 'better' / 'worse' than the reference, 'no seed spread' (no noise
+    estimate), or '' (not comparable: no biases, another TEAL set, unmeasurable damage)."""
     floor = pooled_sd([seed_values(v) for v in group["damage_recovered_seeds"]])
     ref_values = seed_values(ref["damage_recovered_seeds"])
     marks = []
@@ -157,11 +158,12 @@ def _noise_marks(group: pd.DataFrame, ref: pd.Series, sigmas: float) -> list[str
             marks.append("")
         else:
             c = compare(values, ref_values, floor, sigmas)
-            marks.append(
-                "within noise"
-                if c["within_noise"]
-                else ("better" if c["difference"] > 0 else "worse")
-            )
+            if c["se"] is None:
+                marks.append("no seed spread")  # single seeds everywhere: nothing to compare to
+            elif c["within_noise"]:
+                marks.append("within noise")
+            else:
+                marks.append("better" if c["difference"] > 0 else "worse")
     return marks
 
 
