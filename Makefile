@@ -50,8 +50,8 @@ test-slow: install
 	$(BIN)/pytest -q -m slow
 
 lint: install
-	$(BIN)/ruff check src stages tests bench
-	$(BIN)/ruff format --check src stages tests bench
+	$(BIN)/ruff check src stages tests bench notebooks
+	$(BIN)/ruff format --check src stages tests bench notebooks
 
 # Re-pin every dependency (after editing pyproject.toml's dependencies): pip-tools in a throwaway
 # venv; torch is pinned by TORCH_SPEC instead (its CPU and CUDA builds differ per machine).
