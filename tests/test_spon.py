@@ -68,12 +68,16 @@ def settings(**kw):
     return TrainParams(**{**base, **kw})
 
 
+def teal_setup(model, site_map, sparsity, seed, count=8):
+    """Random token blocks [count, 16] and TEAL on every site calibrated on them."""
+    blocks = torch.randint(0, 512, (count, 16), generator=torch.Generator().manual_seed(seed))
+    thresholds = calibrate_thresholds(model, site_map, blocks, [sparsity])[sparsity]
+    return blocks, SparsifySpec("teal", sparsity, tuple(site_map.sites), thresholds)
+
+
 def test_training_changes_only_biases_and_lowers_kl(llama):
     model, site_map = llama
-    gen = torch.Generator().manual_seed(3)
-    train = torch.randint(0, 512, (8, 16), generator=gen)
-    thresholds = calibrate_thresholds(model, site_map, train, [0.7])[0.7]
-    spec = SparsifySpec("teal", 0.7, tuple(site_map.sites), thresholds)
+    train, spec = teal_setup(model, site_map, 0.7, seed=3)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     biases = SponBiases.for_model(model, site_map, site_map.sites)
     # random-init models have no consistent sparsification error to generalise, so the KL the
@@ -89,10 +93,7 @@ def test_training_changes_only_biases_and_lowers_kl(llama):
 
 def test_teacher_cache_does_not_change_results(llama):
     model, site_map = llama
-    gen = torch.Generator().manual_seed(4)
-    train = torch.randint(0, 512, (8, 16), generator=gen)
-    thresholds = calibrate_thresholds(model, site_map, train, [0.5])[0.5]
-    spec = SparsifySpec("teal", 0.5, tuple(site_map.sites), thresholds)
+    train, spec = teal_setup(model, site_map, 0.5, seed=4)
     runs = []
     for cache in (True, False):
         biases = SponBiases.for_model(model, site_map, site_map.select([0], ["o_proj"]))
@@ -108,9 +109,7 @@ def test_teacher_cache_does_not_change_results(llama):
 
 def test_non_finite_loss_stops_training(llama):
     model, site_map = llama
-    train = torch.randint(0, 512, (4, 16))
-    thresholds = calibrate_thresholds(model, site_map, train, [0.5])[0.5]
-    spec = SparsifySpec("teal", 0.5, tuple(site_map.sites), thresholds)
+    train, spec = teal_setup(model, site_map, 0.5, seed=0, count=4)
     biases = SponBiases.for_model(model, site_map, [Site(0, "o_proj")])
     with torch.no_grad():
         biases.vectors[0].fill_(float("nan"))
@@ -129,10 +128,7 @@ def test_training_keeps_the_best_validation_epoch(llama):
     from sponlab.train import Teachers, validation_kl
 
     model, site_map = llama
-    gen = torch.Generator().manual_seed(5)
-    train = torch.randint(0, 512, (8, 16), generator=gen)
-    thresholds = calibrate_thresholds(model, site_map, train, [0.6])[0.6]
-    spec = SparsifySpec("teal", 0.6, tuple(site_map.sites), thresholds)
+    train, spec = teal_setup(model, site_map, 0.6, seed=5)
     sites = site_map.select([1, 2], ["o_proj", "down_proj"])
     # a learning rate far too large: every epoch is worse than zero biases, which are kept
     biases = SponBiases.for_model(model, site_map, sites)
@@ -153,9 +149,7 @@ def test_shared_teachers_give_the_same_training(llama):
     from sponlab.train import Teachers
 
     model, site_map = llama
-    train = torch.randint(0, 512, (8, 16), generator=torch.Generator().manual_seed(6))
-    thresholds = calibrate_thresholds(model, site_map, train, [0.5])[0.5]
-    spec = SparsifySpec("teal", 0.5, tuple(site_map.sites), thresholds)
+    train, spec = teal_setup(model, site_map, 0.5, seed=6)
     teachers = Teachers.for_blocks(model, train, train[:4], keep=True)
     runs = []
     for shared in (None, teachers, teachers):  # the second shared run reuses the cached targets

@@ -61,6 +61,31 @@ def _testable(*rows: pd.Series | None) -> str | None:
     return None
 
 
+@dataclass(frozen=True)
+class _Pair:
+    """Two cells of one sparsity and their per-seed damage recovered."""
+
+    first: pd.Series
+    second: pd.Series
+    a: list[float]
+    b: list[float]
+
+    @property
+    def share(self) -> float:
+        """Mean damage recovered of the first as a fraction of the second's."""
+        mean_b = spread(self.b).mean
+        return spread(self.a).mean / mean_b if mean_b else math.nan
+
+
+def _pair(frame: pd.DataFrame, first: str, second: str, sparsity: float) -> _Pair | str:
+    """The two cells, or why they cannot carry a verdict (see :func:`_testable`)."""
+    rows = _row(frame, first, sparsity), _row(frame, second, sparsity)
+    why = _testable(*rows)
+    if why:
+        return why
+    return _Pair(*rows, *(seed_values(r["damage_recovered_seeds"]) for r in rows))
+
+
 def _floor(frame: pd.DataFrame, sparsity: float) -> float:
     """Pooled seed sd of damage recovered over the multi-seed cells of one sparsity."""
     group = frame[frame["sparsity"] == sparsity]
@@ -76,14 +101,13 @@ def claim_a(
     claim: str = "a",
 ) -> Finding:
     """(a) o_proj biases recover more of the damage than down_proj biases (77-80% vs 23%)."""
-    o, down = _row(frame, o_cfg, sparsity), _row(frame, down_cfg, sparsity)
     study = "o_proj 77-80% vs down_proj 23% of the damage recovered"
     label = f"{o_cfg} (o_proj biases) recovers more than {down_cfg} (down_proj biases)"
     evidence = "metrics/tables/summary.csv"
-    why = _testable(o, down)
-    if why:
-        return Finding(claim, label, sparsity, study, why, "not testable", evidence)
-    a, b = seed_values(o["damage_recovered_seeds"]), seed_values(down["damage_recovered_seeds"])
+    pair = _pair(frame, o_cfg, down_cfg, sparsity)
+    if isinstance(pair, str):
+        return Finding(claim, label, sparsity, study, pair, "not testable", evidence)
+    o, down, a, b = pair.first, pair.second, pair.a, pair.b
     c = compare(a, b, _floor(frame, sparsity), sigmas)
     verdict = _direction(c, expect_positive=True)
     if verdict == "reproduced":
@@ -98,23 +122,20 @@ def claim_a(
 
 def claim_b(frame: pd.DataFrame, sparsity: float, sigmas: float) -> Finding:
     """(b) TOP-50 captures 85% of UNIF-ALL's benefit at half the parameters (Pareto-optimal)."""
-    top, full = _row(frame, "TOP-50", sparsity), _row(frame, "UNIF-ALL", sparsity)
     study = "TOP-50 gets 85% of UNIF-ALL's benefit at 0.5x parameters (Pareto-optimal)"
     statement = "TOP-50 captures >= 85% of UNIF-ALL's damage recovered"
-    why = _testable(top, full)
-    if why:
-        return Finding(
-            "b", statement, sparsity, study, why, "not testable", "metrics/tables/summary.csv"
-        )
-    a, b = seed_values(top["damage_recovered_seeds"]), seed_values(full["damage_recovered_seeds"])
+    evidence = "metrics/tables/summary.csv"
+    pair = _pair(frame, "TOP-50", "UNIF-ALL", sparsity)
+    if isinstance(pair, str):
+        return Finding("b", statement, sparsity, study, pair, "not testable", evidence)
+    top, a, b = pair.first, pair.a, pair.b
     c = compare(a, [0.85 * v for v in b], _floor(frame, sparsity), sigmas)
     verdict = "not reproduced" if not c["within_noise"] and c["difference"] < 0 else "reproduced"
-    ratio = spread(a).mean / spread(b).mean if spread(b).mean else math.nan
     ours = (
-        f"TOP-50 {_pm(a)} vs UNIF-ALL {_pm(b)}: {100 * ratio:.0f}% of the benefit at "
+        f"TOP-50 {_pm(a)} vs UNIF-ALL {_pm(b)}: {100 * pair.share:.0f}% of the benefit at "
         f"{top['relative_parameters']:.2f}x parameters; Pareto: {'yes' if top['pareto'] else 'no'}"
     )
-    return Finding("b", statement, sparsity, study, ours, verdict, "metrics/tables/summary.csv")
+    return Finding("b", statement, sparsity, study, ours, verdict, evidence)
 
 
 def claim_c(
@@ -174,14 +195,12 @@ def _direction(c: Mapping, expect_positive: bool) -> str:
 
 def closed_form_free(frame: pd.DataFrame, sparsity: float, sigmas: float) -> Finding:
     """How much of SPON's benefit the closed-form bias gets without any training."""
-    cf, full = _row(frame, "CLOSED-FORM", sparsity), _row(frame, "UNIF-ALL", sparsity)
     statement = "CLOSED-FORM (b = W E[x - S(x)], no training) vs trained UNIF-ALL"
     evidence = "metrics/tables/summary.csv"
-    why = _testable(cf, full)
-    if why:
-        return Finding("cf", statement, sparsity, "-", why, "not testable", evidence)
-    a, b = seed_values(cf["damage_recovered_seeds"]), seed_values(full["damage_recovered_seeds"])
-    share = spread(a).mean / spread(b).mean if spread(b).mean else math.nan
+    pair = _pair(frame, "CLOSED-FORM", "UNIF-ALL", sparsity)
+    if isinstance(pair, str):
+        return Finding("cf", statement, sparsity, "-", pair, "not testable", evidence)
+    a, b, share = pair.a, pair.b, pair.share
     c = compare(a, b, _floor(frame, sparsity), sigmas)
     ours = f"CLOSED-FORM {_pm(a)} vs UNIF-ALL {_pm(b)}: {100 * share:.0f}% of the benefit for free"
     if c["within_noise"]:
