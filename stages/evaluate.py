@@ -19,13 +19,14 @@ from sponlab.evaluate import (
     cell_metrics,
     evaluate_variant,
     load_reference,
+    same_for_all_seeds,
     shift_rows,
     sparsity_rows,
 )
-from sponlab.experiment import sparsify_spec
-from sponlab.layout import cell_path, seed_path, threshold_path
+from sponlab.experiment import cell_spec
+from sponlab.layout import cell_path, seed_path
 from sponlab.provenance import write_metrics
-from sponlab.sparsify import SparsityStats, load_thresholds
+from sponlab.sparsify import SparsityStats
 from sponlab.spon import load_biases
 from sponlab.stages.common import (
     MODEL_OPTION,
@@ -62,24 +63,23 @@ def main(
     out = out or cell_path(Path("metrics/eval"), config, sparsity)
     loaded, site_map = load_base(cfg, model)
     dense_info = read_json(dense_metrics, producer="dense")
-    sparse_sites = site_map.select(range(site_map.num_layers), alloc.sparsify_modules)
-    thr_file = threshold_path(thresholds, sparsity, alloc.sparsify)
-    thr = load_thresholds(thr_file, site_map, sparsity, loaded.fingerprint, sparse_sites)
     stats = SparsityStats()
     run = dict(
         model=loaded.model,
         site_map=site_map,
         blocks=load_blocks(blocks),
         batch_size=cfg.eval.batch_size,
-        spec=sparsify_spec(cfg, alloc, sparsity, site_map, thr),
+        spec=cell_spec(cfg, alloc, sparsity, site_map, thresholds, loaded.fingerprint),
         reference=load_reference(dense / "reference.safetensors", loaded.fingerprint),
     )
     with timed(f"evaluate TEAL-only ({config}, set {alloc.sparsify}, s={sparsity})"):
         teal = evaluate_variant(**run, stats=stats, desc="teal")
     seeds: dict[int, VariantMetrics] = {}
+    sizes: dict[int, dict[str, int]] = {}  # per seed: bias sites and parameters
     for seed in alloc.seeds:
         file = seed_path(trained, seed) / "biases.safetensors"
         spon = load_biases(file, site_map, sparsity, loaded.fingerprint)[0].to(loaded.device)
+        sizes[seed] = {"bias_sites": len(spon.sites), "bias_parameters": spon.num_parameters()}
         seeds[seed] = teal
         if spon.sites:
             with timed(f"evaluate TEAL+SPON ({config}, s={sparsity}, seed {seed})"):
@@ -93,8 +93,7 @@ def main(
         cfg.summary.noise_sigmas,
     )
     payload = cell_metrics(config, sparsity, alloc.sparsify, dense_info["ppl"], teal, seeds)
-    payload |= {"teal_damage": hurt.as_dict(), "bias_sites": len(spon.sites)}
-    payload |= {"bias_parameters": spon.num_parameters()}
+    payload |= {"teal_damage": hurt.as_dict(), **same_for_all_seeds(sizes, trained)}
     payload["achieved_sparsity"] = achieved_summary(stats, sparsity)
     write_metrics(out / "metrics.json", payload, loaded.device, loaded.dtype)
     write_rows(out / "shift.csv", shift_rows(teal, list(seeds.values())), SHIFT_FIELDS)

@@ -30,12 +30,11 @@ from sponlab.analysis.prompts import (
 from sponlab.analysis.similarity import similarity_table
 from sponlab.config import analysis_params
 from sponlab.data import wants_bos
-from sponlab.experiment import sparsify_spec
-from sponlab.layout import cell_path, seed_path, threshold_path
+from sponlab.experiment import cell_spec
+from sponlab.layout import cell_path, seed_path
 from sponlab.plots import interpret as plots
 from sponlab.provenance import write_metrics
 from sponlab.sites import sort_sites
-from sponlab.sparsify import load_thresholds
 from sponlab.spon import load_biases
 from sponlab.stages.common import (
     MODEL_OPTION,
@@ -97,13 +96,10 @@ def main(
         for name, (n, seed) in checkpoints.items()
     }
     vectors = {n: ia.output_vectors(b, lm, site_map) for n, b in biases.items()}
-    specs = {}
-    for n in ip.configs:
-        alloc = p.config(n)
-        file = threshold_path(thresholds, s, alloc.sparsify)
-        sparse = site_map.select(range(site_map.num_layers), alloc.sparsify_modules)
-        thr = load_thresholds(file, site_map, s, loaded.fingerprint, sparse)
-        specs[n] = sparsify_spec(p, alloc, s, site_map, thr)
+    specs = {
+        n: cell_spec(p, p.config(n), s, site_map, thresholds, loaded.fingerprint)
+        for n in ip.configs
+    }
     baseline = ia.RandomBaseline(ip.random_vectors, ip.seed)
     summary: dict[str, Any] = {"sparsity": s, "checkpoints": {n: {} for n in ip.configs}}
     seconds: dict[str, float] = {}

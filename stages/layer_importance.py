@@ -16,11 +16,10 @@ from sponlab.analysis import layers as la
 from sponlab.analysis import shift as sh
 from sponlab.analysis.alignment import collect_moments
 from sponlab.config import analysis_params
-from sponlab.experiment import sparsify_spec
-from sponlab.layout import cell_path, seed_path, threshold_path
+from sponlab.experiment import cell_spec
+from sponlab.layout import cell_path, seed_path
 from sponlab.plots.interpret import plot_layer_importance
 from sponlab.provenance import write_metrics
-from sponlab.sparsify import load_thresholds
 from sponlab.spon import load_biases
 from sponlab.stages.common import (
     MODEL_OPTION,
@@ -58,10 +57,7 @@ def main(
     alloc = p.config(lp.config)
     cell = seed_path(cell_path(spon, lp.config, s), alloc.seeds[0]) / "biases.safetensors"
     biases = load_biases(cell, site_map, s, loaded.fingerprint)[0].to(loaded.device)
-    sparse = site_map.select(range(site_map.num_layers), alloc.sparsify_modules)
-    file = threshold_path(thresholds, s, alloc.sparsify)
-    thr = load_thresholds(file, site_map, s, loaded.fingerprint, sparse)
-    spec = sparsify_spec(p, alloc, s, site_map, thr)
+    spec = cell_spec(p, alloc, s, site_map, thresholds, loaded.fingerprint)
     ids = ia.first_blocks(load_blocks(blocks), lp.val_blocks, "interpret.layers.val_blocks")
     start = time.perf_counter()
     with timed(f"leave-one-layer-out on {tuple(ids.shape)} ({lp.cumulative} cumulative curve)"):

@@ -13,9 +13,8 @@ from pathlib import Path
 import typer
 
 from sponlab.closed_form import closed_form_biases
-from sponlab.experiment import bias_sites, sparsify_spec
-from sponlab.layout import cell_path, seed_path, threshold_path
-from sponlab.sparsify import load_thresholds
+from sponlab.experiment import bias_sites, cell_spec
+from sponlab.layout import cell_path, seed_path
 from sponlab.spon import SponBiases, save_biases
 from sponlab.stages.common import (
     MODEL_OPTION,
@@ -48,15 +47,7 @@ def main(
     out = out or cell_path(Path("models/spon"), config, sparsity)
     loaded, site_map = load_base(cfg, model)
     sites = bias_sites(alloc, site_map)
-    sparse_sites = site_map.select(range(site_map.num_layers), alloc.sparsify_modules)
-    thr = load_thresholds(
-        threshold_path(thresholds, sparsity, alloc.sparsify),
-        site_map,
-        sparsity,
-        loaded.fingerprint,
-        sparse_sites,
-    )
-    spec = sparsify_spec(cfg, alloc, sparsity, site_map, thr)
+    spec = cell_spec(cfg, alloc, sparsity, site_map, thresholds, loaded.fingerprint)
     start = initial_biases(cfg, alloc, loaded.model, site_map, spec, sites, data, sparsity)
     teachers = None
     if sites and alloc.bias == "trained":

@@ -26,6 +26,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from sponlab.data import device_batches
+from sponlab.hooks import installed
 from sponlab.sites import Site, SiteMap, sort_sites
 from sponlab.sparsify import (
     MagnitudeSample,
@@ -58,21 +60,20 @@ def _recording_calls(
 ) -> Iterator[None]:
     """Per forward: append layer 0's hidden-state input to ``hidden`` and every layer's other
     arguments to ``calls[layer]`` (later layers' hidden states are recomputed, not kept)."""
-    handles = []
-    try:
-        for index, layer in enumerate(layers):
 
-            def hook(_m, args, kwargs, index=index):
-                h, rest = _split_hidden(LayerCall(tuple(args), dict(kwargs)))
-                calls[index].append(rest)
-                if index == 0:
-                    hidden.append(h)
+    def hook(_m: nn.Module, args: tuple, kwargs: dict, index: int) -> None:
+        h, rest = _split_hidden(LayerCall(tuple(args), dict(kwargs)))
+        calls[index].append(rest)
+        if index == 0:
+            hidden.append(h)
 
-            handles.append(layer.register_forward_pre_hook(hook, with_kwargs=True))
+    with installed(
+        layer.register_forward_pre_hook(
+            lambda m, a, k, index=index: hook(m, a, k, index), with_kwargs=True
+        )
+        for index, layer in enumerate(layers)
+    ):
         yield
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 def _split_hidden(call: LayerCall) -> tuple[torch.Tensor, LayerCall]:
@@ -96,8 +97,8 @@ def record_layer_calls(
     hidden: list[torch.Tensor] = []
     calls: list[list[LayerCall]] = [[] for _ in layers]
     with _recording_calls(layers, hidden, calls):
-        for start in tqdm(range(0, len(blocks), batch_size), desc="record", leave=False):
-            model(blocks[start : start + batch_size].to(device), use_cache=False)
+        for _, ids in device_batches(blocks, batch_size, device, "record"):
+            model(ids, use_cache=False)
     return hidden, calls
 
 

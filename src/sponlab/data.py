@@ -12,11 +12,12 @@ from __future__ import annotations
 import logging
 import random
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from sponlab.models import package_dir
@@ -152,6 +153,10 @@ def make_blocks(
     return blocks  # [count, block_len]
 
 
-def batches(blocks: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
-    """Consecutive ``[<=batch_size, L]`` slices of ``blocks``."""
-    return [blocks[i : i + batch_size] for i in range(0, len(blocks), batch_size)]
+def device_batches(
+    blocks: torch.Tensor, batch_size: int, device: torch.device, desc: str = "batches"
+) -> Iterator[tuple[int, torch.Tensor]]:
+    """``(start, ids)`` for consecutive ``[<=batch_size, T]`` slices of ``blocks`` ``[N, T]``,
+    each moved to ``device`` (the model's) as it is needed, with a progress bar."""
+    for start in tqdm(range(0, len(blocks), batch_size), desc=desc, leave=False):
+        yield start, blocks[start : start + batch_size].to(device)

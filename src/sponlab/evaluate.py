@@ -7,14 +7,15 @@ blocks) is captured once by the dense stage and reused by every evaluated config
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
+from sponlab.data import device_batches
 from sponlab.sites import SiteMap
 from sponlab.sparsify import SparsifySpec, SparsityStats, sparsified
 from sponlab.spon import SponBiases, maybe_attached
@@ -85,8 +86,8 @@ def capture_dense(model: nn.Module, blocks: torch.Tensor, batch_size: int) -> De
     device = next(model.parameters()).device
     logps, hiddens = [], []
     with torch.no_grad():
-        for start in tqdm(range(0, len(blocks), batch_size), desc="dense capture", leave=False):
-            out = model(blocks[start : start + batch_size].to(device), output_hidden_states=True)
+        for _, ids in device_batches(blocks, batch_size, device, "dense capture"):
+            out = model(ids, output_hidden_states=True)
             logps.append(F.log_softmax(out.logits.float(), dim=-1).half().cpu())
             hiddens.append(hidden_stack(out.hidden_states).cpu())
     return DenseReference(logp=torch.cat(logps), hidden=torch.cat(hiddens))
@@ -115,8 +116,7 @@ def evaluate_variant(
         sparsified(model, site_map, spec, stats),
         maybe_attached(biases, model, site_map),
     ):
-        for start in tqdm(range(0, len(blocks), batch_size), desc=desc, leave=False):
-            ids = blocks[start : start + batch_size].to(device)  # [B, T]
+        for start, ids in device_batches(blocks, batch_size, device, desc):  # ids [B, T]
             want_detail = start < detail
             out = model(ids, output_hidden_states=want_detail)
             per_block = next_token_nll(out.logits, ids)  # [B]
@@ -220,3 +220,12 @@ def sparsity_rows(stats: SparsityStats, target: float) -> list[dict]:
 def achieved_summary(stats: SparsityStats, target: float) -> dict:
     """Mean, sd and range of the achieved sparsity over sites, with the target."""
     return spread(list(stats.achieved().values())).as_dict() | {"target": target}
+
+
+def same_for_all_seeds(sizes: Mapping[int, dict[str, int]], cell: Path) -> dict[str, int]:
+    """The one value of per-seed sizes (bias sites, parameters); seeds of a cell that disagree
+    were trained for different allocations, which is an error in the train cell ``cell``."""
+    first = next(iter(sizes.values()))
+    if any(v != first for v in sizes.values()):
+        raise input_error(cell, f"seeds differ in their biases: {dict(sizes)}", "train")
+    return dict(first)

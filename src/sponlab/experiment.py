@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 from sponlab.allocations import AllocationConfig, parse_layers
 from sponlab.config import Params
+from sponlab.layout import threshold_path
 from sponlab.sites import PROJECTIONS, Site, SiteMap
-from sponlab.sparsify import SparsifySpec
+from sponlab.sparsify import SparsifySpec, load_thresholds
 
 
 def sparsify_spec(
@@ -19,7 +21,7 @@ def sparsify_spec(
     thresholds: Mapping[Site, float] | None,
 ) -> SparsifySpec:
     """TEAL/top-k on ``config.sparsify_modules`` of every layer at ``sparsity``."""
-    sites = site_map.select(range(site_map.num_layers), config.sparsify_modules)
+    sites = sparsified_sites(config, site_map)
     prefix = params.sparsify.dense_prefix if params.sparsify.prefill == "dense_prefix" else 0
     return SparsifySpec(
         method=params.sparsify.method,
@@ -28,6 +30,27 @@ def sparsify_spec(
         thresholds=thresholds if params.sparsify.method == "teal" else None,
         dense_prefix=prefix,
     )
+
+
+def sparsified_sites(config: AllocationConfig, site_map: SiteMap) -> list[Site]:
+    """The sites ``config``'s sparsified set covers on this model (every layer)."""
+    return site_map.select(range(site_map.num_layers), config.sparsify_modules)
+
+
+def cell_spec(
+    params: Params,
+    config: AllocationConfig,
+    sparsity: float,
+    site_map: SiteMap,
+    thresholds_root: Path,
+    fingerprint: str,
+) -> SparsifySpec:
+    """The sparsification of a pipeline cell: its set's calibrated thresholds at ``sparsity``
+    (checked against this model and set by :func:`sponlab.sparsify.load_thresholds`)."""
+    file = threshold_path(thresholds_root, sparsity, config.sparsify)
+    sites = sparsified_sites(config, site_map)
+    thresholds = load_thresholds(file, site_map, sparsity, fingerprint, sites)
+    return sparsify_spec(params, config, sparsity, site_map, thresholds)
 
 
 def allocation(

@@ -16,8 +16,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 from tqdm.auto import tqdm
 
+from sponlab.data import device_batches
+from sponlab.hooks import installed
 from sponlab.sites import Site, SiteMap, file_sites, sort_sites
 from sponlab.tensorio import check_made_for, input_error, load_tensors
 
@@ -115,23 +118,20 @@ def sparsified(
     stats: SparsityStats | None = None,
 ) -> Iterator[None]:
     """Sparsify the inputs of ``spec.sites`` while inside the block (no-op for ``spec=None``)."""
-    handles = []
-    try:
-        if spec is not None:
-            for site in site_map.require(spec.sites):
-                linear = site_map.linear(model, site)
-                threshold = None
-                if spec.method == "teal":
-                    value = spec.thresholds[site]  # type: ignore[index]
-                    threshold = torch.tensor(
-                        value, dtype=linear.weight.dtype, device=linear.weight.device
-                    )
-                hook = _make_hook(spec, site, threshold, stats)
-                handles.append(linear.register_forward_pre_hook(hook))
+    if spec is None:
         yield
-    finally:
-        for handle in handles:
-            handle.remove()
+        return
+
+    def register(site: Site) -> RemovableHandle:
+        linear = site_map.linear(model, site)
+        threshold = None
+        if spec.method == "teal":
+            value = spec.thresholds[site]  # type: ignore[index]
+            threshold = torch.tensor(value, dtype=linear.weight.dtype, device=linear.weight.device)
+        return linear.register_forward_pre_hook(_make_hook(spec, site, threshold, stats))
+
+    with installed(register(site) for site in site_map.require(spec.sites)):
+        yield
 
 
 # ---------------------------------------------------------------- calibration
@@ -142,18 +142,13 @@ def capture_inputs(
     model: nn.Module, site_map: SiteMap, sites: Sequence[Site], sink
 ) -> Iterator[None]:
     """Call ``sink(site, x)`` with the input ``[B, T, D]`` of every site on each forward."""
-    handles = []
-    try:
-        for site in site_map.require(sites):
-
-            def hook(_m, args, site=site):
-                sink(site, args[0])
-
-            handles.append(site_map.linear(model, site).register_forward_pre_hook(hook))
+    with installed(
+        site_map.linear(model, site).register_forward_pre_hook(
+            lambda _m, args, site=site: sink(site, args[0])
+        )
+        for site in site_map.require(sites)
+    ):
         yield
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 def group_representatives(sites: Iterable[Site]) -> dict[Site, list[Site]]:
@@ -254,8 +249,8 @@ def calibrate_thresholds(
 
     device = next(model.parameters()).device
     with torch.no_grad(), capture_inputs(model, site_map, list(reps), sink):
-        for start in tqdm(range(0, len(blocks), batch_size), desc="calibrate", leave=False):
-            model(blocks[start : start + batch_size].to(device))
+        for _, ids in device_batches(blocks, batch_size, device, "calibrate"):
+            model(ids)
 
     out: dict[float, dict[Site, float]] = {s: {} for s in sparsities}
     for rep, members in tqdm(reps.items(), desc="thresholds", leave=False):

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sponlab.hooks import installed
 from sponlab.sites import Site, SiteMap, file_sites, sort_sites
 from sponlab.tensorio import check_made_for, load_tensors, save_tensors
 
@@ -84,20 +85,18 @@ class SponBiases(nn.Module):
     @contextmanager
     def attached(self, model: nn.Module, site_map: SiteMap) -> Iterator[None]:
         """Add each site's bias to its layer's output while inside the block."""
-        handles = []
-        try:
-            for site in site_map.require(self.sites):
-                linear = site_map.linear(model, site)
 
-                def hook(module: nn.Linear, _args: tuple, output: torch.Tensor, site=site):
-                    bias = self.output_bias(site, module)  # [out] fp32
-                    return (output.float() + bias).to(output.dtype)  # accumulate in fp32
+        def hook(module: nn.Linear, _args: tuple, output: torch.Tensor, site: Site):
+            bias = self.output_bias(site, module)  # [out] fp32
+            return (output.float() + bias).to(output.dtype)  # accumulate in fp32
 
-                handles.append(linear.register_forward_hook(hook))
+        with installed(
+            site_map.linear(model, site).register_forward_hook(
+                lambda m, a, o, site=site: hook(m, a, o, site)
+            )
+            for site in site_map.require(self.sites)
+        ):
             yield
-        finally:
-            for handle in handles:
-                handle.remove()
 
 
 @contextmanager

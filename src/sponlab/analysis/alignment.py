@@ -26,9 +26,12 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 from tqdm.auto import tqdm
 
 from sponlab.analysis.interpret import RandomBaseline, cosine, expected_abs_cos
+from sponlab.data import device_batches
+from sponlab.hooks import installed
 from sponlab.sites import Site, SiteMap, sort_sites
 from sponlab.sparsify import SparsifySpec, sparsified
 
@@ -85,7 +88,6 @@ def recording(
     The input pre-hook is prepended so it sees the input before any sparsifying pre-hook; the
     forward hook receives the (possibly sparsified) input the layer used and its output.
     """
-    handles = []
 
     def pre_hook(_m, args, site):
         x = args[0].detach()  # [B, T, D_in]
@@ -100,21 +102,15 @@ def recording(
             flat = output.detach().float().reshape(-1, output.shape[-1]).cpu()
             moments.samples.setdefault(site, []).append(flat)
 
-    try:
-        for site in site_map.require(sites):
-            linear = site_map.linear(model, site)
-            handles.append(
-                linear.register_forward_pre_hook(
-                    lambda m, a, site=site: pre_hook(m, a, site), prepend=True
-                )
-            )
-            handles.append(
-                linear.register_forward_hook(lambda m, a, o, site=site: post_hook(m, a, o, site))
-            )
+    def register(site: Site) -> Iterator[RemovableHandle]:
+        linear = site_map.linear(model, site)
+        yield linear.register_forward_pre_hook(
+            lambda m, a, site=site: pre_hook(m, a, site), prepend=True
+        )
+        yield linear.register_forward_hook(lambda m, a, o, site=site: post_hook(m, a, o, site))
+
+    with installed(handle for site in site_map.require(sites) for handle in register(site)):
         yield moments
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 def collect_moments(
@@ -135,8 +131,7 @@ def collect_moments(
         recording(model, site_map, sites, moments, keep_samples),
         sparsified(model, site_map, spec),
     ):
-        for start in tqdm(range(0, len(blocks), batch_size), desc=desc, leave=False):
-            ids = blocks[start : start + batch_size].to(device)  # [B, T]
+        for _, ids in device_batches(blocks, batch_size, device, desc):  # ids [B, T]
             model(ids)
             moments.tokens += ids.numel()
     return moments

@@ -59,6 +59,7 @@ from transformers import PreTrainedTokenizerBase
 
 from sponlab.config import Section
 from sponlab.data import SPLITS
+from sponlab.hooks import installed
 from sponlab.sites import Site, SiteError, SiteMap, parse_layer_spec
 from sponlab.tensorio import atomic_path
 
@@ -290,15 +291,13 @@ def mlp_input_hooks(
     the model being frozen) and a tensor hook reports its gradient; the forward values are untouched.
     Hooks are removed on exit, also on error.
     """
-    handles = []
-    try:
-        for layer in layers:
-            module = mlp_input_module(model, sitemap, layer)
-            handles.append(module.register_forward_pre_hook(_pre_hook(layer, on_value, on_grad)))
+    with installed(
+        mlp_input_module(model, sitemap, layer).register_forward_pre_hook(
+            _pre_hook(layer, on_value, on_grad)
+        )
+        for layer in layers
+    ):
         yield
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 def _pre_hook(
