@@ -111,6 +111,42 @@ def check_repro(
     raise typer.Exit(1 if failed else 0)
 
 
+@app.command("lm-eval")
+def lm_eval_cmd(
+    config: str = typer.Option(None, "--config", help="Pipeline config (not for --variant dense)."),
+    sparsity: float = typer.Option(None, "--sparsity"),
+    variant: str = typer.Option("spon", "--variant", help="dense | teal | spon"),
+    seed: int = typer.Option(None, "--seed", help="Training seed (default: the config's first)."),
+    tasks: str = typer.Option("", "--tasks", help="lm-eval task names, comma-separated (hub)."),
+    local: list[Path] = typer.Option([], "--local", help="JSONL multiple-choice file (offline)."),
+    demo: bool = typer.Option(False, "--demo", help="Add the bundled offline demo task."),
+    limit: int = typer.Option(None, "--limit", help="At most this many documents per task."),
+    num_fewshot: int = typer.Option(None, "--num-fewshot"),
+    batch_size: int = typer.Option(8, "--batch-size"),
+    params: Path = typer.Option(Path("params.yaml"), "--params"),
+    model: Path = typer.Option(Path("models/base"), "--model"),
+    thresholds: Path = typer.Option(Path("models/thresholds"), "--thresholds"),
+    spon: Path = typer.Option(Path("models/spon"), "--spon", help="Root of the train cells."),
+    out: Path = typer.Option(
+        None, "--out", help="Default: metrics/lmeval/CONFIG/s<S>/VARIANT.json"
+    ),
+) -> None:
+    """Zero-shot tasks (lm-evaluation-harness, extra `lmeval`) on a pipeline cell after `make repro`."""
+    from sponlab.lmeval import CellRef, TaskOptions, run_cell, task_list
+
+    path = run_cell(
+        params,
+        CellRef(config, sparsity, variant, seed),
+        task_list([t for t in tasks.split(",") if t], local, demo),
+        TaskOptions(limit, num_fewshot, batch_size),
+        model=model,
+        thresholds=thresholds,
+        spon=spon,
+        out=out,
+    )
+    typer.echo(path.read_text())
+
+
 def main() -> None:
     """Console entry point: parameter, site and input-file errors end with a one-line message
     (exit code 2) instead of a traceback."""
