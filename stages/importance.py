@@ -7,18 +7,16 @@ from typing import Any
 
 import typer
 
-from sponlab.analysis.importance import (
-    ImportanceParams,
-    build_batches,
-    finalize,
+from sponlab.analysis.batches import build_batches
+from sponlab.analysis.capture import (
     identity,
     mlp_input_module,
-    params_dict,
     resolve_layers,
     run_importance,
     sae_targets,
-    write_variants,
 )
+from sponlab.analysis.importance import ImportanceParams, finalize
+from sponlab.analysis.importance_files import params_dict, write_variants
 from sponlab.analysis.sae import load_saes, sae_layers
 from sponlab.config import analysis_params
 from sponlab.data import load_corpus, wants_bos

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import typer
 
-from sponlab.analysis.importance import build_batches, collect_mlp_inputs, resolve_layers
+from sponlab.analysis.batches import build_batches
+from sponlab.analysis.capture import collect_mlp_inputs, resolve_layers
 from sponlab.analysis.sae import save_sae, train_sae
 from sponlab.config import analysis_params
 from sponlab.data import load_corpus, wants_bos

@@ -9,28 +9,27 @@ import numpy as np
 import pytest
 import torch
 
-from sponlab.analysis.importance import (
+from sponlab.analysis.batches import BatchError, build_batches, ensure_pad_token, pad_batches
+from sponlab.analysis.capture import (
     ImportanceError,
-    ImportanceParams,
     LayerAggregate,
     PassResult,
-    apply_power,
-    build_batches,
-    ensure_pad_token,
-    finalize,
     identity,
-    load_importance,
     mlp_input_hooks,
     mlp_input_module,
     next_token_loss_sum,
-    normalize,
-    pad_batches,
-    parse_params,
     run_importance,
     sae_targets,
-    save_importance,
     site_tensors,
 )
+from sponlab.analysis.importance import (
+    ImportanceParams,
+    apply_power,
+    finalize,
+    normalize,
+    parse_params,
+)
+from sponlab.analysis.importance_files import load_importance, save_importance
 from sponlab.analysis.sae import SparseAutoencoder
 from sponlab.config import ConfigError, Section
 from sponlab.models import freeze
@@ -244,7 +243,7 @@ def test_tokenizer_without_pad_gets_eos_and_pads_right():
     assert batch.input_ids.shape == (3, 8)  # truncated to max_length
     row = int(batch.attention_mask.sum(1).argmin())
     assert batch.attention_mask[row, -1] == 0 and batch.input_ids[row, -1] == tok.eos_token_id
-    with pytest.raises(ImportanceError, match="samples requested"):
+    with pytest.raises(BatchError, match="samples requested"):
         build_batches(_docs(), tok, 3, 64, batch_size=3, min_tokens=10)
 
 

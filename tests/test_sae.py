@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sponlab.analysis.importance import build_batches, collect_mlp_inputs
+from sponlab.analysis.batches import build_batches
+from sponlab.analysis.capture import collect_mlp_inputs
 from sponlab.analysis.sae import (
     SparseAutoencoder,
     _unscaled,

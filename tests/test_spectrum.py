@@ -11,7 +11,9 @@ import numpy as np
 import pytest
 import torch
 
+from sponlab.analysis import kernels as kn
 from sponlab.analysis import spectrum as sp
+from sponlab.analysis import trends as tr
 from sponlab.analysis.spectrum_report import (
     DOWN_HEADERS,
     ERANK_HEADERS,
@@ -42,24 +44,24 @@ def result(llama):
 
 @pytest.mark.parametrize("n", [1, 5, 32])
 def test_identity_has_full_effective_rank(n):
-    assert sp.matrix_effective_rank(torch.eye(n)) == pytest.approx(n, rel=1e-9)
+    assert kn.matrix_effective_rank(torch.eye(n)) == pytest.approx(n, rel=1e-9)
 
 
 def test_rank_one_has_effective_rank_one():
     u, v = torch.randn(40, 1), torch.randn(1, 24)
-    assert sp.matrix_effective_rank(u @ v) == pytest.approx(1.0, abs=1e-3)
+    assert kn.matrix_effective_rank(u @ v) == pytest.approx(1.0, abs=1e-3)
 
 
 def test_effective_rank_of_known_spectra():
     # two equal singular values -> 2; zero matrix -> 0; p = (1/2, 1/4, 1/4) -> exp(1.5 ln 2)
-    assert sp.entropy_effective_rank(torch.tensor([3.0, 3.0, 0.0, 0.0])) == pytest.approx(2.0)
-    assert sp.matrix_effective_rank(torch.zeros(4, 6)) == 0.0
+    assert kn.entropy_effective_rank(torch.tensor([3.0, 3.0, 0.0, 0.0])) == pytest.approx(2.0)
+    assert kn.matrix_effective_rank(torch.zeros(4, 6)) == 0.0
     expected = math.exp(-(0.5 * math.log(0.5) + 2 * 0.25 * math.log(0.25)))
-    assert sp.entropy_effective_rank(torch.tensor([2.0, 1.0, 1.0])) == pytest.approx(expected)
+    assert kn.entropy_effective_rank(torch.tensor([2.0, 1.0, 1.0])) == pytest.approx(expected)
     # rectangular diag(1, 1, 1) padded with zeros: rank 3 regardless of dtype (bf16 converted)
     w = torch.zeros(3, 7, dtype=torch.bfloat16)
     w[:, :3] = torch.eye(3)
-    assert sp.matrix_effective_rank(w) == pytest.approx(3.0)
+    assert kn.matrix_effective_rank(w) == pytest.approx(3.0)
 
 
 # --- dimensions, shapes, GQA ------------------------------------------------------------------
@@ -68,32 +70,32 @@ def test_effective_rank_of_known_spectra():
 @pytest.mark.parametrize("arch", ARCHITECTURES)
 def test_dims_and_shapes_every_architecture(arch):
     model = tiny_model(arch)
-    dims = sp.model_dims(model.config)
+    dims = kn.model_dims(model.config)
     assert (dims.layers, dims.hidden, dims.intermediate) == (4, 64, 128)
     assert (dims.heads, dims.kv_heads, dims.head_dim, dims.vocab, dims.group) == (4, 2, 16, 512, 2)
-    sp.check_shapes(model, discover_sites(model), dims)  # no error
+    kn.check_shapes(model, discover_sites(model), dims)  # no error
 
 
 def test_shape_mismatch_names_the_projection(llama):
-    dims = dataclasses.replace(sp.model_dims(llama.config), kv_heads=1)
-    with pytest.raises(sp.ShapeError, match=r"layers\.0\.k_proj.*\(32, 64\).*\(16, 64\)"):
-        sp.check_shapes(llama, discover_sites(llama), dims)
+    dims = dataclasses.replace(kn.model_dims(llama.config), kv_heads=1)
+    with pytest.raises(kn.ShapeError, match=r"layers\.0\.k_proj.*\(32, 64\).*\(16, 64\)"):
+        kn.check_shapes(llama, discover_sites(llama), dims)
 
 
 def test_gqa_head_mapping():
-    assert [sp.kv_head_for(h, 4, 2) for h in range(4)] == [0, 0, 1, 1]
-    assert [sp.kv_head_for(h, 9, 3) for h in range(9)] == [0, 0, 0, 1, 1, 1, 2, 2, 2]
-    assert [sp.kv_head_for(h, 4, 4) for h in range(4)] == [0, 1, 2, 3]
+    assert [kn.kv_head_for(h, 4, 2) for h in range(4)] == [0, 0, 1, 1]
+    assert [kn.kv_head_for(h, 9, 3) for h in range(9)] == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+    assert [kn.kv_head_for(h, 4, 4) for h in range(4)] == [0, 1, 2, 3]
     with pytest.raises(ValueError):
-        sp.kv_head_for(4, 4, 2)
+        kn.kv_head_for(4, 4, 2)
 
 
 def test_head_weights_pair_each_query_head_with_its_kv_head(llama):
     sites = discover_sites(llama)
-    dims = sp.model_dims(llama.config)
+    dims = kn.model_dims(llama.config)
     q_w = sites.linear(llama, Site(1, "q_proj")).weight
     k_w = sites.linear(llama, Site(1, "k_proj")).weight
-    q, k = sp.head_weights(q_w, k_w, dims)  # [H, d, D]
+    q, k = kn.head_weights(q_w, k_w, dims)  # [H, d, D]
     d = dims.head_dim
     for h in range(dims.heads):
         g = h // 2
@@ -104,7 +106,7 @@ def test_head_weights_pair_each_query_head_with_its_kv_head(llama):
 def test_zeroing_one_kv_head_zeroes_exactly_its_query_heads():
     model = tiny_model("llama", seed=2)
     sites = discover_sites(model)
-    dims = sp.model_dims(model.config)
+    dims = kn.model_dims(model.config)
     with torch.no_grad():
         sites.linear(model, Site(0, "k_proj")).weight[dims.head_dim :] = 0  # KV head 1
     layer = sp.layer_spectrum(model, sites, dims, 0, ("k_proj",))
@@ -117,28 +119,28 @@ def test_zeroing_one_kv_head_zeroes_exactly_its_query_heads():
 
 def test_kernel_spectrum_matches_direct_computation(llama):
     sites = discover_sites(llama)
-    dims = sp.model_dims(llama.config)
-    q, k = sp.head_weights(
+    dims = kn.model_dims(llama.config)
+    q, k = kn.head_weights(
         sites.linear(llama, Site(2, "q_proj")).weight,
         sites.linear(llama, Site(2, "k_proj")).weight,
         dims,
     )
-    small_sv = sp.kernel_singular_values(q, k)  # [H, d]
-    small_asym = sp.kernel_asymmetry(q, k)  # [H]
+    small_sv = kn.kernel_singular_values(q, k)  # [H, d]
+    small_asym = kn.kernel_asymmetry(q, k)  # [H]
     layer = sp.layer_spectrum(llama, sites, dims, 2, ())
     for h in range(dims.heads):
-        a = sp.kernel_matrix(q[h], k[h])  # [D, D] direct
+        a = kn.kernel_matrix(q[h], k[h])  # [D, D] direct
         assert a.shape == (dims.hidden, dims.hidden)
         full_sv = torch.linalg.svdvals(a)
         assert torch.linalg.matrix_rank(a) <= dims.head_dim
         torch.testing.assert_close(small_sv[h], full_sv[: dims.head_dim], rtol=1e-8, atol=1e-12)
-        assert layer.kernel_erank[h] == pytest.approx(sp.entropy_effective_rank(full_sv), rel=1e-6)
+        assert layer.kernel_erank[h] == pytest.approx(kn.entropy_effective_rank(full_sv), rel=1e-6)
         direct_asym = torch.linalg.norm(a - a.T) / torch.linalg.norm(a)
         assert float(small_asym[h]) == pytest.approx(float(direct_asym), rel=1e-8)
         # nonzero eigenvalues of the D x D kernel == eigenvalues of the d x d K Q^T
         full_eig = torch.linalg.eigvals(a)
         full_eig = full_eig[full_eig.abs().argsort(descending=True)][: dims.head_dim]
-        small_eig = sp.kernel_eigenvalues(q[h], k[h])
+        small_eig = kn.kernel_eigenvalues(q[h], k[h])
         torch.testing.assert_close(
             torch.sort(small_eig.real).values, torch.sort(full_eig.real).values, atol=1e-9, rtol=0
         )
@@ -149,16 +151,16 @@ def test_asymmetry_of_symmetric_and_antisymmetric_kernels():
     q = torch.randn(4, 10, dtype=torch.float64)
     m = torch.randn(4, 4, dtype=torch.float64)
     k_sym = (m @ m.T) @ q  # A = q^T m m^T q: symmetric
-    assert float(sp.kernel_asymmetry(q, k_sym)) == pytest.approx(0.0, abs=1e-7)
+    assert float(kn.kernel_asymmetry(q, k_sym)) == pytest.approx(0.0, abs=1e-7)
     k_anti = (m - m.T) @ q  # A = q^T (m - m^T) q: antisymmetric, ||A - A^T|| = 2 ||A||
-    assert float(sp.kernel_asymmetry(q, k_anti)) == pytest.approx(2.0, rel=1e-9)
+    assert float(kn.kernel_asymmetry(q, k_anti)) == pytest.approx(2.0, rel=1e-9)
 
 
 def test_focus_kernel_energy_counts():
     # diagonal kernel in the first 4 coordinates with energies 9, 4, 1, 0 (one zero eigenvalue)
     q = torch.eye(4, 8, dtype=torch.float64)
     k = torch.diag(torch.tensor([3.0, 2.0, 1.0, 0.0], dtype=torch.float64)) @ q
-    focus = sp.focus_kernel(q, k, layer=0, head=0, kv_head=0, fraction=0.9)
+    focus = kn.focus_kernel(q, k, layer=0, head=0, kv_head=0, fraction=0.9)
     np.testing.assert_allclose(np.abs(focus.eigenvalues), [3, 2, 1, 0], atol=1e-12)
     np.testing.assert_allclose(focus.eig_energy, np.cumsum([9, 4, 1, 0]) / 14)
     assert focus.eig_count == 2 and focus.sv_count == 2  # 13/14 >= 0.9 > 9/14
@@ -172,27 +174,27 @@ def test_down_svd_on_known_spectrum():
     s = torch.tensor([4.0, 2.0, 1.0, 0.5])
     u = torch.linalg.qr(torch.randn(4, 4))[0]
     v = torch.linalg.qr(torch.randn(9, 4))[0]
-    down = sp.down_svd(u @ torch.diag(s) @ v.T, layer=3, thresholds=(0.5, 0.9, 0.99))
+    down = kn.down_svd(u @ torch.diag(s) @ v.T, layer=3, thresholds=(0.5, 0.9, 0.99))
     energy = np.array([16, 4, 1, 0.25]) / 21.25
     np.testing.assert_allclose(down.explained, energy, rtol=1e-5)
     assert down.components == {0.5: 1, 0.9: 2, 0.99: 4}  # 0.753, 0.941, 0.988, 1.0
     assert down.condition_number == pytest.approx(8.0, rel=1e-5)
     assert (down.top, down.smallest) == pytest.approx((4.0, 0.5), rel=1e-5)
-    assert sp.down_svd(torch.ones(3, 3), 0, (0.5,)).condition_number > 1e6  # rank 1
+    assert kn.down_svd(torch.ones(3, 3), 0, (0.5,)).condition_number > 1e6  # rank 1
 
 
 # --- phases and trends --------------------------------------------------------------------------
 
 
 def test_phase_split_and_stats():
-    assert [len(v) for v in sp.phase_layers(30).values()] == [10, 10, 10]
-    assert sp.phase_layers(4) == {"early": [0, 1], "middle": [2], "late": [3]}
-    stats = sp.phase_stats([1.0, 3.0, 2.0, 2.0, 10.0, 20.0])
+    assert [len(v) for v in tr.phase_layers(30).values()] == [10, 10, 10]
+    assert tr.phase_layers(4) == {"early": [0, 1], "middle": [2], "late": [3]}
+    stats = tr.phase_stats([1.0, 3.0, 2.0, 2.0, 10.0, 20.0])
     early = stats[0]
     assert (early.phase, early.layers, early.mean, early.std) == ("early", (0, 1), 2.0, 1.0)
     assert (early.min, early.max, early.median, early.range, early.cv) == (1.0, 3.0, 2.0, 2.0, 0.5)
     assert stats[2].mean == 15.0 and stats[2].range == 10.0
-    assert math.isnan(sp.phase_stats([1.0, 2.0])[2].mean)  # fewer layers than phases
+    assert math.isnan(tr.phase_stats([1.0, 2.0])[2].mean)  # fewer layers than phases
 
 
 @pytest.mark.parametrize(
@@ -209,20 +211,20 @@ def test_phase_split_and_stats():
     ],
 )
 def test_trend_labels_on_hand_made_sequences(values, label):
-    assert sp.layer_trend(values, tolerance=0.02).label == label
+    assert tr.layer_trend(values, tolerance=0.02).label == label
 
 
 def test_trend_other_when_middle_rises_but_net_change_is_small():
     # tol ~0.21: d1 = +1 > tol, d2 = -0.15 within tol, net = 0.85 > tol -> monotone up
-    assert sp.classify_trend([10, 11, 10.85], 0.02) == "monotone up"
-    assert sp.classify_trend([10, 11, 10.5], 0.02) == "inverted-U"  # d2 = -0.5 < -tol
-    assert sp.classify_trend([10, 10.3, 10.1], 0.02) == "other"  # tol ~0.2: d1 > tol, net <= tol
+    assert tr.classify_trend([10, 11, 10.85], 0.02) == "monotone up"
+    assert tr.classify_trend([10, 11, 10.5], 0.02) == "inverted-U"  # d2 = -0.5 < -tol
+    assert tr.classify_trend([10, 10.3, 10.1], 0.02) == "other"  # tol ~0.2: d1 > tol, net <= tol
 
 
 def test_largest_jump_and_drop():
-    trend = sp.layer_trend([1.0, 1.5, 4.0, 3.0, 0.0, 0.5], tolerance=0.02)
+    trend = tr.layer_trend([1.0, 1.5, 4.0, 3.0, 0.0, 0.5], tolerance=0.02)
     assert trend.jump == (1, 2.5) and trend.drop == (3, -3.0)
-    assert sp.layer_trend([1.0, 2.0, 3.0], 0.02).drop is None
+    assert tr.layer_trend([1.0, 2.0, 3.0], 0.02).drop is None
 
 
 # --- params -------------------------------------------------------------------------------------
@@ -278,7 +280,7 @@ def test_threads_give_the_same_result_as_serial(llama, result):
     for name in result.series:
         np.testing.assert_allclose(serial.erank(name), result.erank(name), rtol=1e-6)
     assert result.erank("down_proj")[1] == pytest.approx(
-        sp.matrix_effective_rank(discover_sites(llama).linear(llama, Site(1, "down_proj")).weight)
+        kn.matrix_effective_rank(discover_sites(llama).linear(llama, Site(1, "down_proj")).weight)
     )
 
 
@@ -322,7 +324,7 @@ def test_report_tables(result):
     assert len(phases) == 3 * len(names) and phases[0][:3] == ["q_proj", "early", "0-1"]
     trends = _table_rows(md, TREND_HEADERS)
     assert [row[0] for row in trends] == names
-    assert all(row[1] in sp.TRENDS for row in trends)
+    assert all(row[1] in tr.TRENDS for row in trends)
     assert [row[0] for row in _table_rows(md, DOWN_HEADERS)] == ["50%", "75%", "90%", "95%", "99%"]
     per_layer = _table_rows(md, ("layer", *PROJECTIONS, sp.KERNEL_TYPE))
     assert [row[0] for row in per_layer] == ["0", "1", "2", "3"]

@@ -39,44 +39,22 @@ one forward pass for ``values`` (decoder stack only) and one forward + backward 
 
 from __future__ import annotations
 
-import json
 import logging
-import re
-import time
 import warnings
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
-from typing import Any
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 
 import numpy as np
-import torch
-import torch.nn.functional as F
-from torch import nn
-from tqdm.auto import tqdm
-from transformers import PreTrainedTokenizerBase
 
+from sponlab.analysis.capture import AGGREGATE_BY, AGGREGATIONS, ImportanceError, PassResult
 from sponlab.config import Section
 from sponlab.data import SPLITS
-from sponlab.hooks import installed
-from sponlab.sites import Site, SiteError, SiteMap, parse_layer_spec
-from sponlab.tensorio import atomic_path
+from sponlab.sites import SiteError, parse_layer_spec
 
 log = logging.getLogger(__name__)
-
 FEATURES: tuple[str, ...] = ("mlp", "sae")
-AGGREGATE_BY: tuple[str, ...] = ("values", "gradients")
-AGGREGATIONS: tuple[str, ...] = ("mean", "mean_abs")
 NORMALIZATIONS: tuple[str, ...] = ("none", "sum_abs", "sum")
 BOTH_NORMALIZATIONS: tuple[str, ...] = ("sum_abs", "sum")
-
-# A per-layer map from captured site tensors [B, T, D] to the analysed features [B, T, F].
-Transform = Callable[[torch.Tensor], torch.Tensor]
-
-
-class ImportanceError(ValueError):
-    """An importance computation that cannot give a meaningful answer (e.g. sum ~0)."""
 
 
 @dataclass(frozen=True)
@@ -180,299 +158,6 @@ def _expand(choice: str, both: tuple[str, ...]) -> tuple[str, ...]:
     return both if choice == "both" else (choice,)
 
 
-# --- text -> padded token batches -------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class TokenBatch:
-    """Right-padded token ids and their mask (1 = real token, 0 = pad)."""
-
-    input_ids: torch.Tensor  # [B, T] int64
-    attention_mask: torch.Tensor  # [B, T] int64
-
-    @property
-    def tokens(self) -> int:
-        return int(self.attention_mask.sum())
-
-
-def ensure_pad_token(tokenizer: PreTrainedTokenizerBase) -> int:
-    """Pad on the right with the tokenizer's pad token, or EOS when it has none; return its id."""
-    if tokenizer.pad_token_id is None:
-        if tokenizer.eos_token is None:
-            raise ImportanceError("tokenizer has neither a pad nor an EOS token to pad with")
-        tokenizer.pad_token = tokenizer.eos_token
-    tokenizer.padding_side = "right"
-    return int(tokenizer.pad_token_id)
-
-
-def tokenize_documents(
-    docs: Sequence[str],
-    tokenizer: PreTrainedTokenizerBase,
-    samples: int,
-    max_length: int,
-    min_tokens: int = 2,
-    bos: bool = False,
-) -> list[list[int]]:
-    """Token ids of the first ``samples`` documents with >= ``min_tokens`` tokens (<= max_length).
-
-    With ``bos`` each sample starts with the BOS token (counted in ``max_length``).
-    """
-    out: list[list[int]] = []
-    for doc in docs:
-        ids = tokenizer(doc, add_special_tokens=False).input_ids
-        if bos:
-            ids = [tokenizer.bos_token_id, *ids]
-        ids = ids[:max_length]
-        if len(ids) >= min_tokens:
-            out.append(ids)
-        if len(out) == samples:
-            return out
-    raise ImportanceError(
-        f"only {len(out)} of {len(docs)} documents have >= {min_tokens} tokens; "
-        f"{samples} samples requested (lower samples or min_tokens)"
-    )
-
-
-def pad_batches(seqs: Sequence[Sequence[int]], batch_size: int, pad_id: int) -> list[TokenBatch]:
-    """Consecutive right-padded batches of at most ``batch_size`` sequences."""
-    batches = []
-    for start in range(0, len(seqs), batch_size):
-        chunk = seqs[start : start + batch_size]
-        width = max(len(s) for s in chunk)
-        ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)  # [B, T]
-        mask = torch.zeros((len(chunk), width), dtype=torch.long)  # [B, T]
-        for row, seq in enumerate(chunk):
-            ids[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
-            mask[row, : len(seq)] = 1
-        batches.append(TokenBatch(ids, mask))
-    return batches
-
-
-def build_batches(
-    docs: Sequence[str],
-    tokenizer: PreTrainedTokenizerBase,
-    samples: int,
-    max_length: int,
-    batch_size: int,
-    min_tokens: int = 2,
-    bos: bool = False,
-) -> list[TokenBatch]:
-    """Tokenise the first documents and batch them, longest first (less padding to compute)."""
-    pad_id = ensure_pad_token(tokenizer)
-    seqs = tokenize_documents(docs, tokenizer, samples, max_length, min_tokens, bos)
-    seqs = sorted(seqs, key=len, reverse=True)  # aggregates are sums: order does not matter
-    return pad_batches(seqs, batch_size, pad_id)
-
-
-# --- capturing down_proj inputs and their gradients -------------------------------------------
-
-
-def resolve_layers(spec: str, num_layers: int) -> list[int]:
-    """``all`` or a ``parse_layer_spec`` string, validated against the model."""
-    return list(range(num_layers)) if spec == "all" else parse_layer_spec(spec, num_layers)
-
-
-def mlp_input_module(model: nn.Module, sitemap: SiteMap, layer: int) -> nn.Linear:
-    """The ``down_proj`` of ``layer``: its input is the MLP activation ``act(gate) * up``."""
-    return sitemap.linear(model, sitemap.require([Site(layer, "down_proj")])[0])
-
-
-@contextmanager
-def mlp_input_hooks(
-    model: nn.Module,
-    sitemap: SiteMap,
-    layers: Sequence[int],
-    on_value: Callable[[int, torch.Tensor], None] | None = None,
-    on_grad: Callable[[int, torch.Tensor], None] | None = None,
-) -> Iterator[None]:
-    """Call ``on_value(layer, x)`` on each down_proj input and ``on_grad(layer, dL/dx)`` in backward.
-
-    For gradients the activation is made to require grad (it is a leaf when nothing upstream does,
-    the model being frozen) and a tensor hook reports its gradient; the forward values are untouched.
-    Hooks are removed on exit, also on error.
-    """
-    with installed(
-        mlp_input_module(model, sitemap, layer).register_forward_pre_hook(
-            _pre_hook(layer, on_value, on_grad)
-        )
-        for layer in layers
-    ):
-        yield
-
-
-def _pre_hook(
-    layer: int,
-    on_value: Callable[[int, torch.Tensor], None] | None,
-    on_grad: Callable[[int, torch.Tensor], None] | None,
-) -> Callable[[nn.Module, tuple[Any, ...]], None]:
-    def hook(_module: nn.Module, args: tuple[Any, ...]) -> None:
-        x = args[0]  # [B, T, D]
-        if on_value is not None:
-            on_value(layer, x.detach())
-        if on_grad is not None and torch.is_grad_enabled():
-            if not x.requires_grad:
-                x.requires_grad_(True)  # a leaf: no parameter or earlier activation needs grad
-            x.register_hook(lambda grad: on_grad(layer, grad))
-
-    return hook
-
-
-def next_token_loss_sum(
-    logits: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor
-) -> torch.Tensor:
-    """Next-token cross-entropy summed over target tokens whose input and target are not pad."""
-    valid = attention_mask[:, :-1].bool() & attention_mask[:, 1:].bool()  # [B, T-1]
-    pred = logits[:, :-1][valid]  # [N, V]
-    target = input_ids[:, 1:][valid]  # [N]
-    pred = pred.to(torch.promote_types(pred.dtype, torch.float32))  # bf16 -> fp32, fp64 stays
-    return F.cross_entropy(pred, target, reduction="sum")
-
-
-def _forward_body(model: nn.Module) -> nn.Module:
-    """The decoder stack without the LM head when the model exposes it (values need no logits)."""
-    decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
-    return decoder if isinstance(decoder, nn.Module) else model
-
-
-def _device(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
-
-
-def site_tensors(
-    model: nn.Module,
-    sitemap: SiteMap,
-    layers: Sequence[int],
-    batch: TokenBatch,
-    aggregate_by: str,
-) -> dict[int, torch.Tensor]:
-    """Per-token down_proj inputs (``values``) or ``d loss / d input`` (``gradients``), [B, T, D]."""
-    captured: dict[int, torch.Tensor] = {}
-
-    def keep(layer: int, tensor: torch.Tensor) -> None:
-        captured[layer] = tensor.detach().clone()
-
-    _forward(model, sitemap, layers, batch, aggregate_by, keep)
-    return captured
-
-
-def _forward(
-    model: nn.Module,
-    sitemap: SiteMap,
-    layers: Sequence[int],
-    batch: TokenBatch,
-    aggregate_by: str,
-    sink: Callable[[int, torch.Tensor], None],
-) -> None:
-    """One forward (``values``) or forward + backward (``gradients``) pass feeding ``sink``."""
-    device = _device(model)
-    ids = batch.input_ids.to(device)
-    mask = batch.attention_mask.to(device)
-    if aggregate_by == "values":
-        with torch.no_grad(), mlp_input_hooks(model, sitemap, layers, on_value=sink):
-            _forward_body(model)(input_ids=ids, attention_mask=mask, use_cache=False)
-        return
-    if aggregate_by != "gradients":
-        raise ValueError(f"aggregate_by must be one of {AGGREGATE_BY}, got {aggregate_by!r}")
-    with torch.enable_grad(), mlp_input_hooks(model, sitemap, layers, on_grad=sink):
-        logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits  # [B, T, V]
-        next_token_loss_sum(logits, ids, mask).backward()
-
-
-# --- streaming aggregation over tokens --------------------------------------------------------
-
-
-@dataclass
-class LayerAggregate:
-    """Running sums over non-pad tokens of one (features, layer): float64, shape [F]."""
-
-    total: torch.Tensor | None = None
-    total_abs: torch.Tensor | None = None
-    tokens: int = 0
-
-    def add(self, feats: torch.Tensor, mask: torch.Tensor) -> None:
-        """Add the rows of ``feats`` [B, T, F] where ``mask`` [B, T] is true."""
-        rows = feats[mask].double()  # [N, F]
-        if self.total is None:
-            self.total = torch.zeros(rows.shape[-1], dtype=torch.float64, device=rows.device)
-            self.total_abs = torch.zeros_like(self.total)
-        self.total += rows.sum(0)
-        self.total_abs += rows.abs().sum(0)
-        self.tokens += rows.shape[0]
-
-    def result(self, aggregation: str) -> np.ndarray:
-        """``mean`` or ``mean_abs`` over all tokens seen."""
-        if aggregation not in AGGREGATIONS:
-            raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got {aggregation!r}")
-        if self.total is None or self.total_abs is None or self.tokens == 0:
-            raise ImportanceError("no tokens were aggregated")
-        total = self.total if aggregation == "mean" else self.total_abs
-        return (total / self.tokens).cpu().numpy()
-
-
-@dataclass
-class PassResult:
-    """Aggregates of one pass: ``aggregates[features][layer]`` plus timing."""
-
-    aggregate_by: str
-    aggregates: dict[str, dict[int, LayerAggregate]]
-    seconds: float
-    tokens: int
-    batches: int = 0
-
-    @property
-    def tokens_per_s(self) -> float:
-        return self.tokens / self.seconds if self.seconds > 0 else float("nan")
-
-
-def run_importance(
-    model: nn.Module,
-    sitemap: SiteMap,
-    batches: Sequence[TokenBatch],
-    aggregate_by: str,
-    targets: Mapping[str, Mapping[int, Transform]],
-    progress: bool = True,
-) -> PassResult:
-    """Aggregate every target over all non-pad tokens in one pass over ``batches``.
-
-    ``targets[features][layer]`` maps the captured site tensor (values or gradients) of that layer
-    to the analysed features (identity for raw activations, the SAE encoder or the SAE gradient
-    projection), so raw and SAE features share the forward/backward passes.
-    """
-    layers = sorted({layer for per_layer in targets.values() for layer in per_layer})
-    aggregates = {name: {layer: LayerAggregate() for layer in per} for name, per in targets.items()}
-    state: dict[str, torch.Tensor] = {}
-
-    def sink(layer: int, tensor: torch.Tensor) -> None:
-        with torch.no_grad():
-            for name, per_layer in targets.items():
-                if layer in per_layer:
-                    aggregates[name][layer].add(per_layer[layer](tensor), state["mask"])
-
-    start = time.perf_counter()
-    device = _device(model)
-    for batch in tqdm(batches, desc=f"importance {aggregate_by}", disable=not progress):
-        state["mask"] = batch.attention_mask.to(device).bool()  # [B, T]
-        _forward(model, sitemap, layers, batch, aggregate_by, sink)
-    seconds = time.perf_counter() - start
-    tokens = sum(b.tokens for b in batches)
-    log.info(
-        "%s pass: %d tokens, %d layers in %.1fs (%.0f tokens/s)",
-        aggregate_by,
-        tokens,
-        len(layers),
-        seconds,
-        tokens / max(seconds, 1e-9),
-    )
-    return PassResult(aggregate_by, aggregates, seconds, tokens, len(batches))
-
-
-def identity(tensor: torch.Tensor) -> torch.Tensor:
-    return tensor
-
-
-# --- power, normalisation, statistics ---------------------------------------------------------
-
-
 def apply_power(g: np.ndarray, power: float | None) -> np.ndarray:
     """``sign(g) * |g|**power`` (sign preserving; ``None`` returns ``g`` unchanged)."""
     g = np.asarray(g, dtype=np.float64)
@@ -510,7 +195,7 @@ def normalize(g: np.ndarray, how: str, tolerance: float = 1e-6) -> np.ndarray:
     raise ValueError(f"normalize must be one of {NORMALIZATIONS}, got {how!r}")
 
 
-def vector_stats(g: np.ndarray) -> dict[str, float]:
+def score_stats(g: np.ndarray) -> dict[str, float]:
     """Summary of one importance vector: moments, sign balance and concentration."""
     g = np.asarray(g, dtype=np.float64)
     mass = np.abs(g)
@@ -540,7 +225,7 @@ def stem_name(aggregate_by: str, aggregation: str, norm: str, power: float | Non
 
 
 @dataclass(frozen=True)
-class Variant:
+class ImportanceScores:
     """One written result: features x pass x aggregation x normalisation (x power)."""
 
     features: str
@@ -556,7 +241,7 @@ class Variant:
         return stem_name(self.aggregate_by, self.aggregation, self.normalize, self.power)
 
 
-def finalize(result: PassResult, features: str, params: ImportanceParams) -> list[Variant]:
+def finalize(result: PassResult, features: str, params: ImportanceParams) -> list[ImportanceScores]:
     """Every (aggregation, normalisation) variant of one features' aggregates of a pass."""
     variants = []
     per_layer = result.aggregates[features]
@@ -575,13 +260,13 @@ def finalize(result: PassResult, features: str, params: ImportanceParams) -> lis
                         f"{features} {result.aggregate_by} {aggregation}, layer {layer}: {err}"
                     ) from err
             stats = {
-                layer: {**vector_stats(v), "pre_norm_sum_ratio": sum_ratio(powered[layer])}
+                layer: {**score_stats(v), "pre_norm_sum_ratio": sum_ratio(powered[layer])}
                 for layer, v in vectors.items()
             }
             if norm == "sum":
                 _warn_ill_conditioned(stats, f"{features} {result.aggregate_by} {aggregation}")
             variants.append(
-                Variant(
+                ImportanceScores(
                     features, result.aggregate_by, aggregation, norm, params.power, vectors, stats
                 )
             )
@@ -610,121 +295,3 @@ def _warn_ill_conditioned(stats: Mapping[int, Mapping[str, float]], what: str) -
             sorted(bad),
             min(abs(r) for r in bad.values()),
         )
-
-
-# --- files ------------------------------------------------------------------------------------
-
-_LAYER_KEY_RE = re.compile(r"^layer_(\d+)$")
-
-
-@dataclass(frozen=True)
-class ImportanceResult:
-    """A consolidated ``.npz`` read back: one vector per layer plus its metadata."""
-
-    vectors: dict[int, np.ndarray]
-    metadata: dict[str, Any]
-
-    @property
-    def layers(self) -> list[int]:
-        return sorted(self.vectors)
-
-
-def save_importance(out_dir: Path, variant: Variant, metadata: Mapping[str, Any]) -> Path:
-    """Write ``<stem>.npz`` (keys ``layer_<i>``, ``layers``, ``metadata``) and per-layer ``.npy``.
-
-    ``metadata`` is stored as a one-element JSON string array so ``allow_pickle=False`` loads it.
-    Per-layer vectors go to ``layers/<stem>/layer_<i>.npy``.
-    """
-    out_dir = Path(out_dir)
-    arrays: dict[str, np.ndarray] = {f"layer_{i}": v for i, v in sorted(variant.vectors.items())}
-    arrays["layers"] = np.asarray(sorted(variant.vectors), dtype=np.int64)
-    arrays["metadata"] = np.asarray([json.dumps(dict(metadata), sort_keys=True)])
-    path = out_dir / f"{variant.stem}.npz"
-    with atomic_path(path) as tmp, open(tmp, "wb") as handle:
-        np.savez(handle, **arrays)
-    for layer, vector in variant.vectors.items():
-        npy = out_dir / "layers" / variant.stem / f"layer_{layer}.npy"
-        with atomic_path(npy) as tmp, open(tmp, "wb") as handle:
-            np.save(handle, vector, allow_pickle=False)
-    return path
-
-
-def load_importance(path: Path) -> ImportanceResult:
-    """Read a consolidated ``.npz`` written by :func:`save_importance` (no pickle)."""
-    with np.load(Path(path), allow_pickle=False) as data:
-        vectors = {
-            int(m.group(1)): data[key]
-            for key in data.files
-            if (m := _LAYER_KEY_RE.match(key)) is not None
-        }
-        metadata = json.loads(str(data["metadata"][0])) if "metadata" in data.files else {}
-    return ImportanceResult(vectors=vectors, metadata=metadata)
-
-
-def variant_metadata(
-    variant: Variant, result: PassResult, params: ImportanceParams, context: Mapping[str, Any]
-) -> dict[str, Any]:
-    """What a consolidated file says about itself: config, sizes, statistics, timing."""
-    return {
-        **dict(context),
-        "features": variant.features,
-        "aggregate_by": variant.aggregate_by,
-        "aggregation": variant.aggregation,
-        "normalize": variant.normalize,
-        "power": variant.power,
-        "layers": sorted(variant.vectors),
-        "dims": {str(i): int(v.size) for i, v in sorted(variant.vectors.items())},
-        "tokens": result.tokens,
-        "seconds": result.seconds,
-        "params": params_dict(params),
-        "stats": {str(i): s for i, s in sorted(variant.stats.items())},
-    }
-
-
-def params_dict(params: ImportanceParams) -> dict[str, Any]:
-    """JSON-ready params (tuples as lists)."""
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(params).items()}
-
-
-def collect_mlp_inputs(
-    model: nn.Module,
-    sitemap: SiteMap,
-    layers: Sequence[int],
-    batches: Sequence[TokenBatch],
-    progress: bool = True,
-) -> dict[int, torch.Tensor]:
-    """Down_proj inputs of every non-pad token, per layer ``[N, D]`` float32 on CPU (SAE data)."""
-    rows: dict[int, list[torch.Tensor]] = {layer: [] for layer in layers}
-    state: dict[str, torch.Tensor] = {}
-
-    def keep(layer: int, x: torch.Tensor) -> None:
-        rows[layer].append(x[state["mask"]].float().cpu())  # [n, D]
-
-    device = _device(model)
-    for batch in tqdm(batches, desc="collect activations", disable=not progress):
-        state["mask"] = batch.attention_mask.to(device).bool()
-        _forward(model, sitemap, layers, batch, "values", keep)
-    return {layer: torch.cat(parts) for layer, parts in rows.items()}
-
-
-def sae_targets(saes: Mapping[int, Any], aggregate_by: str) -> dict[int, Transform]:
-    """Per-layer SAE transforms: the encoder for ``values``, ``dL/dx @ W_dec^T`` for gradients."""
-    if aggregate_by == "values":
-        return {layer: sae.encode for layer, sae in saes.items()}
-    return {layer: sae.feature_grad for layer, sae in saes.items()}
-
-
-def write_variants(
-    out_dir: Path,
-    variants: Sequence[Variant],
-    result: PassResult,
-    params: ImportanceParams,
-    context: Mapping[str, Any],
-) -> dict[str, Any]:
-    """Save every variant (``.npz`` + per-layer ``.npy``); return their metadata by stem."""
-    written = {}
-    for variant in variants:
-        meta = variant_metadata(variant, result, params, context)
-        save_importance(out_dir, variant, meta)
-        written[variant.stem] = {k: v for k, v in meta.items() if k not in ("params", *context)}
-    return written

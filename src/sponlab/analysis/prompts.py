@@ -23,7 +23,7 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
-from sponlab.analysis.importance import TokenBatch, ensure_pad_token, pad_batches
+from sponlab.analysis.batches import TokenBatch, ensure_pad_token, pad_batches
 from sponlab.config import ConfigError
 from sponlab.evaluate import hidden_stack
 from sponlab.sites import SiteMap

@@ -223,7 +223,7 @@ def load_saes(
 
 
 @dataclass
-class TrainResult:
+class SaeTrainResult:
     """A trained SAE (on raw activations) with its learning curve and held-out quality."""
 
     sae: SparseAutoencoder
@@ -269,7 +269,7 @@ def train_sae(
     holdout: float = 0.1,
     seed: int = 0,
     progress: bool = True,
-) -> TrainResult:
+) -> SaeTrainResult:
     """Train an SAE on ``acts`` ``[N, d_in]``; quality is measured on a held-out token fraction."""
     generator = torch.Generator().manual_seed(seed)
     acts = acts.float()
@@ -307,7 +307,7 @@ def train_sae(
         "train_tokens": int(train.shape[0]),
         "seconds": time.perf_counter() - start,
     }
-    return TrainResult(sae=trained, history=history, metrics=metrics)
+    return SaeTrainResult(sae=trained, history=history, metrics=metrics)
 
 
 def _unscaled(sae: SparseAutoencoder, scale: float) -> SparseAutoencoder:

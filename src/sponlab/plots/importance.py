@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 from matplotlib import cm
 
-from sponlab.analysis.importance import Variant
+from sponlab.analysis.importance import ImportanceScores
 from sponlab.plots.common import plt, save_figure  # common selects the Agg backend first
 
 
@@ -131,7 +131,7 @@ def _corr(a: np.ndarray, b: np.ndarray) -> float:
 
 def plot_variants(
     fig_dir: Path,
-    variants: Sequence[Variant],
+    variants: Sequence[ImportanceScores],
     layer_figures: bool = True,
     xlabel: str = "dimension",
 ) -> list[Path]:
@@ -143,7 +143,7 @@ def plot_variants(
     - ``<aggregate_by>_compare_norm-<norm>.png`` when both ``mean`` and ``mean_abs`` were computed.
     """
     paths = []
-    groups: dict[tuple[str, str, float | None], list[Variant]] = {}
+    groups: dict[tuple[str, str, float | None], list[ImportanceScores]] = {}
     for v in variants:
         groups.setdefault((v.aggregate_by, v.normalize, v.power), []).append(v)
         title = f"{v.features}: {v.stem}"

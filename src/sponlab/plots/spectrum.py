@@ -8,7 +8,9 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 import numpy as np
 
-from sponlab.analysis.spectrum import KERNEL_TYPE, PHASES, DownSVD, FocusKernel, SpectrumResult
+from sponlab.analysis.kernels import DownSVD, FocusKernel
+from sponlab.analysis.spectrum import KERNEL_TYPE, SpectrumResult
+from sponlab.analysis.trends import PHASES
 from sponlab.plots.common import new_figure, save_figure
 
 FIGURES: dict[str, str] = {

@@ -1,0 +1,270 @@
+"""Capturing down_proj inputs and their gradients, aggregated over tokens as they stream past.
+
+One forward pass (``values``, decoder stack only) or forward + backward (``gradients``, model
+frozen, next-token loss summed over real target tokens) per batch; a pre-hook on each selected
+layer's down_proj reports the input (and a tensor hook its gradient), removed on exit. See
+:mod:`sponlab.analysis.importance` for what is computed from the aggregates.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from sponlab.analysis.batches import TokenBatch
+from sponlab.hooks import installed
+from sponlab.sites import Site, SiteMap, parse_layer_spec
+
+log = logging.getLogger(__name__)
+
+AGGREGATE_BY: tuple[str, ...] = ("values", "gradients")
+AGGREGATIONS: tuple[str, ...] = ("mean", "mean_abs")
+
+
+class ImportanceError(ValueError):
+    """An importance computation that cannot give a meaningful answer (e.g. sum ~0)."""
+
+
+# A per-layer map from captured site tensors [B, T, D] to the analysed features [B, T, F].
+Transform = Callable[[torch.Tensor], torch.Tensor]
+
+
+def resolve_layers(spec: str, num_layers: int) -> list[int]:
+    """``all`` or a ``parse_layer_spec`` string, validated against the model."""
+    return list(range(num_layers)) if spec == "all" else parse_layer_spec(spec, num_layers)
+
+
+def mlp_input_module(model: nn.Module, sitemap: SiteMap, layer: int) -> nn.Linear:
+    """The ``down_proj`` of ``layer``: its input is the MLP activation ``act(gate) * up``."""
+    return sitemap.linear(model, sitemap.require([Site(layer, "down_proj")])[0])
+
+
+@contextmanager
+def mlp_input_hooks(
+    model: nn.Module,
+    sitemap: SiteMap,
+    layers: Sequence[int],
+    on_value: Callable[[int, torch.Tensor], None] | None = None,
+    on_grad: Callable[[int, torch.Tensor], None] | None = None,
+) -> Iterator[None]:
+    """Call ``on_value(layer, x)`` on each down_proj input and ``on_grad(layer, dL/dx)`` in backward.
+
+    For gradients the activation is made to require grad (it is a leaf when nothing upstream does,
+    the model being frozen) and a tensor hook reports its gradient; the forward values are untouched.
+    Hooks are removed on exit, also on error.
+    """
+    with installed(
+        mlp_input_module(model, sitemap, layer).register_forward_pre_hook(
+            _pre_hook(layer, on_value, on_grad)
+        )
+        for layer in layers
+    ):
+        yield
+
+
+def _pre_hook(
+    layer: int,
+    on_value: Callable[[int, torch.Tensor], None] | None,
+    on_grad: Callable[[int, torch.Tensor], None] | None,
+) -> Callable[[nn.Module, tuple[Any, ...]], None]:
+    def hook(_module: nn.Module, args: tuple[Any, ...]) -> None:
+        x = args[0]  # [B, T, D]
+        if on_value is not None:
+            on_value(layer, x.detach())
+        if on_grad is not None and torch.is_grad_enabled():
+            if not x.requires_grad:
+                x.requires_grad_(True)  # a leaf: no parameter or earlier activation needs grad
+            x.register_hook(lambda grad: on_grad(layer, grad))
+
+    return hook
+
+
+def next_token_loss_sum(
+    logits: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor
+) -> torch.Tensor:
+    """Next-token cross-entropy summed over target tokens whose input and target are not pad."""
+    valid = attention_mask[:, :-1].bool() & attention_mask[:, 1:].bool()  # [B, T-1]
+    pred = logits[:, :-1][valid]  # [N, V]
+    target = input_ids[:, 1:][valid]  # [N]
+    pred = pred.to(torch.promote_types(pred.dtype, torch.float32))  # bf16 -> fp32, fp64 stays
+    return F.cross_entropy(pred, target, reduction="sum")
+
+
+def _forward_body(model: nn.Module) -> nn.Module:
+    """The decoder stack without the LM head when the model exposes it (values need no logits)."""
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
+    return decoder if isinstance(decoder, nn.Module) else model
+
+
+def _device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def site_tensors(
+    model: nn.Module,
+    sitemap: SiteMap,
+    layers: Sequence[int],
+    batch: TokenBatch,
+    aggregate_by: str,
+) -> dict[int, torch.Tensor]:
+    """Per-token down_proj inputs (``values``) or ``d loss / d input`` (``gradients``), [B, T, D]."""
+    captured: dict[int, torch.Tensor] = {}
+
+    def keep(layer: int, tensor: torch.Tensor) -> None:
+        captured[layer] = tensor.detach().clone()
+
+    _forward(model, sitemap, layers, batch, aggregate_by, keep)
+    return captured
+
+
+def _forward(
+    model: nn.Module,
+    sitemap: SiteMap,
+    layers: Sequence[int],
+    batch: TokenBatch,
+    aggregate_by: str,
+    sink: Callable[[int, torch.Tensor], None],
+) -> None:
+    """One forward (``values``) or forward + backward (``gradients``) pass feeding ``sink``."""
+    device = _device(model)
+    ids = batch.input_ids.to(device)
+    mask = batch.attention_mask.to(device)
+    if aggregate_by == "values":
+        with torch.no_grad(), mlp_input_hooks(model, sitemap, layers, on_value=sink):
+            _forward_body(model)(input_ids=ids, attention_mask=mask, use_cache=False)
+        return
+    if aggregate_by != "gradients":
+        raise ValueError(f"aggregate_by must be one of {AGGREGATE_BY}, got {aggregate_by!r}")
+    with torch.enable_grad(), mlp_input_hooks(model, sitemap, layers, on_grad=sink):
+        logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits  # [B, T, V]
+        next_token_loss_sum(logits, ids, mask).backward()
+
+
+# --- streaming aggregation over tokens --------------------------------------------------------
+
+
+@dataclass
+class LayerAggregate:
+    """Running sums over non-pad tokens of one (features, layer): float64, shape [F]."""
+
+    total: torch.Tensor | None = None
+    total_abs: torch.Tensor | None = None
+    tokens: int = 0
+
+    def add(self, feats: torch.Tensor, mask: torch.Tensor) -> None:
+        """Add the rows of ``feats`` [B, T, F] where ``mask`` [B, T] is true."""
+        rows = feats[mask].double()  # [N, F]
+        if self.total is None:
+            self.total = torch.zeros(rows.shape[-1], dtype=torch.float64, device=rows.device)
+            self.total_abs = torch.zeros_like(self.total)
+        self.total += rows.sum(0)
+        self.total_abs += rows.abs().sum(0)
+        self.tokens += rows.shape[0]
+
+    def result(self, aggregation: str) -> np.ndarray:
+        """``mean`` or ``mean_abs`` over all tokens seen."""
+        if aggregation not in AGGREGATIONS:
+            raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got {aggregation!r}")
+        if self.total is None or self.total_abs is None or self.tokens == 0:
+            raise ImportanceError("no tokens were aggregated")
+        total = self.total if aggregation == "mean" else self.total_abs
+        return (total / self.tokens).cpu().numpy()
+
+
+@dataclass
+class PassResult:
+    """Aggregates of one pass: ``aggregates[features][layer]`` plus timing."""
+
+    aggregate_by: str
+    aggregates: dict[str, dict[int, LayerAggregate]]
+    seconds: float
+    tokens: int
+    batches: int = 0
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.seconds if self.seconds > 0 else float("nan")
+
+
+def run_importance(
+    model: nn.Module,
+    sitemap: SiteMap,
+    batches: Sequence[TokenBatch],
+    aggregate_by: str,
+    targets: Mapping[str, Mapping[int, Transform]],
+    progress: bool = True,
+) -> PassResult:
+    """Aggregate every target over all non-pad tokens in one pass over ``batches``.
+
+    ``targets[features][layer]`` maps the captured site tensor (values or gradients) of that layer
+    to the analysed features (identity for raw activations, the SAE encoder or the SAE gradient
+    projection), so raw and SAE features share the forward/backward passes.
+    """
+    layers = sorted({layer for per_layer in targets.values() for layer in per_layer})
+    aggregates = {name: {layer: LayerAggregate() for layer in per} for name, per in targets.items()}
+    state: dict[str, torch.Tensor] = {}
+
+    def sink(layer: int, tensor: torch.Tensor) -> None:
+        with torch.no_grad():
+            for name, per_layer in targets.items():
+                if layer in per_layer:
+                    aggregates[name][layer].add(per_layer[layer](tensor), state["mask"])
+
+    start = time.perf_counter()
+    device = _device(model)
+    for batch in tqdm(batches, desc=f"importance {aggregate_by}", disable=not progress):
+        state["mask"] = batch.attention_mask.to(device).bool()  # [B, T]
+        _forward(model, sitemap, layers, batch, aggregate_by, sink)
+    seconds = time.perf_counter() - start
+    tokens = sum(b.tokens for b in batches)
+    log.info(
+        "%s pass: %d tokens, %d layers in %.1fs (%.0f tokens/s)",
+        aggregate_by,
+        tokens,
+        len(layers),
+        seconds,
+        tokens / max(seconds, 1e-9),
+    )
+    return PassResult(aggregate_by, aggregates, seconds, tokens, len(batches))
+
+
+def identity(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor
+
+
+def collect_mlp_inputs(
+    model: nn.Module,
+    sitemap: SiteMap,
+    layers: Sequence[int],
+    batches: Sequence[TokenBatch],
+    progress: bool = True,
+) -> dict[int, torch.Tensor]:
+    """Down_proj inputs of every non-pad token, per layer ``[N, D]`` float32 on CPU (SAE data)."""
+    rows: dict[int, list[torch.Tensor]] = {layer: [] for layer in layers}
+    state: dict[str, torch.Tensor] = {}
+
+    def keep(layer: int, x: torch.Tensor) -> None:
+        rows[layer].append(x[state["mask"]].float().cpu())  # [n, D]
+
+    device = _device(model)
+    for batch in tqdm(batches, desc="collect activations", disable=not progress):
+        state["mask"] = batch.attention_mask.to(device).bool()
+        _forward(model, sitemap, layers, batch, "values", keep)
+    return {layer: torch.cat(parts) for layer, parts in rows.items()}
+
+
+def sae_targets(saes: Mapping[int, Any], aggregate_by: str) -> dict[int, Transform]:
+    """Per-layer SAE transforms: the encoder for ``values``, ``dL/dx @ W_dec^T`` for gradients."""
+    if aggregate_by == "values":
+        return {layer: sae.encode for layer, sae in saes.items()}
+    return {layer: sae.feature_grad for layer, sae in saes.items()}
