@@ -9,14 +9,13 @@ import typer
 
 from sponlab.analysis.batches import build_batches
 from sponlab.analysis.capture import (
-    identity,
+    feature_targets,
     mlp_input_module,
     resolve_layers,
     run_importance,
-    sae_targets,
 )
 from sponlab.analysis.importance import ImportanceParams, finalize
-from sponlab.analysis.importance_files import params_dict, write_variants
+from sponlab.analysis.importance_files import importance_headline, params_dict, write_variants
 from sponlab.analysis.sae import load_saes, sae_layers
 from sponlab.config import analysis_params
 from sponlab.data import load_corpus, wants_bos
@@ -34,8 +33,11 @@ def main(
     sae: Path = typer.Option(
         Path("models/sae"), "--sae", help="SAE folder (layer_<i>.safetensors; stage sae)."
     ),
-    out: Path = typer.Option(
-        Path("reports/importance"), "--out", help="Folder for <features>/*.npz, .npy, figures."
+    tables: Path = typer.Option(
+        Path("metrics/importance"), "--tables", help="Folder for <features>/*.npz, .npy, metadata."
+    ),
+    figures: Path = typer.Option(
+        Path("plots/importance"), "--figures", help="Folder for <features>/*.png."
     ),
     metrics: Path = typer.Option(Path("metrics/importance.json"), "--metrics"),
 ) -> None:
@@ -60,42 +62,23 @@ def main(
     )
     context = {"model": str(model), "model_type": lm.model.config.model_type, "split": cfg.split}
     summary: dict[str, Any] = {"config": params_dict(cfg), **context, "passes": {}, "files": {}}
-    with replace_dir(out) as tmp:
+    with replace_dir(tables) as tmp, replace_dir(figures) as fig:
         for aggregate_by in cfg.aggregate_by:
-            targets = {
-                "mlp": {i: identity for i in targets_layers.get("mlp", [])},
-                "sae": sae_targets(targets_layers.get("sae", {}), aggregate_by),
-            }
-            targets = {name: t for name, t in targets.items() if t}
+            targets = feature_targets(
+                targets_layers.get("mlp", []), targets_layers.get("sae", {}), aggregate_by
+            )
             result = run_importance(lm.model, sitemap, batches, aggregate_by, targets)
-            summary["passes"][aggregate_by] = {
-                "seconds": result.seconds,
-                "tokens": result.tokens,
-                "tokens_per_s": result.tokens_per_s,
-                "batches": result.batches,
-            }
+            summary["passes"][aggregate_by] = result.timing()
             for features in targets:
                 variants = finalize(result, features, cfg)
                 with timed(f"write {features} {aggregate_by} results and figures"):
                     written = write_variants(tmp / features, variants, result, cfg, context)
                     plot_variants(
-                        tmp / features / "figures",
+                        fig / features,
                         variants,
                         cfg.layer_figures,
                         "SAE feature" if features == "sae" else "MLP dimension",
                     )
                 summary["files"].update({f"{features}/{k}.npz": v for k, v in written.items()})
         write_json(tmp / "metadata.json", summary)
-    write_metrics(metrics, headline(summary, targets_layers), lm.device, lm.dtype)
-
-
-def headline(summary: dict[str, Any], targets_layers: dict[str, Any]) -> dict[str, Any]:
-    """Timing of each pass (and gradients / values ratio) plus what was analysed."""
-    passes = summary["passes"]
-    out: dict[str, Any] = {
-        "passes": passes,
-        "layers": {name: sorted(v) for name, v in targets_layers.items()},
-    }
-    if "values" in passes and "gradients" in passes:
-        out["gradients_over_values"] = passes["gradients"]["seconds"] / passes["values"]["seconds"]
-    return out
+    write_metrics(metrics, importance_headline(summary, targets_layers), lm.device, lm.dtype)

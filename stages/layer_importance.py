@@ -1,6 +1,7 @@
 """Layer importance of SPON biases: leave-one-layer-out perplexity on validation blocks.
 
-Writes reports/interpret/layers/ (layers.csv, curves.csv, importance.png) and a metrics JSON with
+Writes metrics/interpret/layers/ (layers.csv, curves.csv), plots/interpret/layers/importance.png
+and a metrics JSON with
 the benefit, the number of layers for each target fraction and early/middle/late shares.
 """
 
@@ -14,7 +15,6 @@ import typer
 from sponlab.analysis import interpret as ia
 from sponlab.analysis import layers as la
 from sponlab.analysis import shift as sh
-from sponlab.analysis.alignment import collect_moments
 from sponlab.config import analysis_params
 from sponlab.experiment import cell_spec
 from sponlab.layout import cell_path, seed_path
@@ -46,7 +46,8 @@ def main(
     evals: Path = typer.Option(
         Path("metrics/eval"), "--evals", help="Root of CONFIG/s<s>/shift.csv (test drift)."
     ),
-    out: Path = typer.Option(Path("reports/interpret/layers"), "--out"),
+    tables: Path = typer.Option(Path("metrics/interpret/layers"), "--tables", help="CSV tables."),
+    figures: Path = typer.Option(Path("plots/interpret/layers"), "--figures", help="Figures."),
     metrics: Path = typer.Option(Path("metrics/interpret_layers.json"), "--metrics"),
 ) -> None:
     p = read_params(params)
@@ -65,27 +66,15 @@ def main(
             loaded.model, site_map, ids, lp.batch_size, spec, biases, lp.cumulative == "measured"
         )
     seconds = time.perf_counter() - start
-    # bias norm per layer, relative to the dense output scale on the same validation tokens
-    vectors = ia.output_vectors(biases, loaded.model, site_map)
-    dense = collect_moments(loaded.model, site_map, list(vectors), ids, lp.batch_size)
-    stats = ia.bias_stat_rows(vectors, {x: dense.rms(x) for x in vectors}, ip.near_zero)
-    norms = {r["layer"]: r for r in ia.layer_norm_rows(stats)}
+    norms = la.bias_norms_by_layer(loaded.model, site_map, biases, ids, lp.batch_size, ip.near_zero)
     drift = sh.drift_by_layer(sh.read_shift(cell_path(evals, lp.config, s) / "shift.csv"))
     rows = la.importance_rows(result, site_map.num_layers, norms, drift)
     curves = la.cumulative_curves(result)
-    ranked = result.ranked()
-    with replace_dir(out) as folder:
-        write_table(folder / "layers.csv", rows)
-        write_table(
-            folder / "curves.csv",
-            [
-                {"k": k + 1, "layer_added": layer, **{n: c[k] for n, c in curves.items()}}
-                | ({"ppl_topk": result.topk[k]} if result.topk else {})
-                for k, layer in enumerate(ranked)
-            ],
-        )
+    with replace_dir(tables) as out, replace_dir(figures) as fig:
+        write_table(out / "layers.csv", rows)
+        write_table(out / "curves.csv", la.curve_rows(result, curves))
         title = f"{lp.config} s={s:g}: leave-one-layer-out on {ids.numel()} val tokens"
-        plot_layer_importance(rows, curves, lp.targets, title, folder / "importance.png")
+        plot_layer_importance(rows, curves, lp.targets, title, fig / "importance.png")
     summary = la.importance_summary(result, rows, curves, lp.targets, site_map.num_layers)
     write_metrics(
         metrics,

@@ -19,7 +19,7 @@ def _optional_json(path: Path, producer: str):
 
 def main(
     params: Path = PARAMS_OPTION,
-    root: Path = typer.Option(Path("."), "--root", help="Run folder (metrics/, plots/, reports/)."),
+    root: Path = typer.Option(Path("."), "--root", help="Run folder (metrics/, plots/)."),
     out: Path = typer.Option(Path("metrics/report.md"), "--out"),
 ) -> None:
     cfg = read_params(params)

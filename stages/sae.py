@@ -26,8 +26,8 @@ def main(
     out: Path = typer.Option(
         Path("models/sae"), "--out", help="Folder for layer_<i>.safetensors (one SAE per layer)."
     ),
-    report: Path = typer.Option(
-        Path("reports/sae"), "--report", help="Folder for the training curves (JSON, PNG)."
+    figures: Path = typer.Option(
+        Path("plots/sae"), "--figures", help="Folder for the training curves (JSON data, PNG)."
     ),
     metrics: Path = typer.Option(Path("metrics/sae.json"), "--metrics"),
 ) -> None:
@@ -67,7 +67,7 @@ def main(
                 tmp, layer, result.sae, str(model), {**extra, "l1": cfg.l1, "steps": cfg.steps}
             )
             results[layer] = result
-    with replace_dir(report) as tmp:
+    with replace_dir(figures) as tmp:
         write_json(tmp / "history.json", {str(i): r.history for i, r in results.items()})
         plot_sae_training({i: r.history for i, r in results.items()}, tmp / "training.png")
     write_metrics(

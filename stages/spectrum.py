@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 
 from sponlab.analysis.spectrum import analyse, headline_metrics, load_weights
-from sponlab.analysis.spectrum_report import render_report, write_tables
+from sponlab.analysis.spectrum_report import relative_link, render_report, write_tables
 from sponlab.config import analysis_params
 from sponlab.plots.spectrum import plot_all
 from sponlab.provenance import write_metrics
@@ -18,17 +18,26 @@ from sponlab.tensorio import write_text
 def main(
     params: Path = PARAMS_OPTION,
     model: Path = MODEL_OPTION,
-    out: Path = typer.Option(
-        Path("reports/spectrum"), "--out", help="Folder for report.md, CSV tables and figures/."
+    tables: Path = typer.Option(
+        Path("metrics/spectrum"), "--tables", help="Folder for report.md and the CSV tables."
     ),
+    figures: Path = typer.Option(Path("plots/spectrum"), "--figures", help="Folder for figures."),
     metrics: Path = typer.Option(Path("metrics/spectrum.json"), "--metrics"),
 ) -> None:
     cfg = analysis_params(read_params(params), "spectrum")
     weights = load_weights(model)
     result = analyse(weights, cfg)
-    with timed(f"write spectrum report to {out}"), replace_dir(out) as tmp:
+    with (
+        timed(f"write spectrum report to {tables}, figures to {figures}"),
+        replace_dir(tables) as tmp,
+        replace_dir(figures) as fig,
+    ):
+        drawn = plot_all(result, fig)
+        # links from report.md to the figures' final place (relative, so the run folder can move)
+        links = {
+            name: relative_link(tables, figures / path.relative_to(fig))
+            for name, path in drawn.items()
+        }
         write_tables(result, tmp)
-        figures = plot_all(result, tmp / "figures")
-        relative = {name: path.relative_to(tmp).as_posix() for name, path in figures.items()}
-        write_text(tmp / "report.md", render_report(result, relative, model=str(model)))
+        write_text(tmp / "report.md", render_report(result, links, model=str(model)))
     write_metrics(metrics, headline_metrics(result))

@@ -319,15 +319,17 @@ def test_stages_end_to_end(tmp_path, monkeypatch):
     sae_stage.main(params, model_dir, sae_dir, tmp_path / "sae_report", tmp_path / "sae.json")
     assert [p.name for p in sae_dir.iterdir()] == ["layer_1.safetensors"]
     metrics = tmp_path / "importance.json"
-    importance_stage.main(params, model_dir, sae_dir, out, metrics)
+    figures = tmp_path / "plots" / "importance"
+    importance_stage.main(params, model_dir, sae_dir, out, figures, metrics)
     mlp = load_importance(out / "mlp" / "gradients_mean_abs_norm-sum_abs.npz")
     assert mlp.layers == [0, 1] and mlp.vectors[0].shape == (64,)
     assert np.abs(mlp.vectors[1]).sum() == pytest.approx(64)
     assert mlp.metadata["tokens"] > 0 and mlp.metadata["dims"] == {"0": 64, "1": 64}
     sae = load_importance(out / "sae" / "values_mean_norm-sum.npz")
     assert sae.layers == [1] and sae.vectors[1].shape == (128,)
-    assert (out / "mlp" / "figures" / "values_compare_norm-sum_abs.png").is_file()
-    assert (out / "mlp" / "figures" / "layers" / "values_norm-sum_abs" / "layer_1.png").is_file()
+    assert (figures / "mlp" / "values_compare_norm-sum_abs.png").is_file()
+    assert (figures / "mlp" / "layers" / "values_norm-sum_abs" / "layer_1.png").is_file()
+    assert not list(out.rglob("*.png"))  # figures live under plots/, arrays under metrics/
     assert (out / "mlp" / "layers" / "values_mean_norm-sum" / "layer_0.npy").is_file()
     timing = json.loads(metrics.read_text())
     assert timing["gradients_over_values"] > 0

@@ -398,31 +398,43 @@ def test_stages_write_all_outputs(workspace):
     common = ["--params", str(root / "params.yaml"), "--model", str(root / "model")]
     common += ["--thresholds", str(root / "thresholds"), "--spon", str(root / "spon")]
     common += ["--evals", str(root / "eval")]
-    out = root / "reports"
+    tables, figures = root / "metrics" / "interpret", root / "plots" / "interpret"
     runner = CliRunner()
     result = runner.invoke(
         app,
         ["interpret", *common, "--blocks", str(root / "blocks/test.safetensors"),
-         "--out", str(out), "--metrics", str(root / "interpret.json")],
+         "--tables", str(tables), "--figures", str(figures),
+         "--metrics", str(root / "interpret.json")],
     )  # fmt: skip
     assert result.exit_code == 0, result.output
     result = runner.invoke(
         app,
         ["layer-importance", *common, "--blocks", str(root / "blocks/val.safetensors"),
-         "--out", str(out / "layers"), "--metrics", str(root / "layers.json")],
+         "--tables", str(tables / "layers"), "--figures", str(figures / "layers"),
+         "--metrics", str(root / "layers.json")],
     )  # fmt: skip
     assert result.exit_code == 0, result.output
     for name in (
         "bias/UNIF-ALL/s0.5/stats.csv",
-        "bias/ATTN-ONLY/s0.5/heatmap.png",
         "alignment/UNIF-ALL/s0.5/alignment.csv",
-        "shift/UNIF-ALL/s0.5/shift.png",
+        "shift/UNIF-ALL/s0.5/test.csv",
         "prompts/effects.csv",
-        "similarity/similarity.png",
+        "similarity/pairs.csv",
         "layers/layers.csv",
+        "layers/curves.csv",
+    ):
+        assert (tables / name).stat().st_size > 0, name
+    for name in (
+        "bias/ATTN-ONLY/s0.5/heatmap.png",
+        "alignment/UNIF-ALL/s0.5/alignment.png",
+        "shift/UNIF-ALL/s0.5/shift.png",
+        "prompts/kl.png",
+        "similarity/similarity.png",
         "layers/importance.png",
     ):
-        assert (out / name).stat().st_size > 0, name
+        assert (figures / name).stat().st_size > 0, name
+    # tables and figures are folded into metrics/ and plots/: no figure among the tables
+    assert not list(tables.rglob("*.png")) and not list(figures.rglob("*.csv"))
     metrics = json.loads((root / "interpret.json").read_text())
     assert metrics["similarity"]["UNIF-ALL~UNIF-ALL@seed1"]["kind"] == "seed"
     assert metrics["similarity"]["UNIF-ALL~ATTN-ONLY"]["kind"] == "config"

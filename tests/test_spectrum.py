@@ -340,11 +340,13 @@ def test_stage_writes_report_figures_and_metrics(tmp_path):
     from sponlab.tensorio import read_json
 
     model_dir = save_tiny(tmp_path / "model", "qwen3", seed=3)
-    out, metrics = tmp_path / "reports" / "spectrum", tmp_path / "metrics" / "spectrum.json"
-    main(params=PARAMS, model=model_dir, out=out, metrics=metrics)
+    out, metrics = tmp_path / "metrics" / "spectrum", tmp_path / "metrics" / "spectrum.json"
+    figures = tmp_path / "plots" / "spectrum"
+    main(params=PARAMS, model=model_dir, tables=out, figures=figures, metrics=metrics)
     md = (out / "report.md").read_text()
     links = re.findall(r"\]\(([^)]+\.png)\)", md)
-    assert len(links) == 6 and all((out / link).is_file() for link in links)
+    assert len(links) == 6 and all((out / link).resolve().parent == figures for link in links)
+    assert all((out / link).is_file() and link.startswith("../../plots/") for link in links)
     for stem in ("erank", "kernel_heads", "kernel_focus_eigs", "down_svd", "phases", "trends"):
         assert (out / f"{stem}.csv").is_file()
     summary = read_json(metrics)

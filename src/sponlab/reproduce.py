@@ -26,9 +26,11 @@ TIMED_OUTPUTS = (
     "metrics/interpret_layers.json",
     "metrics/sae.json",
     "metrics/spectrum.json",
-    "reports/importance",
-    "reports/sae",
-    "reports/spectrum",
+    "metrics/importance",
+    "metrics/spectrum",
+    "plots/importance",
+    "plots/sae",
+    "plots/spectrum",
 )
 
 

@@ -294,9 +294,9 @@ RESULT_PLACES: tuple[tuple[str, str], ...] = (
     ("metrics/findings.md", "the study's claims (a)-(d) re-tested, with verdicts"),
     ("metrics/summary.json", "nested metrics (dvc metrics show / diff)"),
     ("plots/sweep", "sweep figures (dvc plots show / diff)"),
-    ("reports/interpret", "what the biases encode, where they matter"),
-    ("reports/spectrum/report.md", "weight-spectrum report"),
-    ("reports/importance", "activation / gradient importance"),
+    ("metrics/interpret", "what the biases encode, where they matter (figures: plots/interpret)"),
+    ("metrics/spectrum/report.md", "weight-spectrum report"),
+    ("metrics/importance", "activation / gradient importance (figures: plots/importance)"),
 )
 
 

@@ -195,6 +195,15 @@ class PassResult:
     def tokens_per_s(self) -> float:
         return self.tokens / self.seconds if self.seconds > 0 else float("nan")
 
+    def timing(self) -> dict[str, float]:
+        """Seconds, tokens, tokens/s and batches of the pass (for metadata and metrics)."""
+        return {
+            "seconds": self.seconds,
+            "tokens": self.tokens,
+            "tokens_per_s": self.tokens_per_s,
+            "batches": self.batches,
+        }
+
 
 def run_importance(
     model: nn.Module,
@@ -261,6 +270,18 @@ def collect_mlp_inputs(
         state["mask"] = batch.attention_mask.to(device).bool()
         _forward(model, sitemap, layers, batch, "values", keep)
     return {layer: torch.cat(parts) for layer, parts in rows.items()}
+
+
+def feature_targets(
+    mlp_layers: Sequence[int], saes: Mapping[int, Any], aggregate_by: str
+) -> dict[str, dict[int, Transform]]:
+    """What one pass aggregates: raw down_proj inputs of ``mlp_layers`` and the SAE features of
+    ``saes`` (empty kinds left out)."""
+    targets = {
+        "mlp": {layer: identity for layer in mlp_layers},
+        "sae": sae_targets(saes, aggregate_by),
+    }
+    return {name: t for name, t in targets.items() if t}
 
 
 def sae_targets(saes: Mapping[int, Any], aggregate_by: str) -> dict[int, Transform]:

@@ -110,3 +110,15 @@ def write_variants(
         save_importance(out_dir, variant, meta)
         written[variant.stem] = {k: v for k, v in meta.items() if k not in ("params", *context)}
     return written
+
+
+def importance_headline(summary: dict[str, Any], targets_layers: dict[str, Any]) -> dict[str, Any]:
+    """Timing of each pass (and gradients / values ratio) plus what was analysed."""
+    passes = summary["passes"]
+    out: dict[str, Any] = {
+        "passes": passes,
+        "layers": {name: sorted(v) for name, v in targets_layers.items()},
+    }
+    if "values" in passes and "gradients" in passes:
+        out["gradients_over_values"] = passes["gradients"]["seconds"] / passes["values"]["seconds"]
+    return out

@@ -22,7 +22,14 @@ from scipy.stats import spearmanr
 from torch import nn
 from tqdm.auto import tqdm
 
-from sponlab.analysis.interpret import PHASES, phase_of
+from sponlab.analysis.alignment import collect_moments
+from sponlab.analysis.interpret import (
+    PHASES,
+    bias_stat_rows,
+    layer_norm_rows,
+    output_vectors,
+    phase_of,
+)
 from sponlab.evaluate import evaluate_variant
 from sponlab.sites import SiteMap
 from sponlab.sparsify import SparsifySpec
@@ -209,3 +216,27 @@ def importance_summary(
             imp, [r["drift_reduction"] for r in rows]
         ),
     }
+
+
+def bias_norms_by_layer(
+    model: nn.Module,
+    site_map: SiteMap,
+    biases: SponBiases,
+    ids: torch.Tensor,
+    batch_size: int,
+    near_zero: float,
+) -> dict[int, dict[str, Any]]:
+    """Per layer: bias norm, relative to the dense output scale on the token blocks ``ids`` [N, T]."""
+    vectors = output_vectors(biases, model, site_map)
+    dense = collect_moments(model, site_map, list(vectors), ids, batch_size)
+    stats = bias_stat_rows(vectors, {x: dense.rms(x) for x in vectors}, near_zero)
+    return {r["layer"]: r for r in layer_norm_rows(stats)}
+
+
+def curve_rows(result: LayerImportance, curves: Mapping[str, Sequence[float]]) -> list[dict]:
+    """One row per k: the layer added k-th (by importance) and each cumulative curve at k."""
+    return [
+        {"k": k + 1, "layer_added": layer, **{n: c[k] for n, c in curves.items()}}
+        | ({"ppl_topk": result.topk[k]} if result.topk else {})
+        for k, layer in enumerate(result.ranked())
+    ]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -11,6 +12,7 @@ import numpy as np
 import pandas as pd
 
 from sponlab.analysis.spectrum import KERNEL_TYPE, SpectrumResult
+from sponlab.tensorio import atomic_path
 
 ERANK_HEADERS = (
     "type",
@@ -112,13 +114,19 @@ def tables(result: SpectrumResult) -> dict[str, pd.DataFrame]:
 
 
 def write_tables(result: SpectrumResult, out_dir: Path) -> dict[str, Path]:
-    """Write :func:`tables` as ``<stem>.csv`` under ``out_dir``."""
-    out_dir.mkdir(parents=True, exist_ok=True)
+    """Write :func:`tables` as ``<stem>.csv`` under ``out_dir`` (atomically, 6 significant digits)."""
     paths = {}
     for stem, frame in tables(result).items():
         paths[stem] = out_dir / f"{stem}.csv"
-        frame.to_csv(paths[stem], index=False, float_format="%.6g")
+        with atomic_path(paths[stem]) as tmp:
+            frame.to_csv(tmp, index=False, float_format="%.6g")  # keeps the header when empty
     return paths
+
+
+def relative_link(from_dir: Path, target: Path) -> str:
+    """``target`` as a POSIX path relative to ``from_dir`` (a Markdown link that survives moving
+    the whole run folder)."""
+    return Path(os.path.relpath(target, from_dir)).as_posix()
 
 
 def _span(layers: Sequence[int]) -> str:
