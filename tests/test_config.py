@@ -123,3 +123,37 @@ def test_min_tokens_above_max_length_names_both_keys(section):
         ConfigError, match=rf"{section}.min_tokens \(64\) must be <= {section}.max_length \(32\)"
     ):
         parse(Section(data, section, "params.yaml"))
+
+
+def test_defaults_live_once_on_the_dataclasses():
+    """A section left out of params.yaml parses to its dataclass's own defaults (no second copy
+    of a default in the parser that could drift)."""
+    from dataclasses import fields
+
+    from sponlab.analysis import interpret, spectrum
+    from sponlab.config import BaseModelParams, DataParams, EvalParams, SparsifyParams, TrainParams
+
+    minimal = {
+        "configs": {"UNIF-ALL": {"layers": "all", "modules": ["down_proj"]}},
+        "sweep": {"sparsities": [0.5], "configs": ["UNIF-ALL"]},
+    }
+    got = parse_params(minimal)
+    for section, cls in (
+        ("base", BaseModelParams),
+        ("data", DataParams),
+        ("sparsify", SparsifyParams),
+        ("train", TrainParams),
+        ("eval", EvalParams),
+    ):
+        assert getattr(got, section) == cls(), section
+    assert got.summary.reference == "UNIF-ALL"  # the swept reference config, as documented
+    for module, cls in (
+        (interpret, interpret.InterpretParams),
+        (importance, importance.ImportanceParams),
+        (sae, sae.SAEParams),
+        (spectrum, spectrum.SpectrumParams),
+    ):
+        parsed = module.parse_params(Section({}, "x", "params.yaml"))
+        assert {f.name: getattr(parsed, f.name) for f in fields(cls)} == {
+            f.name: getattr(cls(), f.name) for f in fields(cls)
+        }, cls.__name__

@@ -87,9 +87,8 @@ class TrainParams:
 class SummaryParams:
     """How the sweep is compared: the reference config for relative parameters, the noise rules."""
 
-    reference: str | None = (
-        "UNIF-ALL"  # rel. params = bias parameters / this config's (as the study)
-    )
+    # rel. params = bias parameters / this config's (as the study); default UNIF-ALL when swept
+    reference: str | None = None
     min_damage: float = 0.02  # TEAL damage below this fraction of dense ppl: ratio not reported
     noise_sigmas: float = 2.0  # differences within this many standard errors count as noise
 
@@ -150,34 +149,34 @@ def parse_params(raw: Any, source: str = "params.yaml") -> Params:
 
     sec = top.section("base")
     base = BaseModelParams(
-        source=sec.choice("source", BASE_SOURCES, "smollm2"),
+        source=sec.choice("source", BASE_SOURCES, BaseModelParams.source),
         name=sec.string("name", BaseModelParams.name),
-        device=sec.string("device", "auto", pattern=DEVICE_RE),
-        dtype=sec.choice("dtype", ("auto", *DTYPES), "auto"),
+        device=sec.string("device", BaseModelParams.device, pattern=DEVICE_RE),
+        dtype=sec.choice("dtype", ("auto", *DTYPES), BaseModelParams.dtype),
     )
     sec.finish()
 
     sec = top.section("data")
     data = DataParams(
-        source=sec.choice("source", DATA_SOURCES, "builtin"),
-        block_len=sec.number("block_len", 128, lo=8, integer=True),
-        bos=sec.get("bos", "auto") if sec.get("bos", "auto") == "auto" else sec.boolean("bos"),
-        seed=sec.number("seed", 0, lo=0, integer=True),
-        calib_blocks=sec.number("calib_blocks", 16, lo=1, integer=True),
-        train_blocks=sec.number("train_blocks", 64, lo=1, integer=True),
-        val_blocks=sec.number("val_blocks", 16, lo=1, integer=True),
-        test_blocks=sec.number("test_blocks", 32, lo=1, integer=True),
+        source=sec.choice("source", DATA_SOURCES, DataParams.source),
+        block_len=sec.number("block_len", DataParams.block_len, lo=8, integer=True),
+        bos=_bos(sec),
+        seed=sec.number("seed", DataParams.seed, lo=0, integer=True),
+        calib_blocks=sec.number("calib_blocks", DataParams.calib_blocks, lo=1, integer=True),
+        train_blocks=sec.number("train_blocks", DataParams.train_blocks, lo=1, integer=True),
+        val_blocks=sec.number("val_blocks", DataParams.val_blocks, lo=1, integer=True),
+        test_blocks=sec.number("test_blocks", DataParams.test_blocks, lo=1, integer=True),
     )
     sec.finish()
 
     sec = top.section("sparsify")
     sparsify = SparsifyParams(
-        method=sec.choice("method", SPARSIFY_METHODS, "teal"),
-        threshold=sec.choice("threshold", THRESHOLD_METHODS, "quantile"),
-        calibration=sec.choice("calibration", CALIBRATION_MODES, "sequential"),
+        method=sec.choice("method", SPARSIFY_METHODS, SparsifyParams.method),
+        threshold=sec.choice("threshold", THRESHOLD_METHODS, SparsifyParams.threshold),
+        calibration=sec.choice("calibration", CALIBRATION_MODES, SparsifyParams.calibration),
         sets=parse_sets(sec),
-        prefill=sec.choice("prefill", PREFILL_POLICIES, "all"),
-        dense_prefix=sec.number("dense_prefix", 0, lo=0, integer=True),
+        prefill=sec.choice("prefill", PREFILL_POLICIES, SparsifyParams.prefill),
+        dense_prefix=sec.number("dense_prefix", SparsifyParams.dense_prefix, lo=0, integer=True),
     )
     sec.finish()
 
@@ -214,8 +213,8 @@ def parse_params(raw: Any, source: str = "params.yaml") -> Params:
 
     sec = top.section("eval")
     evaluation = EvalParams(
-        batch_size=sec.number("batch_size", 8, lo=1, integer=True),
-        detail_blocks=sec.number("detail_blocks", 16, lo=1, integer=True),
+        batch_size=sec.number("batch_size", EvalParams.batch_size, lo=1, integer=True),
+        detail_blocks=sec.number("detail_blocks", EvalParams.detail_blocks, lo=1, integer=True),
     )
     sec.finish()
     if evaluation.detail_blocks > data.test_blocks:
@@ -230,8 +229,8 @@ def parse_params(raw: Any, source: str = "params.yaml") -> Params:
         reference=None
         if reference is None
         else _config_ref(reference, sec.key("reference"), sweep_configs, source),
-        min_damage=sec.number("min_damage", 0.02, lo=0),
-        noise_sigmas=sec.number("noise_sigmas", 2.0, lo=0),
+        min_damage=sec.number("min_damage", SummaryParams.min_damage, lo=0),
+        noise_sigmas=sec.number("noise_sigmas", SummaryParams.noise_sigmas, lo=0),
     )
     sec.finish()
 
@@ -260,18 +259,25 @@ def parse_params(raw: Any, source: str = "params.yaml") -> Params:
     )
 
 
+def _bos(sec: Section) -> bool | str:
+    """``data.bos``: ``auto`` (the tokenizer's own convention) or a boolean."""
+    value = sec.get("bos", DataParams.bos)
+    return value if value == "auto" else sec.boolean("bos")
+
+
 def _parse_train(sec: Section) -> TrainParams:
+    T = TrainParams  # defaults live once, on the dataclass
     train = TrainParams(
-        lr=sec.number("lr", 1e-3, lo=0, lo_open=True),
-        epochs=sec.number("epochs", 2, lo=1, integer=True),
-        batch_size=sec.number("batch_size", 8, lo=1, integer=True),
-        schedule=sec.choice("schedule", SCHEDULES, "cosine"),
-        warmup_steps=sec.number("warmup_steps", 0, lo=0, integer=True),
-        weight_decay=sec.number("weight_decay", 0.0, lo=0),
-        grad_clip=sec.number("grad_clip", 1.0, lo=0),
-        seed=sec.number("seed", 0, lo=0, integer=True),
-        teacher_cache=sec.boolean("teacher_cache", True),
-        init=sec.choice("init", INITS, "zeros"),
+        lr=sec.number("lr", T.lr, lo=0, lo_open=True),
+        epochs=sec.number("epochs", T.epochs, lo=1, integer=True),
+        batch_size=sec.number("batch_size", T.batch_size, lo=1, integer=True),
+        schedule=sec.choice("schedule", SCHEDULES, T.schedule),
+        warmup_steps=sec.number("warmup_steps", T.warmup_steps, lo=0, integer=True),
+        weight_decay=sec.number("weight_decay", T.weight_decay, lo=0),
+        grad_clip=sec.number("grad_clip", T.grad_clip, lo=0),
+        seed=sec.number("seed", T.seed, lo=0, integer=True),
+        teacher_cache=sec.boolean("teacher_cache", T.teacher_cache),
+        init=sec.choice("init", INITS, T.init),
     )
     sec.finish()
     return train

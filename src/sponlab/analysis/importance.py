@@ -140,14 +140,14 @@ def parse_params(sec: Section) -> ImportanceParams:
         normalize=_expand(
             sec.choice("normalize", (*NORMALIZATIONS, "both"), "both"), BOTH_NORMALIZATIONS
         ),
-        sum_tolerance=sec.number("sum_tolerance", 1e-6, lo=0, hi=1),
+        sum_tolerance=sec.number("sum_tolerance", ImportanceParams.sum_tolerance, lo=0, hi=1),
         layers=_layers(sec),
-        split=sec.choice("split", SPLITS, "val"),
-        samples=sec.number("samples", 32, lo=1, integer=True),
-        min_tokens=sec.number("min_tokens", 32, lo=2, integer=True),
-        max_length=sec.number("max_length", 128, lo=2, integer=True),
-        batch_size=sec.number("batch_size", 8, lo=1, integer=True),
-        layer_figures=sec.boolean("layer_figures", True),
+        split=sec.choice("split", SPLITS, ImportanceParams.split),
+        samples=sec.number("samples", ImportanceParams.samples, lo=1, integer=True),
+        min_tokens=sec.number("min_tokens", ImportanceParams.min_tokens, lo=2, integer=True),
+        max_length=sec.number("max_length", ImportanceParams.max_length, lo=2, integer=True),
+        batch_size=sec.number("batch_size", ImportanceParams.batch_size, lo=1, integer=True),
+        layer_figures=sec.boolean("layer_figures", ImportanceParams.layer_figures),
     )
     sec.finish()
     sec.require_le("min_tokens", params.min_tokens, "max_length", params.max_length)

@@ -86,7 +86,7 @@ def _names(sec: Section, name: str, default: Any, allow_all: bool = False) -> An
 
 
 def _targets(sec: Section) -> tuple[float, ...]:
-    value = sec.get("targets", [0.8, 0.9, 0.95])
+    value = sec.get("targets", list(LayerImportanceParams.targets))
     ok = isinstance(value, list) and value
     ok = ok and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
     if not ok or not all(0 < v <= 1 for v in value):
@@ -96,10 +96,10 @@ def _targets(sec: Section) -> tuple[float, ...]:
 
 def parse_layer_params(sec: Section) -> LayerImportanceParams:
     params = LayerImportanceParams(
-        config=sec.string("config", "UNIF-ALL"),
-        val_blocks=sec.number("val_blocks", 4, lo=1, integer=True),
-        batch_size=sec.number("batch_size", 4, lo=1, integer=True),
-        cumulative=sec.choice("cumulative", CUMULATIVE, "measured"),
+        config=sec.string("config", LayerImportanceParams.config),
+        val_blocks=sec.number("val_blocks", LayerImportanceParams.val_blocks, lo=1, integer=True),
+        batch_size=sec.number("batch_size", LayerImportanceParams.batch_size, lo=1, integer=True),
+        cumulative=sec.choice("cumulative", CUMULATIVE, LayerImportanceParams.cumulative),
         targets=_targets(sec),
     )
     sec.finish()
@@ -108,26 +108,34 @@ def parse_layer_params(sec: Section) -> LayerImportanceParams:
 
 def parse_params(sec: Section) -> InterpretParams:
     """Validate the ``interpret`` section (config names are checked against ``configs`` later)."""
-    sparsity = sec.number("sparsity", 0.5, lo=0, hi=1)
+    sparsity = sec.number("sparsity", InterpretParams.sparsity, lo=0, hi=1)
     if sparsity >= 1:
         raise sec.fail("sparsity", f"must be in [0, 1), got {sparsity}")
     params = InterpretParams(
         sparsity=sparsity,
         configs=_names(sec, "configs", InterpretParams.configs),
         similarity=_names(sec, "similarity", InterpretParams.similarity),
-        blocks=sec.number("blocks", 4, lo=1, integer=True),
-        batch_size=sec.number("batch_size", 4, lo=1, integer=True),
-        pca_components=sec.number("pca_components", 8, lo=0, integer=True),
-        pca_tokens=sec.number("pca_tokens", 256, lo=2, integer=True),
-        random_vectors=sec.number("random_vectors", 100, lo=2, integer=True),
-        seed=sec.number("seed", 0, lo=0, integer=True),
-        near_zero=sec.number("near_zero", 1e-3, lo=0, hi=1),
-        heatmap_dims=sec.number("heatmap_dims", 64, lo=1, integer=True),
-        prompts=sec.string("prompts", "builtin"),
+        blocks=sec.number("blocks", InterpretParams.blocks, lo=1, integer=True),
+        batch_size=sec.number("batch_size", InterpretParams.batch_size, lo=1, integer=True),
+        pca_components=sec.number(
+            "pca_components", InterpretParams.pca_components, lo=0, integer=True
+        ),
+        pca_tokens=sec.number("pca_tokens", InterpretParams.pca_tokens, lo=2, integer=True),
+        random_vectors=sec.number(
+            "random_vectors", InterpretParams.random_vectors, lo=2, integer=True
+        ),
+        seed=sec.number("seed", InterpretParams.seed, lo=0, integer=True),
+        near_zero=sec.number("near_zero", InterpretParams.near_zero, lo=0, hi=1),
+        heatmap_dims=sec.number("heatmap_dims", InterpretParams.heatmap_dims, lo=1, integer=True),
+        prompts=sec.string("prompts", InterpretParams.prompts),
         categories=_names(sec, "categories", "all", allow_all=True),
-        prompts_per_category=sec.number("prompts_per_category", 20, lo=1, integer=True),
-        prompt_batch=sec.number("prompt_batch", 8, lo=1, integer=True),
-        max_prompt_tokens=sec.number("max_prompt_tokens", 64, lo=2, integer=True),
+        prompts_per_category=sec.number(
+            "prompts_per_category", InterpretParams.prompts_per_category, lo=1, integer=True
+        ),
+        prompt_batch=sec.number("prompt_batch", InterpretParams.prompt_batch, lo=1, integer=True),
+        max_prompt_tokens=sec.number(
+            "max_prompt_tokens", InterpretParams.max_prompt_tokens, lo=2, integer=True
+        ),
         layers=parse_layer_params(sec.section("layers")),
     )
     sec.finish()

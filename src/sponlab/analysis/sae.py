@@ -77,7 +77,7 @@ def parse_params(sec: Section) -> SAEParams:
             raise sec.fail("layers", f"is invalid: {err}") from err
     params = SAEParams(
         layers=layers,
-        split=sec.choice("split", SPLITS, "train"),
+        split=sec.choice("split", SPLITS, SAEParams.split),
         samples=sec.number("samples", SAEParams.samples, lo=1, integer=True),
         min_tokens=sec.number("min_tokens", SAEParams.min_tokens, lo=2, integer=True),
         max_length=sec.number("max_length", SAEParams.max_length, lo=2, integer=True),

@@ -100,16 +100,18 @@ def parse_params(sec: Section) -> SpectrumParams:
     thresholds = sec.items("energy_thresholds", _fraction, list(default.energy_thresholds))
     params = SpectrumParams(
         modules=sec.modules("modules", "all"),
-        workers=sec.number("workers", 0, lo=0, integer=True),
+        workers=sec.number("workers", SpectrumParams.workers, lo=0, integer=True),
         kernel_layer=_layer_choice(sec, "kernel_layer"),
-        kernel_head=sec.number("kernel_head", 0, lo=0, integer=True),
+        kernel_head=sec.number("kernel_head", SpectrumParams.kernel_head, lo=0, integer=True),
         down_layer=_layer_choice(sec, "down_layer"),
         energy_thresholds=tuple(sorted(set(thresholds))),
-        kernel_energy=sec.number("kernel_energy", 0.99, lo=0, hi=1, lo_open=True),
-        tag_reference=sec.choice("tag_reference", TAG_REFERENCES, "median"),
+        kernel_energy=sec.number(
+            "kernel_energy", SpectrumParams.kernel_energy, lo=0, hi=1, lo_open=True
+        ),
+        tag_reference=sec.choice("tag_reference", TAG_REFERENCES, SpectrumParams.tag_reference),
         tag_low=sec.number("tag_low", default.tag_low, lo=0),
         tag_high=sec.number("tag_high", default.tag_high, lo=0),
-        trend_tolerance=sec.number("trend_tolerance", 0.02, lo=0),
+        trend_tolerance=sec.number("trend_tolerance", SpectrumParams.trend_tolerance, lo=0),
     )
     if params.tag_low >= params.tag_high:
         raise sec.fail("tag_low", f"must be < tag_high ({params.tag_high}), got {params.tag_low}")
