@@ -10,13 +10,20 @@ import typer
 from sponlab.analysis.batches import build_batches
 from sponlab.analysis.capture import (
     feature_targets,
-    mlp_input_module,
     resolve_layers,
     run_importance,
+    site_dim,
 )
 from sponlab.analysis.importance import ImportanceParams, finalize
-from sponlab.analysis.importance_files import importance_headline, params_dict, write_variants
-from sponlab.analysis.sae import load_saes, sae_layers
+from sponlab.analysis.importance_files import (
+    LOADING,
+    importance_headline,
+    params_dict,
+    save_consolidated,
+    write_timing,
+    write_variants,
+)
+from sponlab.analysis.sae_files import find_saes, load_saes
 from sponlab.config import analysis_params
 from sponlab.data import load_corpus, wants_bos
 from sponlab.models import load_model
@@ -46,31 +53,41 @@ def main(
     lm = load_model(model, p.base.device, p.base.dtype)
     sitemap = discover_sites(lm.model)
     layers = resolve_layers(cfg.layers, sitemap.num_layers)
-    d_in = mlp_input_module(lm.model, sitemap, layers[0]).in_features
+    d_in = site_dim(lm.model, sitemap, layers[0], cfg.site)
     targets_layers: dict[str, Any] = {}
     if "mlp" in cfg.features:
         targets_layers["mlp"] = layers
     if "sae" in cfg.features:
-        chosen = [i for i in sae_layers(sae) if i in layers]
+        chosen = [i for i in find_saes(sae) if i in layers]
         if not chosen:
             raise typer.BadParameter(f"no SAE in {sae} for the selected layers {cfg.layers}")
-        targets_layers["sae"] = load_saes(sae, chosen, d_in=d_in)
+        targets_layers["sae"] = load_saes(sae, cfg.site, d_in, chosen)
     docs = load_corpus(p.data.source, p.data.seed)[cfg.split]
     bos = wants_bos(lm.tokenizer, p.data.bos)
     batches = build_batches(
         docs, lm.tokenizer, cfg.samples, cfg.max_length, cfg.batch_size, cfg.min_tokens, bos
     )
-    context = {"model": str(model), "model_type": lm.model.config.model_type, "split": cfg.split}
+    context = {
+        "model": str(model),
+        "model_type": lm.model.config.model_type,
+        "site": cfg.site,
+        "split": cfg.split,
+    }
     summary: dict[str, Any] = {"config": params_dict(cfg), **context, "passes": {}, "files": {}}
+    summary["loading"] = LOADING
+    every: dict[str, list] = {}  # features -> variants of all passes (consolidated file)
     with replace_dir(tables) as tmp, replace_dir(figures) as fig:
         for aggregate_by in cfg.aggregate_by:
             targets = feature_targets(
                 targets_layers.get("mlp", []), targets_layers.get("sae", {}), aggregate_by
             )
-            result = run_importance(lm.model, sitemap, batches, aggregate_by, targets)
+            result = run_importance(
+                lm.model, sitemap, batches, aggregate_by, targets, site=cfg.site
+            )
             summary["passes"][aggregate_by] = result.timing()
             for features in targets:
                 variants = finalize(result, features, cfg)
+                every.setdefault(features, []).extend(variants)
                 with timed(f"write {features} {aggregate_by} results and figures"):
                     written = write_variants(tmp / features, variants, result, cfg, context)
                     plot_variants(
@@ -80,5 +97,8 @@ def main(
                         "SAE feature" if features == "sae" else "MLP dimension",
                     )
                 summary["files"].update({f"{features}/{k}.npz": v for k, v in written.items()})
+        for features, variants in every.items():
+            save_consolidated(tmp / features, variants, {**context, "features": features})
+        write_timing(tmp, summary["passes"])
         write_json(tmp / "metadata.json", summary)
     write_metrics(metrics, importance_headline(summary, targets_layers), lm.device, lm.dtype)

@@ -8,8 +8,9 @@ from pathlib import Path
 import typer
 
 from sponlab.analysis.batches import build_batches
-from sponlab.analysis.capture import collect_mlp_inputs, resolve_layers
-from sponlab.analysis.sae import save_sae, train_sae
+from sponlab.analysis.capture import collect_activations, resolve_layers
+from sponlab.analysis.sae import train_sae
+from sponlab.analysis.sae_files import save_sae
 from sponlab.config import analysis_params
 from sponlab.data import load_corpus, wants_bos
 from sponlab.models import load_model
@@ -24,7 +25,9 @@ def main(
     params: Path = PARAMS_OPTION,
     model: Path = MODEL_OPTION,
     out: Path = typer.Option(
-        Path("models/sae"), "--out", help="Folder for layer_<i>.safetensors (one SAE per layer)."
+        Path("models/sae"),
+        "--out",
+        help="Folder of SAEs in SAELens format: layer_<i>/{cfg.json, sae_weights.safetensors}.",
     ),
     figures: Path = typer.Option(
         Path("plots/sae"), "--figures", help="Folder for the training curves (JSON data, PNG)."
@@ -46,8 +49,8 @@ def main(
         cfg.min_tokens,
         wants_bos(lm.tokenizer, p.data.bos),
     )
-    with timed(f"collect down_proj inputs of layers {layers} ({cfg.split})"):
-        acts = collect_mlp_inputs(lm.model, sitemap, layers, batches)
+    with timed(f"collect {cfg.site} activations of layers {layers} ({cfg.split})"):
+        acts = collect_activations(lm.model, sitemap, layers, batches, cfg.site)
     results = {}
     with replace_dir(out) as tmp:
         for layer in layers:
@@ -63,9 +66,8 @@ def main(
                     cfg.seed + layer,
                 )
             extra = {k: result.metrics[k] for k in ("fve", "l0", "mse", "dead_fraction")}
-            save_sae(
-                tmp, layer, result.sae, str(model), {**extra, "l1": cfg.l1, "steps": cfg.steps}
-            )
+            extra |= {"model_name": str(model), "l1": cfg.l1, "steps": cfg.steps}
+            save_sae(tmp / f"layer_{layer}", result.sae, cfg.site, layer, extra)
             results[layer] = result
     with replace_dir(figures) as tmp:
         write_json(tmp / "history.json", {str(i): r.history for i, r in results.items()})

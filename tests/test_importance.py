@@ -18,8 +18,11 @@ from sponlab.analysis.capture import (
     mlp_input_hooks,
     mlp_input_module,
     next_token_loss_sum,
+    resolve_layers,
     run_importance,
     sae_targets,
+    site_dim,
+    site_module,
     site_tensors,
 )
 from sponlab.analysis.importance import (
@@ -108,6 +111,17 @@ def test_parse_params_power_list_uses_first_with_warning():
     with pytest.warns(UserWarning, match="only its first value"):
         p = parse_params(Section({"power": [2, 3]}, "importance", "t"))
     assert p.power == 2.0
+    with pytest.warns(UserWarning, match="only its first value"):  # the tools' CLI form
+        p = parse_params(Section({"power": "0.5,1.0,2.0"}, "importance", "t"))
+    assert p.power == 0.5
+    assert parse_params(Section({"power": "2"}, "importance", "t")).power == 2.0
+
+
+def test_layer_choices_derive_from_the_model_depth():
+    assert resolve_layers("auto", 30) == [0, 15, 29]
+    assert resolve_layers("auto", 2) == [0, 1]
+    assert resolve_layers("all", 3) == [0, 1, 2]
+    assert parse_params(Section({"layers": "auto"}, "importance", "t")).layers == "auto"
 
 
 @pytest.mark.parametrize(
@@ -118,6 +132,8 @@ def test_parse_params_power_list_uses_first_with_warning():
         ({"aggregate_by": "grads"}, "importance.aggregate_by"),
         ({"power": -1}, "importance.power"),
         ({"power": []}, "importance.power"),
+        ({"power": "a,b"}, "importance.power"),
+        ({"site": "attn_out"}, "importance.site"),
         ({"layers": "3-1"}, "importance.layers"),
         ({"split": "dev"}, "importance.split"),
         ({"bogus": 1}, "importance.bogus"),
@@ -137,17 +153,26 @@ def _batch(lengths, vocab=512, seed=0):
     return pad_batches(seqs, len(seqs), pad_id=3)[0]
 
 
-def _loss_with_perturbation(model, sitemap, batch, layer, index, delta):
-    """Loss when ``delta`` [D] is added to the down_proj input at (row, token)."""
+def _loss_with_perturbation(model, sitemap, batch, layer, index, delta, site="mlp_act"):
+    """Loss when ``delta`` [D] is added to the activation at ``site`` at (row, token)."""
     row, token = index
-    module = mlp_input_module(model, sitemap, layer)
+    module = site_module(model, sitemap, layer, site)
 
-    def hook(_m, args):
-        x = args[0].clone()
+    def bump(x):
+        x = x.clone()
         x[row, token] += delta
-        return (x,)
+        return x
 
-    handle = module.register_forward_pre_hook(hook)
+    def pre_hook(_m, args):
+        return (bump(args[0]), *args[1:])
+
+    def post_hook(_m, _args, out):
+        return (bump(out[0]), *out[1:]) if isinstance(out, tuple) else bump(out)
+
+    if site == "mlp_act":
+        handle = module.register_forward_pre_hook(pre_hook)
+    else:
+        handle = module.register_forward_hook(post_hook)
     try:
         with torch.no_grad():
             logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
@@ -156,13 +181,17 @@ def _loss_with_perturbation(model, sitemap, batch, layer, index, delta):
         handle.remove()
 
 
-@pytest.mark.parametrize("arch", ["llama", "gemma3"])
-def test_gradients_match_finite_differences(arch):
+@pytest.mark.parametrize(
+    ("arch", "site"),
+    [("llama", "mlp_act"), ("gemma3", "mlp_act"), ("llama", "mlp_out"), ("qwen3", "resid_post")],
+)
+def test_gradients_match_finite_differences(arch, site):
     model = tiny_model(arch, layers=3, hidden=32).double()
     freeze(model)
     sitemap = discover_sites(model)
     batch = _batch([9, 6])  # row 1 is padded
-    grads = site_tensors(model, sitemap, [0, 2], batch, "gradients")
+    grads = site_tensors(model, sitemap, [0, 2], batch, "gradients", site)
+    assert grads[0].shape[-1] == site_dim(model, sitemap, 0, site)
     assert all(p.grad is None for p in model.parameters())  # the model stayed frozen
     # RMSNorm computes in float32 even for a float64 model, so eps must stay well above its
     # rounding; the central difference is still accurate to O(eps^2).
@@ -170,8 +199,11 @@ def test_gradients_match_finite_differences(arch):
     for layer, row, token, coord in [(0, 1, 2, 5), (0, 0, 4, 17), (2, 1, 0, 3)]:
         delta = torch.zeros(grads[layer].shape[-1], dtype=torch.float64)
         delta[coord] = eps
-        plus = _loss_with_perturbation(model, sitemap, batch, layer, (row, token), delta)
-        minus = _loss_with_perturbation(model, sitemap, batch, layer, (row, token), -delta)
+        coord = coord % grads[layer].shape[-1]
+        delta = torch.zeros(grads[layer].shape[-1], dtype=torch.float64)
+        delta[coord] = eps
+        plus = _loss_with_perturbation(model, sitemap, batch, layer, (row, token), delta, site)
+        minus = _loss_with_perturbation(model, sitemap, batch, layer, (row, token), -delta, site)
         fd = (plus - minus) / (2 * eps)
         captured = float(grads[layer][row, token, coord])
         assert abs(captured) > 1e-6
@@ -313,11 +345,15 @@ def test_stages_end_to_end(tmp_path, monkeypatch):
     raw["base"].update(device="cpu", dtype="float32")
     raw["sae"] = {"layers": "1", "samples": 4, "max_length": 32, "steps": 40, "l1": 0.1}
     raw["importance"] = {"samples": 4, "max_length": 32, "batch_size": 3, "layers": "0-1"}
+    raw["importance"]["site"] = raw["sae"]["site"] = "mlp_act"
     params = tmp_path / "params.yaml"
     params.write_text(yaml.safe_dump(raw))
     sae_dir, out = tmp_path / "sae", tmp_path / "importance"
     sae_stage.main(params, model_dir, sae_dir, tmp_path / "sae_report", tmp_path / "sae.json")
-    assert [p.name for p in sae_dir.iterdir()] == ["layer_1.safetensors"]
+    assert sorted(p.name for p in (sae_dir / "layer_1").iterdir()) == [
+        "cfg.json",
+        "sae_weights.safetensors",
+    ]
     metrics = tmp_path / "importance.json"
     figures = tmp_path / "plots" / "importance"
     importance_stage.main(params, model_dir, sae_dir, out, figures, metrics)
@@ -330,6 +366,14 @@ def test_stages_end_to_end(tmp_path, monkeypatch):
     assert (figures / "mlp" / "values_compare_norm-sum_abs.png").is_file()
     assert (figures / "mlp" / "layers" / "values_norm-sum_abs" / "layer_1.png").is_file()
     assert not list(out.rglob("*.png"))  # figures live under plots/, arrays under metrics/
+    with np.load(out / "mlp" / "consolidated_results.npz", allow_pickle=False) as data:
+        # every layer x aggregation x normalisation x pass, under the gradient tools' names
+        assert len(data["keys"]) == 2 * 2 * 2 * 2
+        assert np.array_equal(data["layer_1_mean_abs_norm_sum_abs_gradients"], mlp.vectors[1])
+        assert "loading" in json.loads(str(data["metadata"][0]))
+    timing = json.loads((out / "timing_stats.json").read_text())
+    assert set(timing) == {"values", "gradients"} and timing["values"]["tokens"] > 0
+    assert "gradients / values time" in (out / "timing_summary.txt").read_text()
     assert (out / "mlp" / "layers" / "values_mean_norm-sum" / "layer_0.npy").is_file()
     timing = json.loads(metrics.read_text())
     assert timing["gradients_over_values"] > 0

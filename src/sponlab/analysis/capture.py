@@ -23,7 +23,8 @@ from tqdm.auto import tqdm
 
 from sponlab.analysis.batches import TokenBatch
 from sponlab.hooks import installed
-from sponlab.sites import Site, SiteMap, parse_layer_spec
+from sponlab.paramcheck import Section
+from sponlab.sites import Site, SiteError, SiteMap, parse_layer_spec
 
 log = logging.getLogger(__name__)
 
@@ -40,8 +41,34 @@ Transform = Callable[[torch.Tensor], torch.Tensor]
 
 
 def resolve_layers(spec: str, num_layers: int) -> list[int]:
-    """``all`` or a ``parse_layer_spec`` string, validated against the model."""
-    return list(range(num_layers)) if spec == "all" else parse_layer_spec(spec, num_layers)
+    """``all``, ``auto`` (first, middle and last layer: any depth) or a ``parse_layer_spec``
+    string, validated against the model."""
+    if spec == "all":
+        return list(range(num_layers))
+    if spec == "auto":
+        return sorted({0, num_layers // 2, num_layers - 1})
+    return parse_layer_spec(spec, num_layers)
+
+
+SITES: tuple[str, ...] = ("mlp_out", "mlp_act", "resid_post")
+
+
+def parse_layers(sec: Section, default: str) -> str:
+    """``all``, ``auto`` (first / middle / last), a range ``"0-23"`` or a list ``"0,5,10"``."""
+    value = sec.get("layers", default)
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = str(value)
+    if value in ("all", "auto"):
+        return value
+    if not isinstance(value, str):
+        raise sec.fail(
+            "layers", f"must be 'all', 'auto', a range '0-23' or a list '0,5,10', got {value!r}"
+        )
+    try:
+        parse_layer_spec(value)
+    except SiteError as err:
+        raise sec.fail("layers", f"is invalid: {err}") from err
+    return value
 
 
 def mlp_input_module(model: nn.Module, sitemap: SiteMap, layer: int) -> nn.Linear:
@@ -49,36 +76,74 @@ def mlp_input_module(model: nn.Module, sitemap: SiteMap, layer: int) -> nn.Linea
     return sitemap.linear(model, sitemap.require([Site(layer, "down_proj")])[0])
 
 
+def site_module(model: nn.Module, sitemap: SiteMap, layer: int, site: str) -> nn.Module:
+    """The module whose input (``mlp_act``: down_proj) or output (``mlp_out``: the MLP block that
+    holds down_proj; ``resid_post``: the decoder layer) is the activation at ``site``."""
+    if site == "mlp_act":
+        return mlp_input_module(model, sitemap, layer)
+    if site == "mlp_out":
+        path = sitemap.paths[sitemap.require([Site(layer, "down_proj")])[0]]
+        return model.get_submodule(path.rsplit(".", 1)[0])
+    if site == "resid_post":
+        return model.get_submodule(f"{sitemap.layers_path}.{layer}")
+    raise ValueError(f"site must be one of {list(SITES)}, got {site!r}")
+
+
+def site_dim(model: nn.Module, sitemap: SiteMap, layer: int, site: str) -> int:
+    """Width of the activation at ``site``: intermediate size for ``mlp_act``, hidden otherwise."""
+    down = mlp_input_module(model, sitemap, layer)
+    return down.in_features if site == "mlp_act" else down.out_features
+
+
 @contextmanager
+def site_hooks(
+    model: nn.Module,
+    sitemap: SiteMap,
+    layers: Sequence[int],
+    site: str = "mlp_act",
+    on_value: Callable[[int, torch.Tensor], None] | None = None,
+    on_grad: Callable[[int, torch.Tensor], None] | None = None,
+) -> Iterator[None]:
+    """Call ``on_value(layer, x)`` with each layer's activation at ``site`` and
+    ``on_grad(layer, dL/dx)`` in backward.
+
+    For gradients the activation is made to require grad (it is a leaf when nothing upstream does,
+    the model being frozen) and a tensor hook reports its gradient; the forward values are untouched.
+    Hooks are removed on exit, also on error.
+    """
+    report = _report(on_value, on_grad)
+
+    def register(layer: int):
+        module = site_module(model, sitemap, layer, site)
+        if site == "mlp_act":
+            return module.register_forward_pre_hook(lambda _m, args: report(layer, args[0]))
+        return module.register_forward_hook(lambda _m, _a, out: report(layer, _first(out)))
+
+    with installed(register(layer) for layer in layers):
+        yield
+
+
 def mlp_input_hooks(
     model: nn.Module,
     sitemap: SiteMap,
     layers: Sequence[int],
     on_value: Callable[[int, torch.Tensor], None] | None = None,
     on_grad: Callable[[int, torch.Tensor], None] | None = None,
-) -> Iterator[None]:
-    """Call ``on_value(layer, x)`` on each down_proj input and ``on_grad(layer, dL/dx)`` in backward.
-
-    For gradients the activation is made to require grad (it is a leaf when nothing upstream does,
-    the model being frozen) and a tensor hook reports its gradient; the forward values are untouched.
-    Hooks are removed on exit, also on error.
-    """
-    with installed(
-        mlp_input_module(model, sitemap, layer).register_forward_pre_hook(
-            _pre_hook(layer, on_value, on_grad)
-        )
-        for layer in layers
-    ):
-        yield
+):
+    """:func:`site_hooks` on the down_proj inputs (``mlp_act``)."""
+    return site_hooks(model, sitemap, layers, "mlp_act", on_value, on_grad)
 
 
-def _pre_hook(
-    layer: int,
+def _first(output: Any) -> torch.Tensor:
+    """A module's output tensor (decoder layers may return a tuple led by the hidden states)."""
+    return output[0] if isinstance(output, tuple) else output
+
+
+def _report(
     on_value: Callable[[int, torch.Tensor], None] | None,
     on_grad: Callable[[int, torch.Tensor], None] | None,
-) -> Callable[[nn.Module, tuple[Any, ...]], None]:
-    def hook(_module: nn.Module, args: tuple[Any, ...]) -> None:
-        x = args[0]  # [B, T, D]
+) -> Callable[[int, torch.Tensor], None]:
+    def report(layer: int, x: torch.Tensor) -> None:  # x [B, T, D]
         if on_value is not None:
             on_value(layer, x.detach())
         if on_grad is not None and torch.is_grad_enabled():
@@ -86,7 +151,7 @@ def _pre_hook(
                 x.requires_grad_(True)  # a leaf: no parameter or earlier activation needs grad
             x.register_hook(lambda grad: on_grad(layer, grad))
 
-    return hook
+    return report
 
 
 def next_token_loss_sum(
@@ -116,14 +181,16 @@ def site_tensors(
     layers: Sequence[int],
     batch: TokenBatch,
     aggregate_by: str,
+    site: str = "mlp_act",
 ) -> dict[int, torch.Tensor]:
-    """Per-token down_proj inputs (``values``) or ``d loss / d input`` (``gradients``), [B, T, D]."""
+    """Per-token activations at ``site`` (``values``) or ``d loss / d activation``
+    (``gradients``), [B, T, D]."""
     captured: dict[int, torch.Tensor] = {}
 
     def keep(layer: int, tensor: torch.Tensor) -> None:
         captured[layer] = tensor.detach().clone()
 
-    _forward(model, sitemap, layers, batch, aggregate_by, keep)
+    _forward(model, sitemap, layers, batch, aggregate_by, keep, site)
     return captured
 
 
@@ -134,18 +201,19 @@ def _forward(
     batch: TokenBatch,
     aggregate_by: str,
     sink: Callable[[int, torch.Tensor], None],
+    site: str = "mlp_act",
 ) -> None:
     """One forward (``values``) or forward + backward (``gradients``) pass feeding ``sink``."""
     device = _device(model)
     ids = batch.input_ids.to(device)
     mask = batch.attention_mask.to(device)
     if aggregate_by == "values":
-        with torch.no_grad(), mlp_input_hooks(model, sitemap, layers, on_value=sink):
+        with torch.no_grad(), site_hooks(model, sitemap, layers, site, on_value=sink):
             _forward_body(model)(input_ids=ids, attention_mask=mask, use_cache=False)
         return
     if aggregate_by != "gradients":
         raise ValueError(f"aggregate_by must be one of {AGGREGATE_BY}, got {aggregate_by!r}")
-    with torch.enable_grad(), mlp_input_hooks(model, sitemap, layers, on_grad=sink):
+    with torch.enable_grad(), site_hooks(model, sitemap, layers, site, on_grad=sink):
         logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits  # [B, T, V]
         next_token_loss_sum(logits, ids, mask).backward()
 
@@ -212,6 +280,7 @@ def run_importance(
     aggregate_by: str,
     targets: Mapping[str, Mapping[int, Transform]],
     progress: bool = True,
+    site: str = "mlp_act",
 ) -> PassResult:
     """Aggregate every target over all non-pad tokens in one pass over ``batches``.
 
@@ -233,7 +302,7 @@ def run_importance(
     device = _device(model)
     for batch in tqdm(batches, desc=f"importance {aggregate_by}", disable=not progress):
         state["mask"] = batch.attention_mask.to(device).bool()  # [B, T]
-        _forward(model, sitemap, layers, batch, aggregate_by, sink)
+        _forward(model, sitemap, layers, batch, aggregate_by, sink, site)
     seconds = time.perf_counter() - start
     tokens = sum(b.tokens for b in batches)
     log.info(
@@ -251,14 +320,16 @@ def identity(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
-def collect_mlp_inputs(
+def collect_activations(
     model: nn.Module,
     sitemap: SiteMap,
     layers: Sequence[int],
     batches: Sequence[TokenBatch],
+    site: str = "mlp_act",
     progress: bool = True,
 ) -> dict[int, torch.Tensor]:
-    """Down_proj inputs of every non-pad token, per layer ``[N, D]`` float32 on CPU (SAE data)."""
+    """Activations at ``site`` of every non-pad token, per layer ``[N, D]`` float32 on CPU (the
+    SAE stage's training data; host memory, as SAE training runs there)."""
     rows: dict[int, list[torch.Tensor]] = {layer: [] for layer in layers}
     state: dict[str, torch.Tensor] = {}
 
@@ -268,7 +339,7 @@ def collect_mlp_inputs(
     device = _device(model)
     for batch in tqdm(batches, desc="collect activations", disable=not progress):
         state["mask"] = batch.attention_mask.to(device).bool()
-        _forward(model, sitemap, layers, batch, "values", keep)
+        _forward(model, sitemap, layers, batch, "values", keep, site)
     return {layer: torch.cat(parts) for layer, parts in rows.items()}
 
 

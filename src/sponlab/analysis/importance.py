@@ -46,10 +46,16 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from sponlab.analysis.capture import AGGREGATE_BY, AGGREGATIONS, ImportanceError, PassResult
+from sponlab.analysis.capture import (
+    AGGREGATE_BY,
+    AGGREGATIONS,
+    SITES,
+    ImportanceError,
+    PassResult,
+    parse_layers,
+)
 from sponlab.config import Section
 from sponlab.data import SPLITS
-from sponlab.sites import SiteError, parse_layer_spec
 
 log = logging.getLogger(__name__)
 FEATURES: tuple[str, ...] = ("mlp", "sae")
@@ -68,6 +74,7 @@ class ImportanceParams:
     normalize: tuple[str, ...] = BOTH_NORMALIZATIONS
     sum_tolerance: float = 1e-6
     layers: str = "all"
+    site: str = "mlp_out"
     split: str = "val"
     samples: int = 32
     min_tokens: int = 32
@@ -93,10 +100,16 @@ def _one_or_many(sec: Section, name: str, allowed: Sequence[str], both: Sequence
 
 
 def _power(sec: Section) -> float | None:
-    """``null`` (no power), a positive number, or a list whose first value is used (warned)."""
+    """``null`` (no power), a positive number, or a list (also the gradient tools' comma-separated
+    string ``"0.5,1.0,2.0"``) whose first value is used (warned)."""
     value = sec.get("power", None)
     if value is None:
         return None
+    if isinstance(value, str):
+        try:
+            value = [float(v) for v in value.split(",")]
+        except ValueError as err:
+            raise sec.fail("power", f"must be null, a number > 0 or a list, got {value!r}") from err
     if isinstance(value, list):
         if not value:
             raise sec.fail("power", "must be null, a number > 0 or a non-empty list, got []")
@@ -113,21 +126,6 @@ def _power(sec: Section) -> float | None:
     return float(value)
 
 
-def _layers(sec: Section) -> str:
-    value = sec.get("layers", "all")
-    if isinstance(value, int) and not isinstance(value, bool):
-        value = str(value)
-    if value == "all":
-        return value
-    if not isinstance(value, str):
-        raise sec.fail("layers", f"must be 'all', a range '0-23' or a list '0,5,10', got {value!r}")
-    try:
-        parse_layer_spec(value)
-    except SiteError as err:
-        raise sec.fail("layers", f"is invalid: {err}") from err
-    return value
-
-
 def parse_params(sec: Section) -> ImportanceParams:
     """Validate the ``importance`` section; every bad value names its key."""
     params = ImportanceParams(
@@ -141,7 +139,8 @@ def parse_params(sec: Section) -> ImportanceParams:
             sec.choice("normalize", (*NORMALIZATIONS, "both"), "both"), BOTH_NORMALIZATIONS
         ),
         sum_tolerance=sec.number("sum_tolerance", ImportanceParams.sum_tolerance, lo=0, hi=1),
-        layers=_layers(sec),
+        layers=parse_layers(sec, ImportanceParams.layers),
+        site=sec.choice("site", SITES, ImportanceParams.site),
         split=sec.choice("split", SPLITS, ImportanceParams.split),
         samples=sec.number("samples", ImportanceParams.samples, lo=1, integer=True),
         min_tokens=sec.number("min_tokens", ImportanceParams.min_tokens, lo=2, integer=True),

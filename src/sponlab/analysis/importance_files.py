@@ -16,7 +16,7 @@ import numpy as np
 
 from sponlab.analysis.capture import PassResult
 from sponlab.analysis.importance import ImportanceParams, ImportanceScores
-from sponlab.tensorio import atomic_path
+from sponlab.tensorio import atomic_path, write_json, write_text
 
 log = logging.getLogger(__name__)
 
@@ -110,6 +110,61 @@ def write_variants(
         save_importance(out_dir, variant, meta)
         written[variant.stem] = {k: v for k, v in meta.items() if k not in ("params", *context)}
     return written
+
+
+CONSOLIDATED = "consolidated_results.npz"
+LOADING = (
+    "import numpy as np; d = np.load('<features>/consolidated_results.npz', allow_pickle=False); "
+    "d['layer_<i>_<aggregation>_norm_<normalize>[_pow_<p>]_<aggregate_by>'] is one layer's vector "
+    "(e.g. layer_0_mean_abs_norm_sum_abs_gradients); d['keys'] lists them, d['metadata'][0] is JSON. "
+    "Per variant: sponlab.analysis.importance_files.load_importance('<features>/<stem>.npz')."
+)
+
+
+def consolidated_key(layer: int, variant: ImportanceScores) -> str:
+    """The gradient tools' array name, e.g. ``layer_0_mean_abs_norm_sum_abs_gradients``."""
+    power = "" if variant.power is None else f"_pow_{variant.power:g}"
+    norm = f"_norm_{variant.normalize}"
+    return f"layer_{layer}_{variant.aggregation}{norm}{power}_{variant.aggregate_by}"
+
+
+def save_consolidated(
+    out_dir: Path, variants: Sequence[ImportanceScores], metadata: Mapping[str, Any]
+) -> Path:
+    """Every layer x aggregation x normalisation x pass of one features kind in one ``.npz``
+    (keys from :func:`consolidated_key`, plus ``keys``, ``layers`` and JSON ``metadata``)."""
+    arrays = {
+        consolidated_key(layer, v): vector
+        for v in variants
+        for layer, vector in sorted(v.vectors.items())
+    }
+    layers = sorted({layer for v in variants for layer in v.vectors})
+    meta = {**dict(metadata), "loading": LOADING}
+    arrays |= {
+        "keys": np.asarray(sorted(arrays)),
+        "layers": np.asarray(layers, dtype=np.int64),
+        "metadata": np.asarray([json.dumps(meta, sort_keys=True)]),
+    }
+    path = Path(out_dir) / CONSOLIDATED
+    with atomic_path(path) as tmp, open(tmp, "wb") as handle:
+        np.savez_compressed(handle, **arrays)
+    return path
+
+
+def write_timing(out_dir: Path, passes: Mapping[str, Mapping[str, float]]) -> None:
+    """``timing_stats.json`` (per pass: seconds, tokens, tokens/s, batches) and a readable
+    ``timing_summary.txt``, as the gradient tools write them."""
+    write_json(Path(out_dir) / "timing_stats.json", {k: dict(v) for k, v in passes.items()})
+    lines = ["pass        seconds    tokens  tokens/s  batches"]
+    for name, t in passes.items():
+        lines.append(
+            f"{name:<10} {t['seconds']:8.2f} {t['tokens']:9d} {t['tokens_per_s']:9.1f} "
+            f"{t['batches']:8d}"
+        )
+    if "values" in passes and "gradients" in passes:
+        ratio = passes["gradients"]["seconds"] / passes["values"]["seconds"]
+        lines.append(f"gradients / values time: {ratio:.2f}x")
+    write_text(Path(out_dir) / "timing_summary.txt", "\n".join(lines) + "\n")
 
 
 def importance_headline(summary: dict[str, Any], targets_layers: dict[str, Any]) -> dict[str, Any]:

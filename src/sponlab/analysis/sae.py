@@ -1,16 +1,10 @@
-"""Sparse autoencoders (SAEs) on MLP activations (down_proj inputs): model, file format, training.
+"""Sparse autoencoders (SAEs) on a layer's activations: the model and its training.
 
-File format (one directory, one file per layer): ``layer_<i>.safetensors`` holding
-
-- ``W_enc`` ``[d_in, d_sae]``, ``b_enc`` ``[d_sae]``, ``W_dec`` ``[d_sae, d_in]``, ``b_dec`` ``[d_in]``
-  (float32);
-- safetensors metadata (JSON-encoded values): ``d_in``, ``d_sae``, ``layer`` (int), ``site`` (the
-  site key, e.g. ``layers.3.down_proj``: the SAE reads that projection's *input*), ``model`` (the
-  model it was trained on), plus optional training facts (``l1``, ``steps``, ``fve``, ``l0``, ...).
-
-Features are ``f = ReLU((x - b_dec) @ W_enc + b_enc)`` and the reconstruction is
-``x_hat = f @ W_dec + b_dec``. Any SAE stored this way (e.g. converted from a public release) can
-be analysed; the ``sae`` stage trains small ones offline because none can be downloaded here.
+:class:`SparseAutoencoder` computes features as SAELens does for its ``standard`` (ReLU),
+``jumprelu`` and ``topk`` architectures, so a public SAE (SAELens on-disk format, read by
+:mod:`sponlab.analysis.sae_files`) and one trained here are interchangeable. The ``sae`` stage
+trains small standard SAEs offline (none can be downloaded here) at the site ``sae.site`` of each
+chosen layer and saves them in that same format.
 
 Training (:func:`train_sae`): activations are scaled by one constant so that ``E ||x||^2 = d_in``
 (the L1 coefficient then means the same at every layer), decoder rows are kept at unit norm, the
@@ -22,25 +16,20 @@ activations.
 from __future__ import annotations
 
 import logging
-import re
 import time
-from collections.abc import Iterable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from sponlab.analysis.capture import SITES, parse_layers
 from sponlab.config import Section
 from sponlab.data import SPLITS
-from sponlab.sites import Site, SiteError, parse_layer_spec
-from sponlab.tensorio import load_tensors, save_tensors
 
 log = logging.getLogger(__name__)
 
-_FILE_RE = re.compile(r"^layer_(\d+)\.safetensors$")
 TENSOR_NAMES: tuple[str, ...] = ("W_enc", "b_enc", "W_dec", "b_dec")
 
 
@@ -48,7 +37,8 @@ TENSOR_NAMES: tuple[str, ...] = ("W_enc", "b_enc", "W_dec", "b_dec")
 class SAEParams:
     """The ``sae`` section of params.yaml (SAE training for the importance analysis)."""
 
-    layers: str = "0,14,29"
+    layers: str = "auto"  # first, middle and last layer
+    site: str = "mlp_out"
     split: str = "train"
     samples: int = 48
     min_tokens: int = 32
@@ -65,18 +55,9 @@ class SAEParams:
 
 def parse_params(sec: Section) -> SAEParams:
     """Validate the ``sae`` section; every bad value names its key."""
-    layers = sec.get("layers", SAEParams.layers)
-    if isinstance(layers, int) and not isinstance(layers, bool):
-        layers = str(layers)
-    if not isinstance(layers, str):
-        raise sec.fail("layers", f"must be a range '0-23' or a list '0,5,10', got {layers!r}")
-    if layers != "all":
-        try:
-            parse_layer_spec(layers)
-        except SiteError as err:
-            raise sec.fail("layers", f"is invalid: {err}") from err
     params = SAEParams(
-        layers=layers,
+        layers=parse_layers(sec, SAEParams.layers),
+        site=sec.choice("site", SITES, SAEParams.site),
         split=sec.choice("split", SPLITS, SAEParams.split),
         samples=sec.number("samples", SAEParams.samples, lo=1, integer=True),
         min_tokens=sec.number("min_tokens", SAEParams.min_tokens, lo=2, integer=True),
@@ -95,15 +76,41 @@ def parse_params(sec: Section) -> SAEParams:
     return params
 
 
-class SparseAutoencoder(nn.Module):
-    """``f = ReLU((x - b_dec) @ W_enc + b_enc)``, ``x_hat = f @ W_dec + b_dec``."""
+ARCHITECTURES: tuple[str, ...] = ("standard", "jumprelu", "topk")
 
-    def __init__(self, d_in: int, d_sae: int) -> None:
+
+class SparseAutoencoder(nn.Module):
+    """An SAE as SAELens defines its inference forward pass.
+
+    ``pre = (x - b_dec) @ W_enc + b_enc`` (``x @ W_enc + b_enc`` when ``apply_b_dec_to_input`` is
+    false); features ``f`` are ``ReLU(pre)`` (``standard``), ``ReLU(pre) * (pre > threshold)``
+    (``jumprelu``) or ReLU of the ``k`` largest ``pre`` per token, zero elsewhere (``topk``); the
+    reconstruction is ``x_hat = f @ W_dec + b_dec``.
+    """
+
+    def __init__(
+        self,
+        d_in: int,
+        d_sae: int,
+        architecture: str = "standard",
+        k: int | None = None,
+        apply_b_dec_to_input: bool = True,
+    ) -> None:
         super().__init__()
+        if architecture not in ARCHITECTURES:
+            raise ValueError(
+                f"SAE architecture must be one of {ARCHITECTURES}, got {architecture!r}"
+            )
+        if architecture == "topk" and not (isinstance(k, int) and 0 < k <= d_sae):
+            raise ValueError(f"a topk SAE needs 0 < k <= d_sae={d_sae}, got k={k!r}")
+        self.architecture = architecture
+        self.k = k
+        self.apply_b_dec_to_input = apply_b_dec_to_input
         self.W_enc = nn.Parameter(torch.zeros(d_in, d_sae))
         self.b_enc = nn.Parameter(torch.zeros(d_sae))
         self.W_dec = nn.Parameter(torch.zeros(d_sae, d_in))
         self.b_dec = nn.Parameter(torch.zeros(d_in))
+        self.register_buffer("threshold", torch.zeros(d_sae))  # jumprelu only
 
     @property
     def d_in(self) -> int:
@@ -113,10 +120,22 @@ class SparseAutoencoder(nn.Module):
     def d_sae(self) -> int:
         return self.W_enc.shape[1]
 
+    def tensor_names(self) -> tuple[str, ...]:
+        """The tensors an SAELens weights file of this architecture holds."""
+        extra = ("threshold",) if self.architecture == "jumprelu" else ()
+        return (*TENSOR_NAMES, *extra)
+
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """Features ``[..., d_sae]`` of activations ``x`` ``[..., d_in]``."""
         x = x.to(self.W_enc.dtype)
-        return torch.relu((x - self.b_dec) @ self.W_enc + self.b_enc)
+        sae_in = x - self.b_dec if self.apply_b_dec_to_input else x
+        pre = sae_in @ self.W_enc + self.b_enc  # [..., d_sae]
+        if self.architecture == "jumprelu":
+            return torch.relu(pre) * (pre > self.threshold)
+        if self.architecture == "topk":
+            top = pre.topk(self.k, dim=-1)  # type: ignore[arg-type]
+            return torch.zeros_like(pre).scatter(-1, top.indices, torch.relu(top.values))
+        return torch.relu(pre)
 
     def decode(self, f: torch.Tensor) -> torch.Tensor:
         """Reconstruction ``[..., d_in]`` of features ``f`` ``[..., d_sae]``."""
@@ -130,93 +149,37 @@ class SparseAutoencoder(nn.Module):
         """``d loss / d f`` ``[..., d_sae]`` from ``d loss / d x`` ``[..., d_in]``.
 
         With ``x' = decode(f) + (x - decode(f)).detach()`` the forward pass is unchanged and, decode
-        being affine, the chain rule gives ``grad_x @ W_dec^T``.
+        being affine whatever the encoder, the chain rule gives ``grad_x @ W_dec^T``.
         """
         return grad_x.to(self.W_dec.dtype) @ self.W_dec.T
 
     @classmethod
-    def from_tensors(cls, tensors: dict[str, torch.Tensor]) -> SparseAutoencoder:
+    def from_tensors(cls, tensors: dict[str, torch.Tensor], **kwargs: Any) -> SparseAutoencoder:
+        """Build from ``W_enc``, ``b_enc``, ``W_dec``, ``b_dec`` (+ ``threshold`` for jumprelu),
+        checking every shape against ``W_enc`` ``[d_in, d_sae]``."""
         missing = [k for k in TENSOR_NAMES if k not in tensors]
         if missing:
-            raise ValueError(f"SAE file lacks tensor(s) {missing}; expected {list(TENSOR_NAMES)}")
+            raise ValueError(f"SAE weights lack tensor(s) {missing}; expected {list(TENSOR_NAMES)}")
         d_in, d_sae = tensors["W_enc"].shape
-        shapes = {"b_enc": (d_sae,), "W_dec": (d_sae, d_in), "b_dec": (d_in,)}
-        for name, shape in shapes.items():
-            if tuple(tensors[name].shape) != shape:
+        sae = cls(d_in, d_sae, **kwargs)
+        shapes = {
+            "b_enc": (d_sae,),
+            "W_dec": (d_sae, d_in),
+            "b_dec": (d_in,),
+            "threshold": (d_sae,),
+        }
+        for name in sae.tensor_names():
+            if name not in tensors:
+                raise ValueError(f"a {sae.architecture} SAE needs tensor {name!r}")
+            if name != "W_enc" and tuple(tensors[name].shape) != shapes[name]:
                 raise ValueError(
                     f"SAE tensor {name} has shape {tuple(tensors[name].shape)}, "
-                    f"expected {shape} for W_enc {(d_in, d_sae)}"
+                    f"expected {shapes[name]} for W_enc {(d_in, d_sae)}"
                 )
-        sae = cls(d_in, d_sae)
         with torch.no_grad():
-            for name in TENSOR_NAMES:
+            for name in sae.tensor_names():
                 getattr(sae, name).copy_(tensors[name].float())
         return sae.requires_grad_(False).eval()
-
-
-def sae_path(directory: Path, layer: int) -> Path:
-    return Path(directory) / f"layer_{layer}.safetensors"
-
-
-def save_sae(
-    directory: Path,
-    layer: int,
-    sae: SparseAutoencoder,
-    model: str,
-    extra: dict[str, Any] | None = None,
-) -> Path:
-    """Write ``layer_<layer>.safetensors`` in the documented format."""
-    meta = {
-        "d_in": sae.d_in,
-        "d_sae": sae.d_sae,
-        "layer": layer,
-        "site": Site(layer, "down_proj").key,
-        "model": model,
-        **(extra or {}),
-    }
-    tensors = {name: getattr(sae, name).detach().float() for name in TENSOR_NAMES}
-    return save_tensors(sae_path(directory, layer), tensors, meta)
-
-
-def load_sae(path: Path) -> tuple[SparseAutoencoder, dict[str, Any]]:
-    """Read one SAE file; checks shapes against the metadata."""
-    tensors, meta = load_tensors(Path(path))
-    sae = SparseAutoencoder.from_tensors(tensors)
-    for key, value in (("d_in", sae.d_in), ("d_sae", sae.d_sae)):
-        if key in meta and int(meta[key]) != value:
-            raise ValueError(f"{path}: metadata {key}={meta[key]} but tensors give {value}")
-    return sae, meta
-
-
-def sae_layers(directory: Path) -> list[int]:
-    """Layers that have an SAE file in ``directory``."""
-    directory = Path(directory)
-    if not directory.is_dir():
-        raise FileNotFoundError(f"SAE directory not found: {directory} (run the sae stage)")
-    found = (_FILE_RE.match(p.name) for p in directory.iterdir())
-    return sorted(int(m.group(1)) for m in found if m is not None)
-
-
-def load_saes(
-    directory: Path, layers: Iterable[int] | None = None, d_in: int | None = None
-) -> dict[int, SparseAutoencoder]:
-    """SAEs of ``layers`` (default: every file); checks ``d_in`` and the recorded layer."""
-    available = sae_layers(directory)
-    wanted = available if layers is None else sorted(set(layers))
-    missing = [i for i in wanted if i not in available]
-    if missing:
-        raise FileNotFoundError(f"no SAE for layer(s) {missing} in {directory}; has {available}")
-    out = {}
-    for layer in wanted:
-        sae, meta = load_sae(sae_path(directory, layer))
-        if "layer" in meta and int(meta["layer"]) != layer:
-            raise ValueError(f"{sae_path(directory, layer)} says layer {meta['layer']}")
-        if d_in is not None and sae.d_in != d_in:
-            raise ValueError(
-                f"SAE for layer {layer} has d_in {sae.d_in}, the model's down_proj input is {d_in}"
-            )
-        out[layer] = sae
-    return out
 
 
 # --- training ---------------------------------------------------------------------------------
