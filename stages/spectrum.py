@@ -7,7 +7,8 @@ from pathlib import Path
 import typer
 
 from sponlab.analysis.spectrum import analyse, headline_metrics, load_weights
-from sponlab.analysis.spectrum_report import relative_link, render_report, write_tables
+from sponlab.analysis.spectrum_report import relative_link, render_report
+from sponlab.analysis.spectrum_stats import write_statistics, write_tables
 from sponlab.config import analysis_params
 from sponlab.plots.spectrum import plot_all
 from sponlab.provenance import write_metrics
@@ -39,5 +40,6 @@ def main(
             for name, path in drawn.items()
         }
         write_tables(result, tmp)
+        write_statistics(result, tmp, model=str(model))
         write_text(tmp / "report.md", render_report(result, links, model=str(model)))
     write_metrics(metrics, headline_metrics(result))

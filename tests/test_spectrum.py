@@ -20,8 +20,8 @@ from sponlab.analysis.spectrum_report import (
     PHASE_HEADERS,
     TREND_HEADERS,
     render_report,
-    tables,
 )
+from sponlab.analysis.spectrum_stats import eigen_summary, milestone_counts, statistics, tables
 from sponlab.config import ConfigError, Section
 from sponlab.sites import PROJECTIONS, Site, discover_sites
 from sponlab.tiny import ARCHITECTURES, save_tiny, tiny_model
@@ -187,14 +187,28 @@ def test_down_svd_on_known_spectrum():
 
 
 def test_phase_split_and_stats():
+    # the notebook: third = L // 3, early [0, third), middle [third, 2 third), late the rest
     assert [len(v) for v in tr.phase_layers(30).values()] == [10, 10, 10]
-    assert tr.phase_layers(4) == {"early": [0, 1], "middle": [2], "late": [3]}
+    assert tr.phase_layers(10) == {"early": [0, 1, 2], "middle": [3, 4, 5], "late": [6, 7, 8, 9]}
+    assert tr.phase_layers(4) == {"early": [0], "middle": [1], "late": [2, 3]}
     stats = tr.phase_stats([1.0, 3.0, 2.0, 2.0, 10.0, 20.0])
     early = stats[0]
-    assert (early.phase, early.layers, early.mean, early.std) == ("early", (0, 1), 2.0, 1.0)
-    assert (early.min, early.max, early.median, early.range, early.cv) == (1.0, 3.0, 2.0, 2.0, 0.5)
+    # std with ddof=1 as pandas: values 1, 3 -> sqrt(2)
+    assert (early.phase, early.layers, early.mean) == ("early", (0, 1), 2.0)
+    assert early.std == pytest.approx(math.sqrt(2))
+    assert (early.min, early.max, early.median, early.range) == (1.0, 3.0, 2.0, 2.0)
+    assert early.cv == pytest.approx(math.sqrt(2) / 2)
     assert stats[2].mean == 15.0 and stats[2].range == 10.0
-    assert math.isnan(tr.phase_stats([1.0, 2.0])[2].mean)  # fewer layers than phases
+    assert math.isnan(tr.phase_stats([1.0, 2.0])[0].mean)  # fewer layers than phases
+    assert math.isnan(tr.phase_stats([1.0, 2.0, 3.0])[0].std)  # one layer: no sample std
+
+
+def test_notebook_trend_verdicts():
+    assert tr.notebook_trend([5, 3, 4]) == "U-SHAPE"
+    assert tr.notebook_trend([5, 4, 3]) == "MONOTONE DOWN"
+    assert tr.notebook_trend([3, 4, 5]) == "MONOTONE UP"
+    assert tr.notebook_trend([3, 5, 4]) == "OTHER"
+    assert tr.notebook_trend([3, 3, 3]) == "OTHER"  # no tolerance: ties are not a trend
 
 
 @pytest.mark.parametrize(
@@ -248,7 +262,7 @@ def test_params_defaults_and_repo_section():
     [
         (
             {"tag_reference": "mean"},
-            r"spectrum\.tag_reference must be one of \['median', 'absolute'\]",
+            r"spectrum\.tag_reference must be one of \['percentile', 'median', 'absolute'\]",
         ),
         ({"kernel_layer": "top"}, r"spectrum\.kernel_layer must be 'middle' or a layer index"),
         ({"tag_low": 1.2, "tag_high": 1.1}, r"spectrum\.tag_low must be < tag_high"),
@@ -284,13 +298,22 @@ def test_threads_give_the_same_result_as_serial(llama, result):
     )
 
 
-def test_head_tags_relative_to_median(result):
+def test_head_tags_by_percentile_of_head_means(result):
     erank = result.kernel_erank  # [L, H]
     low, high = result.tag_thresholds
-    assert low == pytest.approx(0.8 * np.median(erank))
-    assert high == pytest.approx(1.1 * np.median(erank))
+    assert low == pytest.approx(np.percentile(erank.mean(axis=0), 25))
+    assert high == pytest.approx(np.percentile(erank.mean(axis=0), 75))
+    # 4 heads with means 1, 2, 3, 4 over two layers: 25th pct 1.75, 75th 3.25
+    erank = np.array([[1.0, 2.0, 3.0, 4.0], [1.0, 2.0, 3.0, 4.0]])
+    tags, low, high = sp.tag_heads(erank, sp.SpectrumParams())
+    assert (low, high) == (1.75, 3.25)
+    assert tags.tolist() == [["low", "mid", "mid", "high"]] * 2
+
+
+def test_head_tags_relative_to_median():
     forced = sp.tag_heads(
-        np.array([[1.0, 5.0, 10.0]]), sp.SpectrumParams(tag_low=0.8, tag_high=1.1)
+        np.array([[1.0, 5.0, 10.0]]),
+        sp.SpectrumParams(tag_reference="median", tag_low=0.8, tag_high=1.1),
     )
     assert forced[0].tolist() == [["low", "mid", "high"]]
     absolute = sp.SpectrumParams(tag_reference="absolute", tag_low=2.0, tag_high=9.0)
@@ -319,20 +342,70 @@ def test_report_tables(result):
     names = [*PROJECTIONS, sp.KERNEL_TYPE]
     summary = _table_rows(md, ERANK_HEADERS)
     assert [row[0] for row in summary] == names
-    assert summary[0][1:3] == ["64x64", "64"] and summary[1][1:3] == ["32x64", "32"]
-    phases = _table_rows(md, PHASE_HEADERS)
-    assert len(phases) == 3 * len(names) and phases[0][:3] == ["q_proj", "early", "0-1"]
+    assert summary[0][1:3] == ["64x64", "4"] and summary[1][1:3] == ["32x64", "4"]
+    # per phase: one table per phase with one row per weight type (L=4: early 0, middle 1, late 2-3)
+    assert len(_table_rows(md, PHASE_HEADERS)) == len(names)
+    assert "#### early (0)" in md and "#### late (2-3)" in md
     trends = _table_rows(md, TREND_HEADERS)
     assert [row[0] for row in trends] == names
-    assert all(row[1] in tr.TRENDS for row in trends)
+    assert all(row[4] in ("U-SHAPE", "MONOTONE DOWN", "MONOTONE UP", "OTHER") for row in trends)
+    assert all(row[5] in tr.TRENDS for row in trends)
     assert [row[0] for row in _table_rows(md, DOWN_HEADERS)] == ["50%", "75%", "90%", "95%", "99%"]
     per_layer = _table_rows(md, ("layer", *PROJECTIONS, sp.KERNEL_TYPE))
     assert [row[0] for row in per_layer] == ["0", "1", "2", "3"]
     assert set(re.findall(r"\]\((figures/[^)]+)\)", md)) == set(figures.values())
-    assert "mean asymmetry \\|\\|A-A^T\\|\\|" in md  # pipes escaped inside tables
+    assert "asymmetry \\|\\|A - A^T\\|\\|" in md  # pipes escaped inside tables
+    # the notebook's section order
+    order = [
+        "## Model configuration",
+        "## Attention kernel analysis",
+        "## Attention kernel effective rank: all layers x all heads",
+        "## W_down SVD analysis",
+        "## Effective rank by layer and weight type",
+        "## Phase analysis",
+    ]
+    assert [md.index(h) for h in order] == sorted(md.index(h) for h in order)
     frames = tables(result)
     assert len(frames["erank"]) == 4 * 7 and len(frames["kernel_heads"]) == 4 * 4
     assert frames["kernel_heads"]["kv_head"].tolist()[:4] == [0, 0, 1, 1]
+
+
+def test_focus_head_statistics_on_a_kernel_with_known_eigenvalues():
+    # head_dim 2, hidden 4: A = Q^T K = diag(2, -3, 0, 0)
+    q = torch.tensor([[1.0, 0, 0, 0], [0, 1.0, 0, 0]], dtype=torch.float64)
+    k = torch.tensor([[2.0, 0, 0, 0], [0, -3.0, 0, 0]], dtype=torch.float64)
+    focus = kn.focus_kernel(q, k, layer=1, head=0, kv_head=0, fraction=0.99)
+    s = eigen_summary(focus, hidden=4)
+    assert (s["eigenvalues"], s["nonzero"], s["complex"], s["real"]) == (4, 2, 0, 4)
+    assert (s["positive_real"], s["negative_real"]) == (1, 1)
+    p = np.array([0.6, 0.4])  # |lambda| / sum |lambda| of the non-zero ones (3, 2)
+    assert s["effective_rank_eigen"] == pytest.approx(np.exp(-(p * np.log(p)).sum()), rel=1e-9)
+    assert s["nonzero_percentiles"]["0"] == pytest.approx(2.0)
+    assert s["nonzero_percentiles"]["50"] == pytest.approx(2.5)
+    assert s["nonzero_percentiles"]["100"] == pytest.approx(3.0)
+    # energy 9 + 4: the first eigenvalue holds 9/13 = 69%
+    assert s["milestones"] == {"0.5": 1, "0.75": 2, "0.9": 2, "0.95": 2, "0.99": 2}
+    assert s["asymmetry"] == pytest.approx(0.0, abs=1e-12)  # diagonal kernel
+    assert milestone_counts(np.array([1.0, 1.0, 1.0, 1.0]), (0.5, 0.75, 1.0)) == {
+        "0.5": 2,
+        "0.75": 3,
+        "1": 4,
+    }
+
+
+def test_statistics_json_holds_the_report_numbers(result):
+    stats = statistics(result, "tiny")
+    assert stats["config"]["kv_dim"] == stats["config"]["head_dim"] * stats["config"]["kv_heads"]
+    heads = stats["kernel_heatmap"]["per_head"]
+    assert [h["head"] for h in heads] == [0, 1, 2, 3]
+    assert {h["category"] for h in heads} <= {"LOW-RANK", "MID", "HIGH-RANK"}
+    er = result.kernel_erank
+    assert stats["kernel_heatmap"]["global"]["std"] == pytest.approx(er.std())  # numpy, ddof=0
+    down = result.erank("down_proj")
+    assert stats["weight_types"]["down_proj"]["variance"] == pytest.approx(down.var())
+    pooled = stats["phases"]["pooled"]["late"]  # layers 2-3 of every projection, ddof=1
+    values = np.concatenate([result.erank(m)[[2, 3]] for m in result.modules])
+    assert pooled["std"] == pytest.approx(values.std(ddof=1))
 
 
 def test_stage_writes_report_figures_and_metrics(tmp_path):
@@ -347,6 +420,7 @@ def test_stage_writes_report_figures_and_metrics(tmp_path):
     links = re.findall(r"\]\(([^)]+\.png)\)", md)
     assert len(links) == 6 and all((out / link).resolve().parent == figures for link in links)
     assert all((out / link).is_file() and link.startswith("../../plots/") for link in links)
+    assert read_json(out / "statistics.json")["config"]["layers"] == 4
     for stem in ("erank", "kernel_heads", "kernel_focus_eigs", "down_svd", "phases", "trends"):
         assert (out / f"{stem}.csv").is_file()
     summary = read_json(metrics)

@@ -55,7 +55,7 @@ from sponlab.sites import PROJECTIONS, Site, SiteMap, discover_sites
 log = logging.getLogger(__name__)
 
 KERNEL_TYPE = "qk_kernel"  # phase/trend row for the per-layer mean kernel effective rank
-TAG_REFERENCES: tuple[str, ...] = ("median", "absolute")
+TAG_REFERENCES: tuple[str, ...] = ("percentile", "median", "absolute")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -73,7 +73,7 @@ class SpectrumParams:
     down_layer: int | str = "middle"
     energy_thresholds: tuple[float, ...] = (0.5, 0.75, 0.9, 0.95, 0.99)
     kernel_energy: float = 0.99
-    tag_reference: str = "median"
+    tag_reference: str = "percentile"
     tag_low: float = 0.8
     tag_high: float = 1.1
     trend_tolerance: float = 0.02
@@ -132,7 +132,18 @@ def resolve_layer(choice: int | str, num_layers: int, key: str) -> int:
 
 
 def tag_heads(erank: np.ndarray, params: SpectrumParams) -> tuple[np.ndarray, float, float]:
-    """``low`` / ``mid`` / ``high`` per head [L, H] and the (low, high) thresholds used."""
+    """``low`` / ``mid`` / ``high`` per head [L, H] and the (low, high) thresholds used.
+
+    ``percentile`` (the notebook's rule): a query head's mean over layers at or below the 25th
+    percentile of the head means is ``low``, at or above the 75th ``high``, the same tag in every
+    layer. ``median`` / ``absolute``: each (layer, head) against ``tag_low`` / ``tag_high`` times
+    the median kernel erank, or as absolute values.
+    """
+    if params.tag_reference == "percentile":
+        means = erank.mean(axis=0)  # [H]
+        low, high = float(np.percentile(means, 25)), float(np.percentile(means, 75))
+        per_head = np.where(means <= low, "low", np.where(means >= high, "high", "mid"))
+        return np.broadcast_to(per_head, erank.shape).copy(), low, high
     scale = float(np.median(erank)) if params.tag_reference == "median" else 1.0
     low, high = params.tag_low * scale, params.tag_high * scale
     tags = np.where(erank < low, "low", np.where(erank > high, "high", "mid"))

@@ -9,130 +9,34 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pandas as pd
 
 from sponlab.analysis.spectrum import KERNEL_TYPE, SpectrumResult
-from sponlab.tensorio import atomic_path
+from sponlab.analysis.spectrum_stats import span, statistics
 
 ERANK_HEADERS = (
-    "type",
+    "weight type",
     "shape",
-    "max rank",
-    "mean erank",
-    "mean ratio",
-    "min (layer)",
-    "max (layer)",
+    "count",
+    "min",
+    "max",
+    "mean",
+    "median",
+    "std",
+    "range",
+    "first",
+    "last",
+    "variance",
+    "CV",
 )
-PHASE_HEADERS = ("type", "phase", "layers", "mean", "std", "min", "max", "median", "range", "CV")
-TREND_HEADERS = ("type", "trend", "early", "middle", "late", "largest jump", "largest drop")
+PHASE_HEADERS = ("type", "mean", "std", "min", "max", "median", "range", "CV")
+TREND_HEADERS = ("weight", "early", "middle", "late", "trend", "with tolerance")
 DOWN_HEADERS = ("energy", "components", "fraction of rank")
-
-
-def tables(result: SpectrumResult) -> dict[str, pd.DataFrame]:
-    """Every table of the analysis, keyed by CSV file stem."""
-    erank = pd.DataFrame(
-        [
-            {
-                "layer": layer.layer,
-                "type": module,
-                "rows": layer.shapes[module][0],
-                "cols": layer.shapes[module][1],
-                "max_rank": min(layer.shapes[module]),
-                "erank": layer.erank[module],
-                "erank_ratio": layer.erank[module] / min(layer.shapes[module]),
-            }
-            for layer in result.layers
-            for module in result.modules
-        ]
-    )
-    dims = result.dims
-    heads = pd.DataFrame(
-        [
-            {
-                "layer": layer.layer,
-                "head": h,
-                "kv_head": h // dims.group,
-                "erank": layer.kernel_erank[h],
-                "frobenius": layer.kernel_frobenius[h],
-                "asymmetry": layer.kernel_asymmetry[h],
-                "tag": result.head_tags[layer.layer, h],
-            }
-            for layer in result.layers
-            for h in range(dims.heads)
-        ]
-    )
-    focus = result.focus
-    eigs = pd.DataFrame(
-        {
-            "index": np.arange(len(focus.eigenvalues)),
-            "real": focus.eigenvalues.real,
-            "imag": focus.eigenvalues.imag,
-            "magnitude": np.abs(focus.eigenvalues),
-            "cum_energy": focus.eig_energy,
-            "singular_value": focus.singular_values,
-            "sv_cum_energy": focus.sv_energy,
-        }
-    )
-    down = result.down
-    svd = pd.DataFrame(
-        {
-            "index": np.arange(len(down.singular_values)),
-            "singular_value": down.singular_values,
-            "explained": down.explained,
-            "cumulative": np.cumsum(down.explained),
-        }
-    )
-    phases = pd.DataFrame(
-        [
-            {"type": name, **vars(p), "layers": _span(p.layers)}
-            for name, stats in result.phases.items()
-            for p in stats
-        ]
-    )
-    trends = pd.DataFrame(
-        [
-            {
-                "type": name,
-                "trend": t.label,
-                **dict(zip(("early", "middle", "late"), t.means, strict=True)),
-                "jump_layer": t.jump[0] if t.jump else None,
-                "jump": t.jump[1] if t.jump else None,
-                "drop_layer": t.drop[0] if t.drop else None,
-                "drop": t.drop[1] if t.drop else None,
-            }
-            for name, t in result.trends.items()
-        ]
-    )
-    return {
-        "erank": erank,
-        "kernel_heads": heads,
-        "kernel_focus_eigs": eigs,
-        "down_svd": svd,
-        "phases": phases,
-        "trends": trends,
-    }
-
-
-def write_tables(result: SpectrumResult, out_dir: Path) -> dict[str, Path]:
-    """Write :func:`tables` as ``<stem>.csv`` under ``out_dir`` (atomically, 6 significant digits)."""
-    paths = {}
-    for stem, frame in tables(result).items():
-        paths[stem] = out_dir / f"{stem}.csv"
-        with atomic_path(paths[stem]) as tmp:
-            frame.to_csv(tmp, index=False, float_format="%.6g")  # keeps the header when empty
-    return paths
 
 
 def relative_link(from_dir: Path, target: Path) -> str:
     """``target`` as a POSIX path relative to ``from_dir`` (a Markdown link that survives moving
     the whole run folder)."""
     return Path(os.path.relpath(target, from_dir)).as_posix()
-
-
-def _span(layers: Sequence[int]) -> str:
-    if not layers:
-        return "-"
-    return f"{layers[0]}-{layers[-1]}" if len(layers) > 1 else str(layers[0])
 
 
 def _num(value: Any, digits: int = 4) -> str:
@@ -158,196 +62,247 @@ def md_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     return "\n".join(lines)
 
 
-def _step(step: tuple[int, float] | None) -> str:
-    return f"{step[0]}→{step[0] + 1} ({step[1]:+.3g})" if step else "-"
+def _step(step: list | None) -> tuple[str, float | None]:
+    """``(layers "l→l+1", delta)`` of a largest layer-to-layer step."""
+    return (f"{step[0]}→{step[0] + 1}", step[1]) if step else ("-", None)
 
 
-def _erank_rows(result: SpectrumResult) -> list[list[Any]]:
-    rows = []
-    for name in result.series:
-        v = result.erank(name)
-        shape = (
-            f"{result.dims.hidden}x{result.dims.hidden} (per head)"
-            if name == KERNEL_TYPE
-            else "x".join(map(str, result.dims.expected_shape(name)))
-        )
-        lo, hi = int(np.argmin(v)), int(np.argmax(v))
-        rows.append(
+def _pct(part: float, whole: float) -> str:
+    return f"{100 * part / whole:.1f}%" if whole else "-"
+
+
+def _focus_section(stats: dict[str, Any], figures: Mapping[str, str]) -> list[str]:
+    f, hidden = stats["focus_kernel"], stats["config"]["hidden"]
+    n = f["eigenvalues"]
+    pct = f["nonzero_percentiles"]
+    return [
+        f"## Attention kernel analysis (layer {f['layer']}, head {f['head']})",
+        "",
+        f"The attention kernel W_Q_h^T W_K_g (KV head {f['kv_head']}) maps the input space "
+        f"(d={hidden}) to itself: which directions the head attends to.",
+        "",
+        md_table(
+            ("metric", "value"),
             [
-                name,
-                shape,
-                result.max_rank(name),
-                float(v.mean()),
-                float(v.mean()) / result.max_rank(name),
-                f"{v[lo]:.4g} ({lo})",
-                f"{v[hi]:.4g} ({hi})",
-            ]
-        )
-    return rows
-
-
-def _kernel_section(result: SpectrumResult, figures: Mapping[str, str]) -> list[str]:
-    tags, (low, high) = result.head_tags, result.tag_thresholds
-    er, p, f = result.kernel_erank, result.params, result.focus
-    flagged = [
-        [int(i), int(h), int(h) // result.dims.group, float(er[i, h]), str(tags[i, h])]
-        for i, h in np.argwhere(tags != "mid")
+                ["kernel shape", f"{hidden} x {hidden}"],
+                ["asymmetry ||A - A^T|| / ||A||", f["asymmetry"]],
+                ["complex eigenvalues", f"{f['complex']}/{n} ({_pct(f['complex'], n)})"],
+                [
+                    f"top {stats['config']['head_dim']} eigenvalues energy",
+                    _pct(f["top_head_dim_energy"], 1),
+                ],
+                ["effective rank (entropy of |eigenvalues|)", f["effective_rank_eigen"]],
+                ["effective rank (entropy of singular values)", f["effective_rank_singular"]],
+                ["99% spectral energy at", f"{f['milestones']['0.99']}/{hidden} components"],
+            ],
+        ),
+        "",
+        f"![eigenvalues of the focus head]({figures['kernel_focus']})",
+        "",
+        "### Top 20 eigenvalues",
+        "",
+        md_table(
+            ("rank", "real", "imaginary", "magnitude"), [[i, *z] for i, z in enumerate(f["top20"])]
+        ),
+        "",
+        "### Eigenvalue magnitude spectrum",
+        "",
+        f"Of {n} eigenvalues, **{f['nonzero']} are non-zero** (|λ| > 1e-8); "
+        f"{n - f['nonzero']} are zero (rank(A) <= head_dim). Non-zero magnitudes:",
+        "",
+        md_table(("percentile", "magnitude"), [[f"{q}%", v] for q, v in pct.items()]),
+        "",
+        "### Complex plane distribution",
+        "",
+        f"- real part range: [{f['real_range'][0]:.4g}, {f['real_range'][1]:.4g}]",
+        f"- imaginary part range: [{f['imag_range'][0]:.4g}, {f['imag_range'][1]:.4g}]",
+        f"- {f['complex']} eigenvalues have |imag| > 1e-6, {f['real']} are essentially real",
+        f"- {f['positive_real']} have a positive real part, {f['negative_real']} a negative one",
+        "",
+        "### Cumulative spectral energy",
+        "",
+        md_table(
+            ("energy threshold", "components needed", f"% of total ({hidden})"),
+            [[f"{float(m):.0%}", c, _pct(c, hidden)] for m, c in f["milestones"].items()],
+        ),
+        "",
     ]
-    ref = (
-        f"{p.tag_low:g}x / {p.tag_high:g}x the median"
-        if p.tag_reference == "median"
-        else "absolute"
+
+
+def _heatmap_section(stats: dict[str, Any], figures: Mapping[str, str]) -> list[str]:
+    h = stats["kernel_heatmap"]
+    low, high = h["thresholds"]["low"], h["thresholds"]["high"]
+    rule = (
+        f"heads whose mean over layers is <= the 25th percentile of the head means ({low:.4g}) "
+        f"are LOW-RANK, >= the 75th ({high:.4g}) HIGH-RANK"
+        if h["tag_reference"] == "percentile"
+        else f"(layer, head) kernels below {low:.4g} are low-rank, above {high:.4g} high-rank "
+        f"({h['tag_reference']} rule; MIXED: a head tagged differently across layers)"
     )
-    out = [
-        "## Attention kernels A_h = W_Q_h^T W_K_g",
+    g = h["global"]
+    keys = ("mean", "std", "min", "max")
+    return [
+        "## Attention kernel effective rank: all layers x all heads",
         "",
-        f"Query head h reads KV head g = h // {result.dims.group} "
-        f"({result.dims.heads} query heads, {result.dims.kv_heads} KV heads). Rank(A_h) <= "
-        f"head_dim = {result.dims.head_dim}; effective ranks are computed from the "
-        "d x d factors (exactly equal to the full hidden x hidden matrix).",
-        "",
-        "Asymmetry ||A - A^T||_F / ||A||_F is 0 for a symmetric kernel, 2 for an antisymmetric "
-        "one and about 1.41 when W_Q and W_K are unrelated.",
+        "Entropy effective rank of W_Q_h^T W_K_g per layer and head. Low-rank heads do structured "
+        "relational operations (positional, syntactic); high-rank heads a soft lookup.",
         "",
         f"![kernel effective rank per layer and head]({figures['kernel_heatmap']})",
         "",
         md_table(
-            ("statistic", "value"),
-            [
-                ["median effective rank", float(np.median(er))],
-                ["mean effective rank", float(er.mean())],
-                ["mean asymmetry ||A-A^T||/||A||", float(result.kernel_asymmetry.mean())],
-                [f"low-rank heads (< {low:.4g}; {ref})", int((tags == "low").sum())],
-                [f"high-rank heads (> {high:.4g})", int((tags == "high").sum())],
-            ],
+            ("metric", "value"), [[f"global {k}", g[k]] for k in ("min", "max", "mean", "std")]
         ),
         "",
-    ]
-    if flagged:
-        out += [
-            md_table(("layer", "head", "kv head", "effective rank", "tag"), flagged),
-            "",
-        ]
-    out += [
-        f"### Layer {f.layer}, head {f.head} (KV head {f.kv_head})",
+        "### Per-head summary (mean across layers)",
         "",
-        "Eigenvalues of A_h are those of the head_dim x head_dim matrix W_K_g W_Q_h^T "
-        "(plus hidden - head_dim zeros).",
-        "",
-        f"![eigenvalues of the focus head]({figures['kernel_focus']})",
+        f"Categories: {rule}.",
         "",
         md_table(
-            ("statistic", "value"),
-            [
-                ["effective rank", f.effective_rank],
-                ["asymmetry ||A-A^T||_F / ||A||_F", f.asymmetry],
-                ["largest |eigenvalue|", float(np.abs(f.eigenvalues[0]))],
-                ["largest singular value", float(f.singular_values[0])],
-                ["real eigenvalues", int((np.abs(f.eigenvalues.imag) < 1e-9).sum())],
-                ["eigenvalues with Re < 0", int((f.eigenvalues.real < 0).sum())],
-                [f"eigenvalues for {f.energy_fraction:.0%} of sum |λ|²", f.eig_count],
-                [f"singular values for {f.energy_fraction:.0%} of ||A||_F²", f.sv_count],
-            ],
+            ("head", *keys, "category"),
+            [[r["head"], *(r[k] for k in keys), r["category"]] for r in h["per_head"]],
         ),
         "",
-    ]
-    return out
-
-
-def _down_section(result: SpectrumResult, figures: Mapping[str, str]) -> list[str]:
-    d = result.down
-    rank = len(d.singular_values)
-    return [
-        f"## SVD of down_proj (layer {d.layer})",
+        "### Per-layer summary (mean across heads)",
         "",
-        f"![down_proj singular values]({figures['down_svd']})",
+        md_table(("layer", *keys), [[r["layer"], *(r[k] for k in keys)] for r in h["per_layer"]]),
+        "",
+    ]
+
+
+def _down_section(stats: dict[str, Any], figures: Mapping[str, str]) -> list[str]:
+    d = stats["down_proj"]
+    rank = min(d["shape"])
+    return [
+        f"## W_down SVD analysis (layer {d['layer']})",
+        "",
+        f"- shape: {d['shape'][0]} x {d['shape'][1]}",
+        f"- 99% variance captured by {d['milestones']['0.99']}/{rank} singular values",
+        f"- top singular value: {d['top_singular_value']:.4f}",
+        f"- smallest singular value: {d['smallest_singular_value']:.6f}",
+        f"- condition number: {_num(d['condition_number'])}",
         "",
         md_table(
             DOWN_HEADERS,
-            [[f"{t:.0%}", n, f"{n / rank:.1%}"] for t, n in d.components.items()],
+            [[f"{float(m):.0%}", n, f"{n / rank:.1%}"] for m, n in d["milestones"].items()],
         ),
         "",
-        md_table(
-            ("statistic", "value"),
-            [
-                ["top singular value", d.top],
-                ["smallest singular value", d.smallest],
-                ["condition number", d.condition_number],
-                ["variance explained by the top component", float(d.explained[0])],
-            ],
-        ),
+        f"![down_proj singular values]({figures['down_svd']})",
         "",
     ]
 
 
-def _phase_section(result: SpectrumResult, figures: Mapping[str, str]) -> list[str]:
+def _erank_section(result: SpectrumResult, stats: dict, figures: Mapping[str, str]) -> list[str]:
+    cols = ("count", "min", "max", "mean", "median", "std", "range", "first", "last", "variance")
     rows = [
-        [name, p.phase, _span(p.layers), p.mean, p.std, p.min, p.max, p.median, p.range, p.cv]
-        for name, stats in result.phases.items()
-        for p in stats
+        [n, t["shape"], *(t[c] for c in cols), t["cv"]] for n, t in stats["weight_types"].items()
     ]
-    trends = [
-        [name, t.label, *t.means, _step(t.jump), _step(t.drop)] for name, t in result.trends.items()
-    ]
-    tol = result.params.trend_tolerance
-    return [
-        "## Phases (early / middle / late thirds of the layers)",
-        "",
-        f"![phase means]({figures['phases']})",
-        "",
-        md_table(PHASE_HEADERS, rows),
-        "",
-        "Trend of the three phase means (d1 = middle - early, d2 = late - middle, "
-        f"tol = {tol:g} x mean): U-shape d1 < -tol < tol < d2; inverted-U d1 > tol, d2 < -tol; "
-        "monotone up/down: no step against the direction beyond tol and a net change beyond tol; "
-        "flat: every change within tol; otherwise other. Jump/drop: the largest single "
-        "layer-to-layer rise/fall (l→l+1).",
-        "",
-        md_table(TREND_HEADERS, trends),
-        "",
-    ]
-
-
-def render_report(result: SpectrumResult, figures: Mapping[str, str], model: str = "") -> str:
-    """The Markdown report; ``figures`` maps figure names to paths relative to the report."""
-    d = result.dims
     per_layer = [
         [layer.layer, *(layer.erank[m] for m in result.modules), float(layer.kernel_erank.mean())]
         for layer in result.layers
     ]
-    lines = [
-        "# Weight spectrum report",
+    return [
+        "## Effective rank by layer and weight type",
         "",
-        f"Model: `{model or 'model'}`. Analysis took {result.seconds:.1f} s on "
-        f"{result.workers} CPU thread(s).",
+        "Effective rank = exp(entropy of the normalised singular values) (Roy & Vetterli): higher "
+        f"is a more spread-out spectrum. {KERNEL_TYPE}: mean over heads of the kernel erank.",
         "",
-        md_table(
-            ("layers", "hidden", "intermediate", "heads", "KV heads", "head dim", "vocab"),
-            [[d.layers, d.hidden, d.intermediate, d.heads, d.kv_heads, d.head_dim, d.vocab]],
-        ),
-        "",
-        "## Entropy effective rank per weight type",
-        "",
-        "erank = exp(H(p)), p_i = s_i / sum_j s_j over the singular values s (Roy & Vetterli); "
-        "ratio = erank / max rank. qk_kernel: mean over heads of the kernel effective rank.",
-        "",
-        md_table(ERANK_HEADERS, _erank_rows(result)),
+        md_table(ERANK_HEADERS, rows),
         "",
         f"![effective rank per layer]({figures['erank_by_layer']})",
         "",
         f"![effective rank ratio per layer]({figures['erank_ratio']})",
         "",
-        "### Per layer",
+        "### Effective rank per layer",
         "",
         md_table(("layer", *result.modules, KERNEL_TYPE), per_layer),
         "",
     ]
-    lines += _kernel_section(result, figures)
-    lines += _down_section(result, figures)
-    lines += _phase_section(result, figures)
+
+
+def _phase_section(result: SpectrumResult, stats: dict, figures: Mapping[str, str]) -> list[str]:
+    ph = stats["phases"]
+    pooled = ph["pooled"]
+    spans = {name: span(v["layers"]) for name, v in pooled.items()}
+    out = [
+        "## Phase analysis: early / middle / late",
+        "",
+        f"Layers split into thirds (third = L // 3, the remainder in the last phase): early "
+        f"({spans['early']}), middle ({spans['middle']}), late ({spans['late']}).",
+        "",
+        "### Aggregate mean effective rank by phase",
+        "",
+        md_table(
+            ("phase", "layers", "mean erank", "std"),
+            [[n, spans[n], v["mean"], v["std"]] for n, v in pooled.items()],
+        ),
+        "",
+        "### Per-phase, per-weight statistics",
+        "",
+    ]
+    for phase in pooled:
+        rows = [
+            [name, p["mean"], p["std"], p["min"], p["max"], p["median"], p["range"], p["cv"]]
+            for name, per in ph["per_type"].items()
+            for p in per
+            if p["phase"] == phase
+        ]
+        out += [f"#### {phase} ({spans[phase]})", "", md_table(PHASE_HEADERS, rows), ""]
+    trend_rows = [[n, *t["means"], t["verdict"], t["label"]] for n, t in ph["trends"].items()]
+    steps = [[n, *_step(t["max_drop"]), *_step(t["max_jump"])] for n, t in ph["trends"].items()]
+    tol = result.params.trend_tolerance
+    out += [
+        "### Per-weight phase trend",
+        "",
+        "A U-shape (middle below both ends) would mean the middle layers are more structured. "
+        f"Trend: the notebook's strict rule; with tolerance: changes within {tol:g} x the mean "
+        "count as flat.",
+        "",
+        md_table(TREND_HEADERS, trend_rows),
+        "",
+        f"![phase means]({figures['phases']})",
+        "",
+        "### Layer-over-layer gradient (sharp transitions)",
+        "",
+        md_table(("weight", "max drop (layers)", "drop Δ", "max jump (layers)", "jump Δ"), steps),
+        "",
+    ]
+    return out
+
+
+def render_report(result: SpectrumResult, figures: Mapping[str, str], model: str = "") -> str:
+    """The Markdown report in the weight-analysis notebook's section order; ``figures`` maps
+    figure names to paths relative to the report. Every number comes from :func:`statistics`."""
+    stats = statistics(result, model)
+    c = stats["config"]
+    config_rows = [
+        ["layers (L)", c["layers"]],
+        ["hidden size (d)", c["hidden"]],
+        ["FFN intermediate (d_ff)", c["intermediate"]],
+        ["attention heads (h)", c["heads"]],
+        ["KV heads", c["kv_heads"]],
+        ["vocab size (V)", c["vocab"]],
+        ["head dim (d_head)", c["head_dim"]],
+        ["KV dim (d_kv)", c["kv_dim"]],
+    ]
+    lines = [
+        f"# Transformer weight analysis: {model or 'model'}",
+        "",
+        f"Analysis took {result.seconds:.1f} s on {result.workers} CPU thread(s); every number "
+        "below is in `statistics.json` beside this report.",
+        "",
+        "## Model configuration",
+        "",
+        md_table(("parameter", "value"), config_rows),
+        "",
+    ]
+    lines += _focus_section(stats, figures)
+    lines += _heatmap_section(stats, figures)
+    lines += _down_section(stats, figures)
+    lines += _erank_section(result, stats, figures)
+    lines += _phase_section(result, stats, figures)
     lines += [
         "Tables: `erank.csv`, `kernel_heads.csv`, `kernel_focus_eigs.csv`, `down_svd.csv`, "
-        "`phases.csv`, `trends.csv` next to this report.",
+        "`phases.csv`, `trends.csv`, `statistics.json` next to this report.",
         "",
     ]
     return "\n".join(lines)

@@ -21,9 +21,14 @@ TRENDS: tuple[str, ...] = ("U-shape", "inverted-U", "monotone up", "monotone dow
 
 
 def phase_layers(num_layers: int) -> dict[str, list[int]]:
-    """Early / middle / late thirds (``np.array_split``: the first thirds get any extra layer)."""
-    parts = np.array_split(np.arange(num_layers), len(PHASES))
-    return {name: part.tolist() for name, part in zip(PHASES, parts, strict=True)}
+    """Early / middle / late thirds as the weight-analysis notebook splits them: ``third = L // 3``,
+    early ``[0, third)``, middle ``[third, 2 * third)``, late the rest (the remainder goes last)."""
+    third = num_layers // 3
+    return {
+        "early": list(range(third)),
+        "middle": list(range(third, 2 * third)),
+        "late": list(range(2 * third, num_layers)),
+    }
 
 
 @dataclass(frozen=True)
@@ -33,7 +38,7 @@ class PhaseStats:
     phase: str
     layers: tuple[int, ...]
     mean: float
-    std: float  # population (ddof=0)
+    std: float  # sample (ddof=1, as pandas in the notebook); NaN for one layer
     min: float
     max: float
     median: float
@@ -50,7 +55,8 @@ def phase_stats(values: Sequence[float]) -> list[PhaseStats]:
         if v.size == 0:
             out.append(PhaseStats(phase, (), *([math.nan] * 7)))
             continue
-        mean, std = float(v.mean()), float(v.std())
+        mean = float(v.mean())
+        std = float(v.std(ddof=1)) if v.size > 1 else math.nan
         out.append(
             PhaseStats(
                 phase=phase,
@@ -96,6 +102,20 @@ def classify_trend(means: Sequence[float], tolerance: float) -> str:
     if max(abs(d1), abs(d2), abs(net)) <= tol:
         return "flat"
     return "other"
+
+
+def notebook_trend(means: Sequence[float]) -> str:
+    """The notebook's strict verdict on (early, middle, late) phase means: ``U-SHAPE`` when the
+    middle is below both ends, ``MONOTONE DOWN`` / ``MONOTONE UP`` when strictly ordered,
+    ``OTHER`` otherwise (no tolerance, unlike :func:`classify_trend`)."""
+    early, middle, late = (float(m) for m in means)
+    if middle < early and middle < late:
+        return "U-SHAPE"
+    if early > middle > late:
+        return "MONOTONE DOWN"
+    if early < middle < late:
+        return "MONOTONE UP"
+    return "OTHER"
 
 
 @dataclass(frozen=True)
