@@ -197,8 +197,6 @@ def test_gradients_match_finite_differences(arch, site):
     # rounding; the central difference is still accurate to O(eps^2).
     eps = 1e-3
     for layer, row, token, coord in [(0, 1, 2, 5), (0, 0, 4, 17), (2, 1, 0, 3)]:
-        delta = torch.zeros(grads[layer].shape[-1], dtype=torch.float64)
-        delta[coord] = eps
         coord = coord % grads[layer].shape[-1]
         delta = torch.zeros(grads[layer].shape[-1], dtype=torch.float64)
         delta[coord] = eps
@@ -233,6 +231,34 @@ def test_sae_feature_gradient_matches_finite_differences():
     minus = _loss_with_perturbation(model, sitemap, batch, 1, (row, token), -delta)
     fd = (plus - minus) / (2 * eps)
     assert float(feat_grad[row, token, feature].detach()) == pytest.approx(fd, rel=2e-3)
+
+
+def test_feature_tensors_stream_one_layer_at_a_time():
+    """Per-token feature tensors [B, T, F] are reduced into the running sums as each layer's
+    activation (or gradient) arrives: the previous layer's is freed before the next exists, so a
+    pass never holds features of all layers at once (65k SAE features x 32 layers on a GPU)."""
+    import gc
+    import weakref
+
+    model = tiny_model("llama", layers=4, hidden=32)
+    freeze(model)
+    sitemap = discover_sites(model)
+    live: list[weakref.ref] = []
+    peak = [0]
+
+    def transform(x: torch.Tensor) -> torch.Tensor:
+        gc.collect()
+        peak[0] = max(peak[0], sum(r() is not None for r in live))
+        feats = x * 2.0  # [B, T, F], a new tensor per call
+        live.append(weakref.ref(feats))
+        return feats
+
+    targets = {"mlp": {layer: transform for layer in range(4)}}
+    for aggregate_by in ("values", "gradients"):
+        live.clear()
+        run_importance(model, sitemap, [_batch([9, 6])], aggregate_by, targets, progress=False)
+        assert len(live) == 4
+    assert peak[0] == 0  # when a layer's features are made, no earlier layer's are alive
 
 
 # --- padding, tokenisation, hooks ----------------------------------------------------------------
