@@ -1,8 +1,10 @@
 """Layer importance of SPON biases: leave-one-layer-out perplexity on validation blocks.
 
-Writes metrics/interpret/layers/ (layers.csv, curves.csv), plots/interpret/layers/importance.png
-and a metrics JSON with
-the benefit, the number of layers for each target fraction and early/middle/late shares.
+Writes metrics/interpret/layers/ (layers.csv, curves.csv; drift_importance.csv and bias_stats.csv,
+the layer-analysis notebook's ranking by drift removed and bias statistics), plots/interpret/layers/
+(importance.png; bias_stats.png, drift_importance.png, top_bottom_biases.png) and a metrics JSON
+with the benefit, the number of layers for each target fraction, early/middle/late shares and the
+drift ranking's coverage sets, parameter savings, quarters and agreement with leave-one-out.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from pathlib import Path
 
 import typer
 
+from sponlab.analysis import drift_layers as dl
 from sponlab.analysis import interpret as ia
 from sponlab.analysis import layers as la
 from sponlab.analysis import shift as sh
@@ -19,6 +22,7 @@ from sponlab.config import analysis_params
 from sponlab.experiment import cell_spec
 from sponlab.layout import cell_path, seed_path
 from sponlab.plots.interpret import plot_layer_importance
+from sponlab.plots.layers import plot_bias_stats, plot_drift_importance, plot_top_bottom
 from sponlab.provenance import write_metrics
 from sponlab.spon import load_biases
 from sponlab.stages.common import (
@@ -67,15 +71,27 @@ def main(
         )
     seconds = time.perf_counter() - start
     norms = la.bias_norms_by_layer(loaded.model, site_map, biases, ids, lp.batch_size, ip.near_zero)
-    drift = sh.drift_by_layer(sh.read_shift(cell_path(evals, lp.config, s) / "shift.csv"))
-    rows = la.importance_rows(result, site_map.num_layers, norms, drift)
+    shift = sh.read_shift(cell_path(evals, lp.config, s) / "shift.csv")
+    rows = la.importance_rows(result, site_map.num_layers, norms, sh.drift_by_layer(shift))
     curves = la.cumulative_curves(result)
+    # the layer-analysis notebook's view: drift removed per layer output, bias statistics
+    drift = dl.drift_importance(shift)
+    per_layer = dl.layer_vectors(ia.output_vectors(biases, loaded.model, site_map))
+    bias_stats = dl.layer_bias_stats(per_layer)
     with replace_dir(tables) as out, replace_dir(figures) as fig:
         write_table(out / "layers.csv", rows)
         write_table(out / "curves.csv", la.curve_rows(result, curves))
+        write_table(out / "drift_importance.csv", dl.drift_rows(drift, result.importance()))
+        write_table(out / "bias_stats.csv", bias_stats)
         title = f"{lp.config} s={s:g}: leave-one-layer-out on {ids.numel()} val tokens"
         plot_layer_importance(rows, curves, lp.targets, title, fig / "importance.png")
+        write_notebook_figures(
+            fig, f"{lp.config} s={s:g}", drift, bias_stats, per_layer, lp.targets
+        )
     summary = la.importance_summary(result, rows, curves, lp.targets, site_map.num_layers)
+    summary["drift_ranking"] = dl.drift_summary(
+        drift, result.importance(), site_map.num_layers, lp.targets
+    )
     write_metrics(
         metrics,
         ia.clean(
@@ -84,4 +100,24 @@ def main(
         ),
         loaded.device,
         loaded.dtype,
+    )
+
+
+def write_notebook_figures(fig: Path, title: str, drift, bias_stats, per_layer, targets) -> None:
+    """The notebook's figures: bias statistics by layer, drift importance, top/bottom layers."""
+    plot_bias_stats(bias_stats, f"{title}: SPON bias statistics by layer", fig / "bias_stats.png")
+    plot_drift_importance(
+        drift.ranked,
+        drift.percent,
+        drift.cumulative,
+        targets,
+        f"{title}: layer importance by drift removed (test text)",
+        fig / "drift_importance.png",
+    )
+    plot_top_bottom(
+        per_layer,
+        [layer for layer in drift.ranked if layer in per_layer][:3],
+        [layer for layer in drift.ranked if layer in per_layer][-3:],
+        f"{title}: biases of high vs low importance layers",
+        fig / "top_bottom_biases.png",
     )

@@ -422,6 +422,8 @@ def test_stages_write_all_outputs(workspace):
         "similarity/pairs.csv",
         "layers/layers.csv",
         "layers/curves.csv",
+        "layers/drift_importance.csv",
+        "layers/bias_stats.csv",
     ):
         assert (tables / name).stat().st_size > 0, name
     for name in (
@@ -431,6 +433,9 @@ def test_stages_write_all_outputs(workspace):
         "prompts/kl.png",
         "similarity/similarity.png",
         "layers/importance.png",
+        "layers/bias_stats.png",
+        "layers/drift_importance.png",
+        "layers/top_bottom_biases.png",
     ):
         assert (figures / name).stat().st_size > 0, name
     # tables and figures are folded into metrics/ and plots/: no figure among the tables
@@ -443,3 +448,5 @@ def test_stages_write_all_outputs(workspace):
     assert shift["test_mean_drift_reduction"] == pytest.approx(0.5)
     layers = json.loads((root / "layers.json").read_text())
     assert set(layers["layers_needed"]) == {"estimated", "measured"}
+    assert set(layers["drift_ranking"]["coverage"]) == {"0.8", "0.9", "0.95"}
+    assert sum(layers["drift_ranking"]["quarter_share"].values()) == pytest.approx(100.0)
