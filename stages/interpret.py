@@ -144,6 +144,8 @@ def write_bias_reports(tables: Path, figures: Path, s: float, reports, vectors, 
                 report.norms, f"{title}: bias norm by layer", f / "layer_norms.png"
             )
             write_table(cell_path(align_t, n, s) / "alignment.csv", report.alignment)
+            if report.residual:
+                write_table(cell_path(align_t, n, s) / "residual.csv", report.residual)
             plots.plot_alignment(
                 report.alignment,
                 f"{title}: bias alignment",

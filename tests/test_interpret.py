@@ -417,6 +417,7 @@ def test_stages_write_all_outputs(workspace):
     for name in (
         "bias/UNIF-ALL/s0.5/stats.csv",
         "alignment/UNIF-ALL/s0.5/alignment.csv",
+        "alignment/UNIF-ALL/s0.5/residual.csv",
         "shift/UNIF-ALL/s0.5/test.csv",
         "prompts/effects.csv",
         "similarity/pairs.csv",
@@ -449,4 +450,41 @@ def test_stages_write_all_outputs(workspace):
     layers = json.loads((root / "layers.json").read_text())
     assert set(layers["layers_needed"]) == {"estimated", "measured"}
     assert set(layers["drift_ranking"]["coverage"]) == {"0.8", "0.9", "0.95"}
+    resid = metrics["checkpoints"]["UNIF-ALL"]["alignment"]  # per-linear; residual beside it
+    assert "max_abs_cos_pc" in resid
+    residual = metrics["checkpoints"]["UNIF-ALL"]["residual_alignment"]
+    assert 0 <= residual["max_abs_cos_resid_pc"] <= 1
     assert sum(layers["drift_ranking"]["quarter_share"].values()) == pytest.approx(100.0)
+
+
+def test_residual_alignment_against_known_components(llama):
+    from sponlab.analysis.interpret import RandomBaseline
+    from sponlab.analysis.residual import (
+        residual_alignment_rows,
+        residual_components,
+        residual_samples,
+    )
+
+    model, _ = llama
+    ids = torch.randint(0, 512, (3, 16), generator=torch.Generator().manual_seed(0))
+    samples = residual_samples(model, ids, 2, [0, 2], tokens=40, seed=0)
+    hidden = model.config.hidden_size
+    assert samples[0].shape == (40, hidden) and samples[2].shape == (40, hidden)
+    with torch.no_grad():
+        out = model(ids, output_hidden_states=True).hidden_states[3]  # after layer 2
+    # every sampled row is a real residual-stream vector of layer 2
+    flat = out.reshape(-1, hidden)
+    assert all(torch.isclose(flat, row).all(dim=1).any() for row in samples[2][:5])
+    comps = residual_components(samples, 3)
+    assert comps[0].shape == (3, hidden)
+    # a bias along PC1 of its layer: |cos| 1 and all its energy in the subspace; a vector whose
+    # width is not the hidden size (no residual-stream vector) is skipped
+    vectors = {Site(0, "down_proj"): comps[0][0].clone(), Site(2, "o_proj"): comps[2][1] + 0}
+    rows = residual_alignment_rows(vectors, comps, RandomBaseline(10, 0))
+    assert [r["site"] for r in rows] == ["layers.0.down_proj", "layers.2.o_proj"]
+    assert rows[0]["max_abs_cos_resid_pc"] == pytest.approx(1.0)
+    assert rows[0]["resid_pc_energy"] == pytest.approx(1.0)
+    assert rows[1]["abs_cos_resid_pc2"] == pytest.approx(1.0)
+    assert rows[0]["resid_pc_energy_chance"] == pytest.approx(3 / hidden)
+    odd = {Site(1, "down_proj"): torch.ones(hidden + 1)}
+    assert residual_alignment_rows(odd, {1: comps[0]}, RandomBaseline(10, 0)) == []

@@ -1,8 +1,8 @@
 """The interpret stage's analyses of trained checkpoints, as library calls.
 
 For the checkpoints of ``interpret.configs`` at one sparsity: per-site bias statistics and their
-alignment with the sparsification error and the dense principal directions (one dense and one
-TEAL-only pass per sparsified set), the prompt-category effects (KL and hidden shift of TEAL-only
+alignment with the sparsification error and the dense principal directions of the site's output
+(one dense and one TEAL-only pass per sparsified set) and of the residual stream after its layer, the prompt-category effects (KL and hidden shift of TEAL-only
 vs TEAL+SPON on categorised prompts) and the cross-config similarity. Each function returns rows
 (tables) and a JSON-ready summary; writing them (metrics/ tables, plots/ figures) is the stage's.
 """
@@ -27,6 +27,11 @@ from sponlab.analysis.prompts import (
     prompt_effects,
     prompt_variants,
 )
+from sponlab.analysis.residual import (
+    residual_alignment_rows,
+    residual_components,
+    residual_samples,
+)
 from sponlab.sites import Site, SiteMap, sort_sites
 from sponlab.sparsify import SparsifySpec
 from sponlab.spon import SponBiases
@@ -43,6 +48,14 @@ ALIGN_KEYS = (
     "random_abs_cos",
 )
 
+RESIDUAL_KEYS = (
+    "max_abs_cos_resid_pc",
+    "resid_pc_energy",
+    "resid_pc_energy_chance",
+    "chance_abs_cos",
+    "random_abs_cos",
+)
+
 Rows = list[dict[str, Any]]
 
 
@@ -53,6 +66,7 @@ class BiasReport:
     stats: Rows
     norms: Rows
     alignment: Rows
+    residual: Rows = field(default_factory=list)  # alignment with residual-stream PCs
     summary: dict[str, Any] = field(default_factory=dict)
 
 
@@ -101,6 +115,11 @@ def bias_reports(
             )
     components = site_components(dense, params.pca_components, params.pca_tokens, params.seed)
     dense.samples.clear()  # [tokens, D] per site: no longer needed
+    resid_pcs = {}
+    if params.pca_components > 0:
+        layers = sorted({site.layer for site in sites})
+        samples = residual_samples(model, ids, batch, layers, params.pca_tokens, params.seed)
+        resid_pcs = residual_components(samples, params.pca_components)
     reports = {}
     for name, spec in specs.items():
         rms = {site: dense.rms(site) for site in vectors[name]}
@@ -109,11 +128,14 @@ def bias_reports(
         rows = alignment_rows(
             vectors[name], dense, teal[spec.sites], model, site_map, components, baseline
         )
+        resid = residual_alignment_rows(vectors[name], resid_pcs, baseline)
         summary = {
             "bias": ia.bias_summary(stats, norms, site_map.num_layers),
             "alignment": alignment_summary(rows),
         }
-        reports[name] = BiasReport(stats, norms, rows, summary)
+        if resid:
+            summary["residual_alignment"] = ia.summarize(resid, RESIDUAL_KEYS)
+        reports[name] = BiasReport(stats, norms, rows, resid, summary)
     return reports
 
 
