@@ -10,7 +10,12 @@ import typer
 
 from sponlab.analysis.interpret import InterpretParams
 from sponlab.config import analysis_params
-from sponlab.findings import findings_json, findings_markdown, study_findings
+from sponlab.findings import (
+    findings_json,
+    findings_markdown,
+    study_findings,
+    transfer_findings,
+)
 from sponlab.layout import cell_path, seed_path
 from sponlab.provenance import write_metrics
 from sponlab.stages.common import PARAMS_OPTION, read_params
@@ -25,6 +30,9 @@ def main(
     trained: Path = typer.Option(Path("models/spon"), "--trained", help="Train cells root."),
     out: Path = typer.Option(Path("metrics/findings.json"), "--out"),
     markdown: Path = typer.Option(Path("metrics/findings.md"), "--markdown"),
+    transfer: Path = typer.Option(
+        Path("metrics/transfer/summary.csv"), "--transfer", help="Transfer table (optional)."
+    ),
 ) -> None:
     cfg = read_params(params)
     frame = pd.read_csv(summary)
@@ -50,7 +58,15 @@ def main(
     found = study_findings(
         frame, shifts, similarity, sim_sparsity, cfg.summary.noise_sigmas, curves
     )
-    write_metrics(out, findings_json(found))
+    moved = []
+    if transfer.is_file():
+        moved = transfer_findings(pd.read_csv(transfer), cfg.summary.noise_sigmas)
+    write_metrics(out, findings_json([*found, *moved]))
     text = findings_markdown(found)
+    if moved:
+        text += (
+            "\n## Out of domain (stage transfer: text no stage trained, calibrated or tested on)\n\n"
+            + findings_markdown(moved)
+        )
     write_text(markdown, "# SPON-extension study: claims re-tested on this run\n\n" + text)
     typer.echo(text)

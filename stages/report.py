@@ -13,6 +13,10 @@ from sponlab.summary import sparsity_key
 from sponlab.tensorio import read_json, write_text
 
 
+def _optional_text(path: Path) -> str | None:
+    return path.read_text() if path.is_file() else None
+
+
 def _optional_json(path: Path, producer: str):
     return read_json(path, producer) if path.is_file() else None
 
@@ -40,6 +44,7 @@ def main(
         importance=_optional_json(metrics / "importance.json", "importance"),
         spectrum=_optional_json(metrics / "spectrum.json", "spectrum"),
         figures=figures,
+        transfer_md=_optional_text(metrics / "transfer/summary.md"),
     )
     write_text(out, build_report(run, out.parent))
     typer.echo(f"report: {out}")

@@ -363,7 +363,9 @@ def workspace(tmp_path_factory):
         "categories": ["math", "safety"],
         "prompts_per_category": 2,
         "layers": {"val_blocks": 2, "batch_size": 2},
+        "transfer": {"configs": ["UNIF-ALL", "ATTN-ONLY"], "blocks": 2, "domains": ["code"]},
     }
+    raw["data"]["block_len"] = 16
     (root / "params.yaml").write_text(yaml.safe_dump(raw))
     params = load_params(root / "params.yaml")
     gen = torch.Generator().manual_seed(0)
@@ -488,3 +490,41 @@ def test_residual_alignment_against_known_components(llama):
     assert rows[0]["resid_pc_energy_chance"] == pytest.approx(3 / hidden)
     odd = {Site(1, "down_proj"): torch.ones(hidden + 1)}
     assert residual_alignment_rows(odd, {1: comps[0]}, RandomBaseline(10, 0)) == []
+
+
+def test_transfer_stage_writes_table_figure_metrics_and_findings_rows(workspace):
+    import json
+
+    import pandas as pd
+    from typer.testing import CliRunner
+
+    from sponlab.cli import app
+    from sponlab.findings import transfer_findings
+
+    root = workspace
+    summary = root / "summary.csv"
+    pd.DataFrame(
+        [
+            {"config": c, "sparsity": 0.5, "sparsify": "all", "relative_parameters": r,
+             "seeds": 1, "dense_ppl": 500.0, "teal_ppl": 520.0, "spon_ppl": 510.0,
+             "spon_ppl_sd": 0.0, "teal_damage": 20.0, "damage_measurable": True,
+             "damage_recovered": 0.5, "damage_recovered_sd": 0.0,
+             "damage_recovered_seeds": "0.5", "achieved_sparsity": 0.5, "pareto": True}
+            for c, r in (("UNIF-ALL", 1.0), ("ATTN-ONLY", 0.3))
+        ]
+    ).to_csv(summary, index=False)  # fmt: skip
+    args = ["transfer", "--params", str(root / "params.yaml"), "--model", str(root / "model")]
+    args += ["--thresholds", str(root / "thresholds"), "--spon", str(root / "spon")]
+    args += ["--summary", str(summary), "--tables", str(root / "metrics/transfer")]
+    args += ["--figures", str(root / "plots/transfer"), "--metrics", str(root / "transfer.json")]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    table = pd.read_csv(root / "metrics/transfer/summary.csv")
+    assert sorted(table["domain"].unique()) == ["code", "wikipedia (test)"]
+    code = table[table["domain"] == "code"].set_index("config")
+    assert code.loc["UNIF-ALL", "seeds"] == 2 and code.loc["ATTN-ONLY", "seeds"] == 1
+    assert (root / "plots/transfer/damage_by_domain.png").stat().st_size > 0
+    assert "| code | 0.5 | UNIF-ALL |" in (root / "metrics/transfer/summary.md").read_text()
+    metrics = json.loads((root / "transfer.json").read_text())
+    assert set(metrics["code"]) == {"UNIF-ALL", "ATTN-ONLY"}
+    assert {f.claim for f in transfer_findings(table, 2.0)} == {"a@code", "b@code"}

@@ -35,6 +35,7 @@ STAGES: list[str] = [
     "importance",
     "interpret",
     "layer_importance",
+    "transfer",
     "report",
 ]
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import pandas as pd
 
@@ -260,6 +260,28 @@ def study_findings(
     for s in sparsities:
         out.append(closed_form_free(frame, s, sigmas))
         out.append(closed_form_init((curves or {}).get(s, {}), s, sigmas))
+    return out
+
+
+def transfer_findings(frame: pd.DataFrame, sigmas: float) -> list[Finding]:
+    """Claims (a) and (b) re-tested on every unseen text domain of the transfer stage's table
+    (the same noise rules; the in-domain rows are the main table's)."""
+    out = []
+    domains = [d for d in dict.fromkeys(frame["domain"]) if not str(d).startswith("wikipedia")]
+    for domain in domains:
+        part = frame[frame["domain"] == domain]
+        for s in sorted(part["sparsity"].unique()):
+            for found in (
+                claim_a(part, s, "ATTN-ONLY", "UNIF-ALL", sigmas),
+                claim_b(part, s, sigmas),
+            ):
+                out.append(
+                    replace(
+                        found,
+                        claim=f"{found.claim}@{domain}",
+                        evidence="metrics/transfer/summary.csv",
+                    )
+                )
     return out
 
 

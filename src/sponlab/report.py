@@ -33,6 +33,7 @@ class RunFiles:
     importance: Mapping[str, Any] | None
     spectrum: Mapping[str, Any] | None
     figures: Mapping[str, Path]  # figure key -> file
+    transfer_md: str | None = None  # the transfer stage's table (unseen text domains)
 
 
 def _figure(report_dir: Path, path: Path | None, caption: str) -> list[str]:
@@ -139,6 +140,22 @@ def analysis_sections(run: RunFiles, report_dir: Path) -> list[str]:
             )
         lines.append("")
         lines += _figure(report_dir, run.figures.get("importance"), "Gradient importance by layer.")
+    if run.transfer_md:
+        lines += [
+            "## Out of domain: code, technical, multilingual and story text",
+            "",
+            "The transfer stage's cells on text no stage trained, calibrated or tested on "
+            "(`metrics/transfer/summary.md`); the claims re-tested there are in the findings "
+            "above.",
+            "",
+            run.transfer_md.strip(),
+            "",
+        ]
+        lines += _figure(
+            report_dir,
+            run.figures.get("transfer"),
+            "Damage recovered per text domain (mean ± seed sd; empty: TEAL damage within noise).",
+        )
     if run.spectrum:
         lines += spectrum_section(run.spectrum, run.figures, report_dir)
     return lines
@@ -228,4 +245,5 @@ FIGURES: Sequence[tuple[str, str]] = (
     ("layers", "plots/interpret/layers/importance.png"),
     ("importance", "plots/importance/mlp/gradients_mean_abs_norm-sum_abs_all_layers.png"),
     ("erank", "plots/spectrum/erank_ratio_by_layer.png"),
+    ("transfer", "plots/transfer/damage_by_domain.png"),
 )

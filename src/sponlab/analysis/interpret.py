@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from sponlab.allocations import AllocationConfig
+from sponlab.analysis.transfer_params import TransferParams, parse_transfer
 from sponlab.config import ConfigError, Section
 from sponlab.sites import Site, SiteMap, sort_sites
 from sponlab.spon import SponBiases
@@ -72,6 +73,7 @@ class InterpretParams:
     prompt_batch: int = 8
     max_prompt_tokens: int = 64
     layers: LayerImportanceParams = field(default_factory=LayerImportanceParams)
+    transfer: TransferParams = field(default_factory=TransferParams)
 
 
 def _names(sec: Section, name: str, default: Any, allow_all: bool = False) -> Any:
@@ -137,6 +139,7 @@ def parse_params(sec: Section) -> InterpretParams:
             "max_prompt_tokens", InterpretParams.max_prompt_tokens, lo=2, integer=True
         ),
         layers=parse_layer_params(sec.section("layers")),
+        transfer=parse_transfer(sec.section("transfer")),
     )
     sec.finish()
     if len(params.similarity) < 2:
@@ -158,6 +161,7 @@ def check_config_names(
     named += [("similarity", n) for n in params.similarity] + [
         ("layers.config", params.layers.config)
     ]
+    named += [("transfer.configs", n) for n in params.transfer.configs]
     for key, name in named:
         require_defined(name, configs, f"interpret.{key}", source)
 

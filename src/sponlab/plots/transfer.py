@@ -1,0 +1,43 @@
+"""Figure of the transfer stage: damage recovered per text domain, config and sparsity."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from sponlab.plots.common import plt, save_figure  # common selects the Agg backend first
+
+
+def plot_transfer(frame: pd.DataFrame, path: Path) -> Path:
+    """One panel per sparsity: grouped bars (configs) per domain, seed sd as error bars; cells
+    whose TEAL damage is within noise are left empty."""
+    sparsities = sorted(frame["sparsity"].unique())
+    domains = list(dict.fromkeys(frame["domain"]))
+    configs = list(dict.fromkeys(frame["config"]))
+    fig, axes = plt.subplots(
+        1, len(sparsities), figsize=(6 * len(sparsities), 4), squeeze=False, constrained_layout=True
+    )
+    width = 0.8 / max(len(configs), 1)
+    for ax, s in zip(axes[0], sparsities, strict=True):
+        for i, config in enumerate(configs):
+            sel = frame[(frame["sparsity"] == s) & (frame["config"] == config)].set_index("domain")
+            values = [
+                100 * sel.loc[d, "damage_recovered"]
+                if d in sel.index and bool(sel.loc[d, "damage_measurable"])
+                else np.nan
+                for d in domains
+            ]
+            errors = [
+                100 * sel.loc[d, "damage_recovered_sd"] if d in sel.index else np.nan
+                for d in domains
+            ]
+            x = np.arange(len(domains)) + (i - (len(configs) - 1) / 2) * width
+            ax.bar(x, values, width, yerr=np.nan_to_num(errors), label=config, capsize=2)
+        ax.axhline(0, color="k", lw=0.5)
+        ax.set_xticks(np.arange(len(domains)), domains, rotation=20, fontsize=8)
+        ax.set_ylabel("damage recovered (%)")
+        ax.set_title(f"s={s:g}: in-domain test vs unseen domains", fontsize=10)
+        ax.legend(fontsize=7)
+    return save_figure(fig, path)

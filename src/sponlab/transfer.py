@@ -1,0 +1,189 @@
+"""Does SPON's gain carry over to text unlike its training (C4) and test (Wikipedia) text?
+
+Every chosen config is evaluated at every sweep sparsity on blocks of other text domains that no
+stage saw (the offline corpora ship source code, technical documentation, multilingual text and
+simple stories): dense, TEAL-only on the config's sparsified set (once per set and sparsity) and
+TEAL+SPON for each training seed. A row per (domain, config, sparsity) has the columns of the
+summary table the findings read (``damage_recovered_seeds``, ``damage_measurable``, ...), so the
+study's claims are re-tested per domain with the same noise rules, plus the achieved sparsity:
+thresholds calibrated on C4 + Wikipedia may not hit their target on code.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import pandas as pd
+import torch
+from torch import nn
+
+from sponlab.data import BlockSpec, make_blocks, read_builtin_file
+from sponlab.evaluate import VariantMetrics, damage_recovered, evaluate_variant
+from sponlab.sites import SiteMap
+from sponlab.sparsify import SparsifySpec, SparsityStats
+from sponlab.spon import SponBiases
+from sponlab.stats import damage, spread
+from sponlab.summary import pareto_front
+
+# domain name -> file of the builtin corpora (exllamav3's calibration text, read as data)
+DOMAIN_FILES: dict[str, str] = {
+    "code": "code",
+    "technical": "technical",
+    "multilingual": "multilingual",
+    "stories": "tiny",
+}
+_PARAGRAPHS = re.compile(r"\n\s*\n")
+
+
+def domain_documents(domain: str) -> list[str]:
+    """The domain's text split into documents at blank lines."""
+    if domain not in DOMAIN_FILES:
+        raise ValueError(f"unknown domain {domain!r}; available: {sorted(DOMAIN_FILES)}")
+    text = read_builtin_file(DOMAIN_FILES[domain])
+    return [part.strip() for part in _PARAGRAPHS.split(text) if part.strip()]
+
+
+def domain_blocks(domain: str, tokenizer: Any, spec: BlockSpec) -> torch.Tensor:
+    """``spec.count`` token blocks [N, T] of the domain (documents shuffled with ``spec.seed``)."""
+    return make_blocks(domain_documents(domain), tokenizer, spec)
+
+
+@dataclass(frozen=True)
+class CellModels:
+    """One pipeline cell to transfer: its sparsification and its biases per training seed."""
+
+    config: str
+    sparsity: float
+    sparsify: str  # the sparsified set's name
+    spec: SparsifySpec
+    seeds: dict[int, SponBiases]
+    relative_parameters: float
+
+
+def evaluate_cells(
+    model: nn.Module,
+    site_map: SiteMap,
+    blocks: torch.Tensor,
+    batch_size: int,
+    cells: Sequence[CellModels],
+    min_damage: float,
+    sigmas: float,
+) -> list[dict[str, Any]]:
+    """Dense once, TEAL-only once per (set, sparsity), TEAL+SPON per seed: one row per cell."""
+    run = {"model": model, "site_map": site_map, "blocks": blocks, "batch_size": batch_size}
+    dense = evaluate_variant(**run, desc="dense")
+    teal: dict[tuple[str, float], tuple[VariantMetrics, SparsityStats]] = {}
+    rows = []
+    for cell in cells:
+        key = (cell.sparsify, cell.sparsity)
+        if key not in teal:
+            stats = SparsityStats()
+            teal[key] = (evaluate_variant(**run, spec=cell.spec, stats=stats, desc="teal"), stats)
+        base, stats = teal[key]
+        spon = {
+            seed: evaluate_variant(**run, spec=cell.spec, biases=b, desc=f"spon {seed}")
+            for seed, b in cell.seeds.items()
+        }
+        rows.append(cell_row(cell, dense, base, spon, stats, min_damage, sigmas))
+    return rows
+
+
+def cell_row(
+    cell: CellModels,
+    dense: VariantMetrics,
+    teal: VariantMetrics,
+    spon: Mapping[int, VariantMetrics],
+    stats: SparsityStats,
+    min_damage: float,
+    sigmas: float,
+) -> dict[str, Any]:
+    """The summary-table columns the findings use, for one cell on one domain."""
+    hurt = damage(dense.ppl, teal.ppl, dense.block_nll, teal.block_nll, min_damage, sigmas)
+    recovered = [damage_recovered(dense.ppl, teal.ppl, m.ppl) for m in spon.values()]
+    values = [v for v in recovered if v is not None]
+    achieved = list(stats.achieved().values())
+    ppl = spread([m.ppl for m in spon.values()]) if spon else None
+    return {
+        "config": cell.config,
+        "sparsity": cell.sparsity,
+        "sparsify": cell.sparsify,
+        "relative_parameters": cell.relative_parameters,
+        "seeds": len(spon),
+        "dense_ppl": dense.ppl,
+        "teal_ppl": teal.ppl,
+        "spon_ppl": ppl.mean if ppl else teal.ppl,
+        "spon_ppl_sd": ppl.sd if ppl else float("nan"),
+        "teal_damage": hurt.ppl,
+        "damage_measurable": hurt.measurable,
+        "damage_recovered": spread(values).mean if values else float("nan"),
+        "damage_recovered_sd": spread(values).sd if values else float("nan"),
+        "damage_recovered_seeds": ";".join(f"{v:.6f}" for v in values),
+        "achieved_sparsity": spread(achieved).mean,
+        "achieved_sparsity_worst_offset": max(abs(a - cell.sparsity) for a in achieved),
+        "pareto": False,  # set per domain by the stage (summary.pareto_front)
+    }
+
+
+def with_pareto(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``pareto`` per sparsity among the rows: fewer parameters and lower SPON perplexity."""
+    out = [dict(r) for r in rows]
+    for s in {r["sparsity"] for r in out}:
+        group = [r for r in out if r["sparsity"] == s]
+        flags = pareto_front(
+            [r["relative_parameters"] for r in group], [r["spon_ppl"] for r in group]
+        )
+        for row, flag in zip(group, flags, strict=True):
+            row["pareto"] = flag
+    return out
+
+
+def _recovered(row: Mapping[str, Any]) -> str:
+    if not row["damage_measurable"]:
+        return f"n/a (TEAL +{row['teal_damage']:.2f} ppl within noise)"
+    sd = row["damage_recovered_sd"]
+    spread_text = "" if pd.isna(sd) else f" ± {100 * sd:.1f}"
+    return f"{100 * row['damage_recovered']:.1f}{spread_text}%"
+
+
+def transfer_markdown(frame: pd.DataFrame) -> str:
+    """One row per (domain, sparsity, config): perplexities, damage recovered, sparsity hit."""
+    head = (
+        "| domain | sparsity | config | dense ppl | TEAL ppl | SPON ppl | damage recovered "
+        "| achieved sparsity (worst site offset) |"
+    )
+    lines = [head, "|---|---|---|---|---|---|---|---|"]
+    for row in frame.sort_values(["domain", "sparsity", "config"], kind="stable").to_dict(
+        "records"
+    ):
+        worst = row.get("achieved_sparsity_worst_offset")
+        offset = "" if worst is None or pd.isna(worst) else f" ({100 * worst:.1f} pts)"
+        lines.append(
+            f"| {row['domain']} | {row['sparsity']:g} | {row['config']} | {row['dense_ppl']:.2f} "
+            f"| {row['teal_ppl']:.2f} | {row['spon_ppl']:.2f} | {_recovered(row)} "
+            f"| {row['achieved_sparsity']:.3f}{offset} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def transfer_metrics(frame: pd.DataFrame) -> dict[str, Any]:
+    """``{domain: {config: {s50: {...}}}}`` for ``dvc metrics`` (NaN as null)."""
+    out: dict[str, Any] = {}
+    for row in frame.to_dict("records"):
+        cell = {
+            k: (None if isinstance(row[k], float) and math.isnan(row[k]) else row[k])
+            for k in (
+                "teal_ppl",
+                "spon_ppl",
+                "damage_recovered",
+                "damage_recovered_sd",
+                "damage_measurable",
+                "achieved_sparsity",
+            )
+        }
+        key = f"s{round(100 * row['sparsity'])}"
+        out.setdefault(row["domain"], {}).setdefault(row["config"], {})[key] = cell
+    return out

@@ -1,0 +1,82 @@
+"""Evaluate chosen configs on text domains no stage saw: does SPON's gain transfer?
+
+For ``interpret.transfer.configs`` at every sweep sparsity, on ``interpret.transfer.blocks``
+blocks of each domain (code, technical, multilingual, stories): dense, TEAL-only, TEAL+SPON per
+seed, damage recovered (mean ± seed sd, with the measurability rule) and achieved sparsity.
+Writes metrics/transfer/summary.{csv,md} (the in-domain Wikipedia test rows from the summary
+table beside them), plots/transfer/damage_by_domain.png and metrics/transfer.json.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+import typer
+
+from sponlab.analysis import interpret as ia
+from sponlab.config import analysis_params
+from sponlab.data import BlockSpec, wants_bos
+from sponlab.experiment import cell_spec
+from sponlab.layout import cell_path, seed_path
+from sponlab.plots.transfer import plot_transfer
+from sponlab.provenance import write_metrics
+from sponlab.spon import load_biases
+from sponlab.stages.common import MODEL_OPTION, PARAMS_OPTION, load_base, read_params, timed
+from sponlab.tensorio import write_table, write_text
+from sponlab.transfer import (
+    CellModels,
+    domain_blocks,
+    evaluate_cells,
+    transfer_markdown,
+    transfer_metrics,
+    with_pareto,
+)
+
+
+def main(
+    params: Path = PARAMS_OPTION,
+    model: Path = MODEL_OPTION,
+    thresholds: Path = typer.Option(Path("models/thresholds"), "--thresholds"),
+    spon: Path = typer.Option(Path("models/spon"), "--spon", help="Root of the train cells."),
+    summary: Path = typer.Option(Path("metrics/tables/summary.csv"), "--summary"),
+    tables: Path = typer.Option(Path("metrics/transfer"), "--tables"),
+    figures: Path = typer.Option(Path("plots/transfer"), "--figures"),
+    metrics: Path = typer.Option(Path("metrics/transfer.json"), "--metrics"),
+) -> None:
+    p = read_params(params)
+    tp = analysis_params(p, "interpret").transfer
+    ia.check_configs(tp.configs, p.configs, p.sweep_configs, "interpret.transfer.configs")
+    in_domain = pd.read_csv(summary)
+    in_domain = in_domain[in_domain["config"].isin(tp.configs)].assign(domain="wikipedia (test)")
+    loaded, site_map = load_base(p, model)
+    cells = []
+    for config in tp.configs:
+        alloc = p.config(config)
+        for s in p.sparsities:
+            row = in_domain[(in_domain["config"] == config) & (in_domain["sparsity"] == s)]
+            files = {k: seed_path(cell_path(spon, config, s), k) / "biases.safetensors"
+                     for k in alloc.seeds}  # fmt: skip
+            seeds = {
+                k: load_biases(f, site_map, s, loaded.fingerprint)[0].to(loaded.device)
+                for k, f in files.items()
+            }
+            spec = cell_spec(p, alloc, s, site_map, thresholds, loaded.fingerprint)
+            rel = float(row["relative_parameters"].iloc[0]) if len(row) else float("nan")
+            cells.append(CellModels(config, s, alloc.sparsify, spec, seeds, rel))
+    bos = wants_bos(loaded.tokenizer, p.data.bos)
+    spec = BlockSpec(p.data.block_len, tp.blocks, bos, p.data.seed)
+    rows = []
+    for domain in tp.domains:
+        blocks = domain_blocks(domain, loaded.tokenizer, spec)
+        with timed(f"transfer to {domain}: {tuple(blocks.shape)}, {len(cells)} cells"):
+            found = evaluate_cells(
+                loaded.model, site_map, blocks, tp.batch_size, cells,
+                p.summary.min_damage, p.summary.noise_sigmas,
+            )  # fmt: skip
+        rows += [{"domain": domain, **r} for r in with_pareto(found)]
+    frame = pd.concat([in_domain, pd.DataFrame(rows)], ignore_index=True)[list(rows[0])]
+    write_table(tables / "summary.csv", frame.to_dict("records"))
+    write_text(tables / "summary.md", transfer_markdown(frame))
+    plot_transfer(frame, figures / "damage_by_domain.png")
+    write_metrics(metrics, transfer_metrics(frame), loaded.device, loaded.dtype)
