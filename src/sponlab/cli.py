@@ -135,16 +135,20 @@ def lm_eval_cmd(
     """Zero-shot tasks (lm-evaluation-harness, extra `lmeval`) on a pipeline cell after `make repro`."""
     from sponlab.lmeval import CellRef, TaskOptions, run_cell, task_list
 
-    path = run_cell(
-        params,
-        CellRef(config, sparsity, variant, seed),
-        task_list([t for t in tasks.split(",") if t], local, demo),
-        TaskOptions(limit, num_fewshot, batch_size),
-        model=model,
-        thresholds=thresholds,
-        spon=spon,
-        out=out,
-    )
+    try:
+        path = run_cell(
+            params,
+            CellRef(config, sparsity, variant, seed),
+            task_list([t for t in tasks.split(",") if t], local, demo),
+            TaskOptions(limit, num_fewshot, batch_size),
+            model=model,
+            thresholds=thresholds,
+            spon=spon,
+            out=out,
+        )
+    except (ValueError, ImportError) as err:  # a bad option or the extra not installed
+        typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(2) from err
     typer.echo(path.read_text())
 
 

@@ -192,15 +192,16 @@ def run_cell(
 
     if cell.variant not in VARIANTS:
         raise ValueError(f"--variant must be one of {list(VARIANTS)}, got {cell.variant!r}")
+    if cell.variant != "dense" and (cell.config is None or cell.sparsity is None):
+        raise ValueError(f"--variant {cell.variant} needs --config and --sparsity")
     params = load_params(params_path)
+    if cell.variant != "dense":  # checked before the model loads
+        config = params.config(cell.config)
+        sparsity = params.check_sparsity(cell.sparsity)
     loaded = load_model(model, params.base.device, params.base.dtype)
     site_map = discover_sites(loaded.model)
     spec, biases, seed = None, None, cell.seed
     if cell.variant != "dense":
-        if cell.config is None or cell.sparsity is None:
-            raise ValueError(f"--variant {cell.variant} needs --config and --sparsity")
-        config = params.config(cell.config)
-        sparsity = params.check_sparsity(cell.sparsity)
         spec = cell_spec(params, config, sparsity, site_map, thresholds, loaded.fingerprint)
         seed = config.seeds[0] if seed is None else seed
     if cell.variant == "spon":
