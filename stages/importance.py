@@ -52,16 +52,7 @@ def main(
     cfg: ImportanceParams = analysis_params(p, "importance")
     lm = load_model(model, p.base.device, p.base.dtype)
     sitemap = discover_sites(lm.model)
-    layers = resolve_layers(cfg.layers, sitemap.num_layers)
-    d_in = site_dim(lm.model, sitemap, layers[0], cfg.site)
-    targets_layers: dict[str, Any] = {}
-    if "mlp" in cfg.features:
-        targets_layers["mlp"] = layers
-    if "sae" in cfg.features:
-        chosen = [i for i in find_saes(sae) if i in layers]
-        if not chosen:
-            raise typer.BadParameter(f"no SAE in {sae} for the selected layers {cfg.layers}")
-        targets_layers["sae"] = load_saes(sae, cfg.site, d_in, chosen)
+    targets_layers = what_to_analyse(cfg, lm.model, sitemap, sae)
     docs = load_corpus(p.data.source, p.data.seed)[cfg.split]
     bos = wants_bos(lm.tokenizer, p.data.bos)
     batches = build_batches(
@@ -102,3 +93,19 @@ def main(
         write_timing(tmp, summary["passes"])
         write_json(tmp / "metadata.json", summary)
     write_metrics(metrics, importance_headline(summary, targets_layers), lm.device, lm.dtype)
+
+
+def what_to_analyse(cfg: ImportanceParams, model, sitemap, sae: Path) -> dict[str, Any]:
+    """``mlp``: the selected layers; ``sae``: the SAEs of ``sae`` on those layers (checked
+    against the site and its width)."""
+    layers = resolve_layers(cfg.layers, sitemap.num_layers)
+    out: dict[str, Any] = {}
+    if "mlp" in cfg.features:
+        out["mlp"] = layers
+    if "sae" in cfg.features:
+        chosen = [i for i in find_saes(sae) if i in layers]
+        if not chosen:
+            raise typer.BadParameter(f"no SAE in {sae} for the selected layers {cfg.layers}")
+        d_in = site_dim(model, sitemap, chosen[0], cfg.site)
+        out["sae"] = load_saes(sae, cfg.site, d_in, chosen)
+    return out

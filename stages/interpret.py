@@ -65,15 +65,7 @@ def main(
     sets = select_prompts(load_prompt_sets(ip.prompts), ip.categories, ip.prompts_per_category)
     loaded, site_map = load_base(p, model)
     checkpoints = ia.seed_checkpoints(list(dict.fromkeys(ip.configs + ip.similarity)), p.configs)
-    biases = {
-        name: load_biases(
-            seed_path(cell_path(spon, n, s), seed) / "biases.safetensors",
-            site_map,
-            s,
-            loaded.fingerprint,
-        )[0].to(loaded.device)
-        for name, (n, seed) in checkpoints.items()
-    }
+    biases = load_checkpoints(checkpoints, spon, s, loaded, site_map)
     vectors = {n: ia.output_vectors(b, loaded.model, site_map) for n, b in biases.items()}
     specs = {
         n: cell_spec(p, p.config(n), s, site_map, thresholds, loaded.fingerprint)
@@ -119,6 +111,19 @@ def main(
     summary |= {"prompts": prompts.summary, "similarity": table.summary()}
     summary["seconds"] = {**seconds, "total": time.perf_counter() - begin}
     write_metrics(metrics, ia.clean(summary), loaded.device, loaded.dtype)
+
+
+def load_checkpoints(checkpoints: dict, spon: Path, s: float, loaded, site_map) -> dict:
+    """Each checkpoint's biases (name -> (config, seed)), checked against this model."""
+    return {
+        name: load_biases(
+            seed_path(cell_path(spon, config, s), seed) / "biases.safetensors",
+            site_map,
+            s,
+            loaded.fingerprint,
+        )[0].to(loaded.device)
+        for name, (config, seed) in checkpoints.items()
+    }
 
 
 def write_bias_reports(tables: Path, figures: Path, s: float, reports, vectors, ip) -> None:

@@ -206,9 +206,8 @@ def statistics(result: SpectrumResult, model: str = "") -> dict[str, Any]:
     }
 
 
-def tables(result: SpectrumResult) -> dict[str, pd.DataFrame]:
-    """Every table of the analysis, keyed by CSV file stem."""
-    erank = pd.DataFrame(
+def _erank_table(result: SpectrumResult) -> pd.DataFrame:
+    return pd.DataFrame(
         [
             {
                 "layer": layer.layer,
@@ -223,8 +222,11 @@ def tables(result: SpectrumResult) -> dict[str, pd.DataFrame]:
             for module in result.modules
         ]
     )
+
+
+def _heads_table(result: SpectrumResult) -> pd.DataFrame:
     dims = result.dims
-    heads = pd.DataFrame(
+    return pd.DataFrame(
         [
             {
                 "layer": layer.layer,
@@ -239,7 +241,11 @@ def tables(result: SpectrumResult) -> dict[str, pd.DataFrame]:
             for h in range(dims.heads)
         ]
     )
-    focus = result.focus
+
+
+def _spectra_tables(result: SpectrumResult) -> dict[str, pd.DataFrame]:
+    """The focus head's eigen/singular spectrum and the down_proj singular spectrum."""
+    focus, down = result.focus, result.down
     eigs = pd.DataFrame(
         {
             "index": np.arange(len(focus.eigenvalues)),
@@ -251,7 +257,6 @@ def tables(result: SpectrumResult) -> dict[str, pd.DataFrame]:
             "sv_cum_energy": focus.sv_energy,
         }
     )
-    down = result.down
     svd = pd.DataFrame(
         {
             "index": np.arange(len(down.singular_values)),
@@ -260,6 +265,10 @@ def tables(result: SpectrumResult) -> dict[str, pd.DataFrame]:
             "cumulative": np.cumsum(down.explained),
         }
     )
+    return {"kernel_focus_eigs": eigs, "down_svd": svd}
+
+
+def _phase_tables(result: SpectrumResult) -> dict[str, pd.DataFrame]:
     phases = pd.DataFrame(
         [
             {"type": name, **vars(p), "layers": span(p.layers)}
@@ -281,13 +290,16 @@ def tables(result: SpectrumResult) -> dict[str, pd.DataFrame]:
             for name, t in result.trends.items()
         ]
     )
+    return {"phases": phases, "trends": trends}
+
+
+def tables(result: SpectrumResult) -> dict[str, pd.DataFrame]:
+    """Every table of the analysis, keyed by CSV file stem."""
     return {
-        "erank": erank,
-        "kernel_heads": heads,
-        "kernel_focus_eigs": eigs,
-        "down_svd": svd,
-        "phases": phases,
-        "trends": trends,
+        "erank": _erank_table(result),
+        "kernel_heads": _heads_table(result),
+        **_spectra_tables(result),
+        **_phase_tables(result),
     }
 
 
