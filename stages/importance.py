@@ -38,7 +38,9 @@ def main(
     params: Path = PARAMS_OPTION,
     model: Path = MODEL_OPTION,
     sae: Path = typer.Option(
-        Path("models/sae"), "--sae", help="SAE folder (layer_<i>.safetensors; stage sae)."
+        Path("models/sae"),
+        "--sae",
+        help="SAE directory (SAELens format): one SAE or one per sub-folder.",
     ),
     tables: Path = typer.Option(
         Path("metrics/importance"), "--tables", help="Folder for <features>/*.npz, .npy, metadata."
