@@ -15,13 +15,13 @@ from sponlab.analysis.capture import (
     LayerAggregate,
     PassResult,
     identity,
-    mlp_input_hooks,
     mlp_input_module,
     next_token_loss_sum,
     resolve_layers,
     run_importance,
     sae_targets,
     site_dim,
+    site_hooks,
     site_module,
     site_tensors,
 )
@@ -313,7 +313,10 @@ def test_hooks_always_removed():
     def boom(_layer, _x):
         raise RuntimeError("boom")
 
-    with pytest.raises(RuntimeError, match="boom"), mlp_input_hooks(model, sitemap, [0, 1], boom):
+    with (
+        pytest.raises(RuntimeError, match="boom"),
+        site_hooks(model, sitemap, [0, 1], "mlp_act", boom),
+    ):
         model(input_ids=torch.tensor([[5, 6, 7]]))
     assert all(not m._forward_pre_hooks for m in modules)
 

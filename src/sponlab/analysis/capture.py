@@ -22,6 +22,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from sponlab.analysis.batches import TokenBatch
+from sponlab.data import SPLITS
 from sponlab.hooks import installed
 from sponlab.paramcheck import Section
 from sponlab.sites import Site, SiteError, SiteMap, parse_layer_spec
@@ -69,6 +70,20 @@ def parse_layers(sec: Section, default: str) -> str:
     except SiteError as err:
         raise sec.fail("layers", f"is invalid: {err}") from err
     return value
+
+
+def parse_text_sample(sec: Section, defaults: Any) -> dict[str, Any]:
+    """The fields the importance and sae sections share (where activations are read, which text,
+    how much of it, in which batches), with ``defaults``' values: keyword arguments for either
+    params dataclass."""
+    return {
+        "site": sec.choice("site", SITES, defaults.site),
+        "split": sec.choice("split", SPLITS, defaults.split),
+        "samples": sec.number("samples", defaults.samples, lo=1, integer=True),
+        "min_tokens": sec.number("min_tokens", defaults.min_tokens, lo=2, integer=True),
+        "max_length": sec.number("max_length", defaults.max_length, lo=2, integer=True),
+        "batch_size": sec.number("batch_size", defaults.batch_size, lo=1, integer=True),
+    }
 
 
 def mlp_input_module(model: nn.Module, sitemap: SiteMap, layer: int) -> nn.Linear:
@@ -121,17 +136,6 @@ def site_hooks(
 
     with installed(register(layer) for layer in layers):
         yield
-
-
-def mlp_input_hooks(
-    model: nn.Module,
-    sitemap: SiteMap,
-    layers: Sequence[int],
-    on_value: Callable[[int, torch.Tensor], None] | None = None,
-    on_grad: Callable[[int, torch.Tensor], None] | None = None,
-):
-    """:func:`site_hooks` on the down_proj inputs (``mlp_act``)."""
-    return site_hooks(model, sitemap, layers, "mlp_act", on_value, on_grad)
 
 
 def _first(output: Any) -> torch.Tensor:

@@ -49,13 +49,12 @@ import numpy as np
 from sponlab.analysis.capture import (
     AGGREGATE_BY,
     AGGREGATIONS,
-    SITES,
     ImportanceError,
     PassResult,
     parse_layers,
+    parse_text_sample,
 )
 from sponlab.config import Section
-from sponlab.data import SPLITS
 
 log = logging.getLogger(__name__)
 FEATURES: tuple[str, ...] = ("mlp", "sae")
@@ -140,12 +139,7 @@ def parse_params(sec: Section) -> ImportanceParams:
         ),
         sum_tolerance=sec.number("sum_tolerance", ImportanceParams.sum_tolerance, lo=0, hi=1),
         layers=parse_layers(sec, ImportanceParams.layers),
-        site=sec.choice("site", SITES, ImportanceParams.site),
-        split=sec.choice("split", SPLITS, ImportanceParams.split),
-        samples=sec.number("samples", ImportanceParams.samples, lo=1, integer=True),
-        min_tokens=sec.number("min_tokens", ImportanceParams.min_tokens, lo=2, integer=True),
-        max_length=sec.number("max_length", ImportanceParams.max_length, lo=2, integer=True),
-        batch_size=sec.number("batch_size", ImportanceParams.batch_size, lo=1, integer=True),
+        **parse_text_sample(sec, ImportanceParams),
         layer_figures=sec.boolean("layer_figures", ImportanceParams.layer_figures),
     )
     sec.finish()

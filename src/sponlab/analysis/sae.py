@@ -24,9 +24,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from sponlab.analysis.capture import SITES, parse_layers
+from sponlab.analysis.capture import parse_layers, parse_text_sample
 from sponlab.config import Section
-from sponlab.data import SPLITS
 
 log = logging.getLogger(__name__)
 
@@ -57,12 +56,7 @@ def parse_params(sec: Section) -> SAEParams:
     """Validate the ``sae`` section; every bad value names its key."""
     params = SAEParams(
         layers=parse_layers(sec, SAEParams.layers),
-        site=sec.choice("site", SITES, SAEParams.site),
-        split=sec.choice("split", SPLITS, SAEParams.split),
-        samples=sec.number("samples", SAEParams.samples, lo=1, integer=True),
-        min_tokens=sec.number("min_tokens", SAEParams.min_tokens, lo=2, integer=True),
-        max_length=sec.number("max_length", SAEParams.max_length, lo=2, integer=True),
-        batch_size=sec.number("batch_size", SAEParams.batch_size, lo=1, integer=True),
+        **parse_text_sample(sec, SAEParams),
         expansion=sec.number("expansion", SAEParams.expansion, lo=1, integer=True),
         l1=sec.number("l1", SAEParams.l1, lo=0),
         lr=sec.number("lr", SAEParams.lr, lo=0, lo_open=True),
