@@ -114,10 +114,11 @@ def write_notebook_figures(fig: Path, title: str, drift, bias_stats, per_layer, 
         f"{title}: layer importance by drift removed (test text)",
         fig / "drift_importance.png",
     )
+    biased = [layer for layer in drift.ranked if layer in per_layer]  # most important first
     plot_top_bottom(
         per_layer,
-        [layer for layer in drift.ranked if layer in per_layer][:3],
-        [layer for layer in drift.ranked if layer in per_layer][-3:],
+        biased[:3],
+        biased[-3:],
         f"{title}: biases of high vs low importance layers",
         fig / "top_bottom_biases.png",
     )

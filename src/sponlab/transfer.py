@@ -105,6 +105,7 @@ def cell_row(
     hurt = damage(dense.ppl, teal.ppl, dense.block_nll, teal.block_nll, min_damage, sigmas)
     recovered = [damage_recovered(dense.ppl, teal.ppl, m.ppl) for m in spon.values()]
     values = [v for v in recovered if v is not None]
+    gain = spread(values) if values else None
     achieved = list(stats.achieved().values())
     ppl = spread([m.ppl for m in spon.values()]) if spon else None
     return {
@@ -119,8 +120,8 @@ def cell_row(
         "spon_ppl_sd": ppl.sd if ppl else float("nan"),
         "teal_damage": hurt.ppl,
         "damage_measurable": hurt.measurable,
-        "damage_recovered": spread(values).mean if values else float("nan"),
-        "damage_recovered_sd": spread(values).sd if values else float("nan"),
+        "damage_recovered": gain.mean if gain else float("nan"),
+        "damage_recovered_sd": gain.sd if gain else float("nan"),
         "damage_recovered_seeds": ";".join(f"{v:.6f}" for v in values),
         "achieved_sparsity": spread(achieved).mean,
         "achieved_sparsity_worst_offset": max(abs(a - cell.sparsity) for a in achieved),
