@@ -37,7 +37,7 @@ def main(
     cfg = read_params(params)
     frame = pd.read_csv(summary)
     shifts = {}
-    if "UNIF-ALL" in cfg.sweep_configs:
+    if "UNIF-ALL" in cfg.swept:
         for s in cfg.sparsities:
             file = cell_path(evals, "UNIF-ALL", s) / "shift.csv"
             shifts[s] = pd.read_csv(file).to_dict("records")
@@ -47,7 +47,7 @@ def main(
         similarity, sim_sparsity = read_json(interpret, "interpret")["similarity"], ip.sparsity
     curves: dict[float, dict[str, list[list[float]]]] = {s: {} for s in cfg.sparsities}
     for config in ("UNIF-ALL", "UNIF-ALL-CF-INIT"):
-        if config not in cfg.sweep_configs:
+        if config not in cfg.swept:
             continue
         for s in cfg.sparsities:
             cell = cell_path(trained, config, s)

@@ -29,7 +29,7 @@ def main(
     figures.damage_recovered(frame, out / "damage_recovered.png")
     figures.pareto(frame, out / "pareto.png")
     curves, shifts = {}, []
-    for config in cfg.sweep_configs:
+    for config in cfg.swept:
         for s in cfg.sparsities:
             first = cfg.config(config).seeds[0]
             loss = pd.read_csv(seed_path(cell_path(trained, config, s), first) / "loss.csv")

@@ -33,7 +33,7 @@ def main(
             ],
             dense["parameters"],
         )
-        for config in cfg.sweep_configs
+        for config in cfg.swept
         for s in cfg.sparsities
     ]
     frame = summary_table(cells, cfg.summary.reference, cfg.summary.noise_sigmas)

@@ -2,7 +2,9 @@
 
 ``bias: trained`` distils each seed's biases from the dense model (KL), starting from zeros or the
 closed form (``init``) and keeping the best validation epoch; ``closed_form`` computes
-b = W E[x - S(x)] on the calibration blocks without training. One folder per seed.
+b = W E[x - S(x)] on the calibration blocks without training. One folder per seed. A config with
+``layers: {ranked: ...}`` takes its layers from the layer-importance stage's ranking
+(``--ranking``), so DVC trains it after that analysis.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ import typer
 from sponlab.closed_form import closed_form_biases
 from sponlab.experiment import bias_sites, cell_spec
 from sponlab.layout import cell_path, seed_path
+from sponlab.ranked import ranked_layers, read_ranking
+from sponlab.sites import LayerSelection
 from sponlab.spon import SponBiases, save_biases
 from sponlab.stages.common import (
     MODEL_OPTION,
@@ -40,11 +44,21 @@ def main(
         Path("models/thresholds"), "--thresholds", help="Root of s<s>/<set>.safetensors."
     ),
     out: Path = typer.Option(None, "--out", help="Default: models/spon/<config>/s<sparsity>"),
+    ranking: Path = typer.Option(
+        None, "--ranking", help="Layer-importance tables (layers.csv, curves.csv): ranked configs."
+    ),
 ) -> None:
     cfg = read_params(params)
     alloc = cfg.config(config)
     cfg.check_sparsity(sparsity)
     out = out or cell_path(Path("models/spon"), config, sparsity)
+    described = alloc.layers.describe()
+    if alloc.ranked:
+        if ranking is None:
+            raise typer.BadParameter(f"{config} takes its layers from a ranking: pass --ranking")
+        layers = ranked_layers(alloc.layers, read_ranking(ranking))
+        alloc = replace(alloc, layers=LayerSelection(kind="list", layers=tuple(layers)))
+        described = f"{described}: {alloc.layers.describe()}"
     loaded, site_map = load_base(cfg, model)
     sites = bias_sites(alloc, site_map)
     spec = cell_spec(cfg, alloc, sparsity, site_map, thresholds, loaded.fingerprint)
@@ -62,13 +76,14 @@ def main(
         "model_fingerprint": loaded.fingerprint,
         "config": config,
         "sparsity": sparsity,
-        "layers": alloc.layers.describe(),
+        "layers": described,
         "modules": list(alloc.modules),
         "sparsify": alloc.sparsify,
         "sparsify_modules": list(alloc.sparsify_modules),
         "method": cfg.sparsify.method,
         "bias": alloc.bias,
         "init": alloc.init,
+        "loss": alloc.loss if alloc.bias == "trained" else None,
     }
     for seed in alloc.seeds:
         biases = SponBiases.for_model(loaded.model, site_map, sites, alloc.parametrization)
@@ -84,7 +99,7 @@ def main(
                     biases,
                     teachers.train.blocks,
                     teachers.val.blocks,
-                    replace(cfg.train, seed=seed),
+                    replace(cfg.train, seed=seed, loss=alloc.loss),
                     teachers,
                 )
         write_seed(seed_path(out, seed), {**meta, "seed": seed}, biases, result, len(sites))

@@ -46,7 +46,7 @@ def main(
 ) -> None:
     p = read_params(params)
     tp = analysis_params(p, "interpret").transfer
-    ia.check_configs(tp.configs, p.configs, p.sweep_configs, "interpret.transfer.configs")
+    ia.check_configs(tp.configs, p.configs, p.swept, "interpret.transfer.configs")
     in_domain = pd.read_csv(summary)
     in_domain = in_domain[in_domain["config"].isin(tp.configs)].assign(domain="wikipedia (test)")
     loaded, site_map = load_base(p, model)

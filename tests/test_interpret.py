@@ -73,7 +73,7 @@ def test_check_configs_rejects_untrained_and_teal_only():
     base = AllocationConfig("T", LayerSelection("none"), (), sparsify_modules=("o_proj",))
     configs = {"A": alloc, "T": base}
     ia.check_configs(["A"], configs, ["A", "T"], "k")
-    with pytest.raises(ConfigError, match=r"not in sweep\.configs"):
+    with pytest.raises(ConfigError, match=r"is not swept \(sweep\.configs, sweep\.ranked\)"):
         ia.check_configs(["A"], configs, ["T"], "k")
     with pytest.raises(ConfigError, match="no SPON biases"):
         ia.check_configs(["T"], configs, ["A", "T"], "k")

@@ -10,6 +10,7 @@ sparsity runs only the new cells (and the aggregation), ``dvc metrics diff`` / `
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import re
@@ -28,6 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 VENV = Path(sys.prefix)  # the venv `make install` created (tests run with its python)
 CONFIGS = ["BASELINE-TEAL", "UNIF-ALL", "CLOSED-FORM", "STUDY-ATTN-ONLY"]
 SETS = ["all", "o_proj"]
+RANKED = ["RANKED-90"]  # layers from UNIF-ALL's measured ranking: layer-importance runs first
 OLD = 946684800  # 2000-01-01: copied files predate the venv's install stamp (no reinstall)
 
 
@@ -56,12 +58,13 @@ def tiny_params(model_dir: Path) -> dict:
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     params["base"] = {"source": "hub", "name": str(model_dir), "device": "cpu", "dtype": "float32"}
     params["data"].update(block_len=16, calib_blocks=4, train_blocks=4, val_blocks=2, test_blocks=4)
-    params["sweep"] = {"configs": CONFIGS, "sparsities": [0.5], "sets": SETS}
+    params["sweep"] = {"configs": CONFIGS, "ranked": RANKED, "sparsities": [0.5], "sets": SETS}
     params["sparsify"]["sets"] = {"all": "all", "o_proj": ["o_proj"]}
     params["configs"] = {k: v for k, v in params["configs"].items() if k != "STUDY-UNIF-ALL"}
     params["configs"]["UNIF-ALL"]["seeds"] = [0, 1]
     params["train"].update(epochs=1, batch_size=2, warmup_steps=0)
     params["eval"] = {"batch_size": 2, "detail_blocks": 2}
+    params["interpret"]["layers"].update(val_blocks=2, batch_size=2)
     return params
 
 
@@ -96,13 +99,15 @@ def test_tiny_dvc_pipeline_end_to_end(repo: Path):
     # the README's command, venv not on PATH; VENV points make at the installed environment
     first = run(["make", "repro", f"VENV={VENV}", "TARGETS=plots"], repo)
     assert "pip install" not in first, "make repro reinstalled although the venv is current"
-    expected = {"base", "prepare", "dense", "summarize", "plots"}
+    expected = {"base", "prepare", "dense", "summarize", "plots", "layer-importance"}
     expected |= {f"calibrate@{s}-0.5" for s in SETS}
     expected |= {f"{kind}@{c}-0.5" for kind in ("train", "evaluate") for c in CONFIGS}
+    expected |= {f"{kind}-ranked@{c}-0.5" for kind in ("train", "evaluate") for c in RANKED}
     assert ran_stages(first) == expected
+    check_ranked_cell(repo)
 
     summary = json.loads((repo / "metrics/summary.json").read_text())
-    assert set(summary["ppl"]) == set(CONFIGS)
+    assert set(summary["ppl"]) == set(CONFIGS + RANKED)
     baseline = summary["teal_ppl"]["BASELINE-TEAL"]["s50"]
     # BASELINE-TEAL has no biases: its SPON ppl is its TEAL ppl; every cell's TEAL-only baseline
     # sparsifies the same modules, so they agree
@@ -139,9 +144,23 @@ def test_tiny_dvc_pipeline_end_to_end(repo: Path):
     third = activated("dvc exp run -S 'sweep.sparsities=[0.5,0.7]' plots", repo)
     new = {"summarize", "plots"} | {f"calibrate@{s}-0.7" for s in SETS}
     new |= {f"{kind}@{c}-0.7" for kind in ("train", "evaluate") for c in CONFIGS}
-    assert ran_stages(third) == new
+    new |= {f"{kind}-ranked@{c}-0.7" for kind in ("train", "evaluate") for c in RANKED}
+    assert ran_stages(third) == new  # the ranking (at interpret.sparsity) is not re-measured
 
     metrics = activated("dvc metrics diff --json", repo, stdout_only=True)
     diff = json.loads(metrics)["metrics/summary.json"]
     assert "ppl.UNIF-ALL.s70" in diff
     assert "sweep.sparsities" in activated("dvc params diff", repo)
+
+
+def check_ranked_cell(repo: Path) -> None:
+    """RANKED-90's biases sit on the fewest top layers of the measured ranking reaching 90%."""
+    curves = list(csv.DictReader((repo / "metrics/interpret/layers/curves.csv").open()))
+    needed = next(
+        (int(r["k"]) for r in curves if r["measured"] and float(r["measured"]) >= 0.9 - 1e-12),
+        len(curves),
+    )
+    layers = sorted(int(r["layer_added"]) for r in curves[:needed])
+    train = json.loads((repo / "models/spon/RANKED-90/s0.5/seed0/train.json").read_text())
+    assert train["layers"] == "ranked UNIF-ALL coverage 0.9: " + ",".join(map(str, layers))
+    assert train["sites"] == len(layers)

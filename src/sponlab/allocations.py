@@ -18,6 +18,8 @@ from sponlab.sites import PROJECTIONS, LayerSelection
 PARAMETRIZATIONS = ("output", "input")
 BIAS_KINDS = ("trained", "closed_form")
 INITS = ("zeros", "closed_form")
+LOSSES = ("kl", "ce", "kl+logit_l2")
+RANK_RULES = ("coverage", "top", "above")
 CONFIG_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
@@ -28,7 +30,8 @@ class AllocationConfig:
     ``sparsify`` names the sparsified set (``sparsify.sets``; its modules in ``sparsify_modules``)
     that both the TEAL-only baseline and TEAL+SPON of this config use. ``bias`` is ``trained``
     (KL distillation, from ``init``) or ``closed_form`` (b = W E[x - S(x)] on calibration text,
-    no training). ``seeds`` are independent trainings of the same cell (replicates).
+    no training). ``seeds`` are independent trainings of the same cell (replicates). ``loss``
+    is the training objective (``train.loss`` unless the config sets its own).
     """
 
     name: str
@@ -40,14 +43,22 @@ class AllocationConfig:
     seeds: tuple[int, ...] = (0,)
     bias: str = "trained"
     init: str = "zeros"
+    loss: str = "kl"
 
     @property
     def has_biases(self) -> bool:
         return bool(self.modules) and self.layers.kind != "none"
 
+    @property
+    def ranked(self) -> bool:
+        """Its layers come from a measured layer ranking (trained after the layer-importance
+        stage: listed in ``sweep.ranked``)."""
+        return self.layers.kind == "ranked"
+
 
 def parse_layers(value: Any, key: str, source: str = "params.yaml") -> LayerSelection:
-    """``all`` | ``none`` | ``{first: f}`` | ``{last: f}`` | ``[i, j, ...]``."""
+    """``all`` | ``none`` | ``{first: f}`` | ``{last: f}`` | ``[i, j, ...]`` | ``{ranked: CONFIG,
+    coverage: f}`` | ``{ranked: CONFIG, top: k}`` | ``{ranked: CONFIG, above: median}``."""
     if value in ("all", "none"):
         return LayerSelection(kind=value)
     if isinstance(value, list) and all(
@@ -56,6 +67,8 @@ def parse_layers(value: Any, key: str, source: str = "params.yaml") -> LayerSele
         if any(v < 0 for v in value) or not value:
             raise ConfigError(f"{source}: {key} must list layer indices >= 0, got {value!r}")
         return LayerSelection(kind="list", layers=tuple(value))
+    if isinstance(value, Mapping) and "ranked" in value:
+        return _parse_ranked(value, key, source)
     if isinstance(value, Mapping) and len(value) == 1:
         ((kind, fraction),) = value.items()
         ok = isinstance(fraction, (int, float)) and not isinstance(fraction, bool)
@@ -63,20 +76,46 @@ def parse_layers(value: Any, key: str, source: str = "params.yaml") -> LayerSele
             return LayerSelection(kind=kind, fraction=float(fraction))
     raise ConfigError(
         f"{source}: {key} must be 'all', 'none', {{first: f}} or {{last: f}} with 0 < f <= 1, "
-        f"or a list of layer indices; got {value!r}"
+        f"a list of layer indices, or {{ranked: CONFIG, coverage: f | top: k | above: median}}; "
+        f"got {value!r}"
     )
+
+
+def _parse_ranked(value: Mapping, key: str, source: str) -> LayerSelection:
+    """``{ranked: CONFIG, <rule>: <value>}``: the layers of CONFIG's measured ranking that give a
+    ``coverage`` fraction of its benefit, the ``top`` k, or those ``above`` the median."""
+    rules = [r for r in value if r != "ranked"]
+    if len(rules) != 1 or rules[0] not in RANK_RULES:
+        raise ConfigError(
+            f"{source}: {key} takes 'ranked' and exactly one of {list(RANK_RULES)}, got {value!r}"
+        )
+    rule, number = rules[0], value[rules[0]]
+    numeric = isinstance(number, (int, float)) and not isinstance(number, bool)
+    valid = {
+        "coverage": numeric and 0 < number <= 1,
+        "top": numeric and isinstance(number, int) and number >= 1,
+        "above": number == "median",
+    }[rule]
+    if not valid:
+        allowed = {"coverage": "a fraction in (0, 1]", "top": "an integer >= 1",
+                   "above": "'median'"}[rule]  # fmt: skip
+        raise ConfigError(f"{source}: {key}.{rule} must be {allowed}, got {number!r}")
+    if not isinstance(value["ranked"], str):
+        raise ConfigError(f"{source}: {key}.ranked must name a config, got {value['ranked']!r}")
+    fraction = 0.5 if rule == "above" else float(number)
+    return LayerSelection(kind="ranked", fraction=fraction, source=value["ranked"], rule=rule)
 
 
 def parse_config(
     name: str,
     value: Any,
     sets: Mapping[str, tuple[str, ...]],
-    defaults: tuple[str, int, str],
+    defaults: tuple[str, int, str, str],
     source: str,
 ) -> AllocationConfig:
     if not CONFIG_NAME_RE.match(name):
         raise ConfigError(f"{source}: config name {name!r} must match {CONFIG_NAME_RE.pattern}")
-    parametrization, seed, init = defaults
+    parametrization, seed, init, loss = defaults
     sec = Section(value, f"configs.{name}", source)
     set_name = sec.choice("sparsify", list(sets), "all" if "all" in sets else next(iter(sets)))
     seeds = tuple(sec.items("seeds", _seed, [seed]))
@@ -92,9 +131,12 @@ def parse_config(
         seeds=seeds,
         bias=sec.choice("bias", BIAS_KINDS, "trained"),
         init=sec.choice("init", INITS, init),
+        loss=sec.choice("loss", LOSSES, loss),
     )
-    if cfg.bias == "closed_form" and (len(cfg.seeds) > 1 or "init" in sec.data):
-        raise sec.fail("bias", "closed_form is computed, not trained: it takes no seeds or init")
+    if cfg.bias == "closed_form" and any(k in sec.data for k in ("init", "loss")):
+        raise sec.fail("bias", "closed_form is computed, not trained: it takes no init or loss")
+    if cfg.bias == "closed_form" and len(cfg.seeds) > 1:
+        raise sec.fail("bias", "closed_form is computed, not trained: it takes no seeds")
     sec.finish()
     return cfg
 

@@ -18,6 +18,7 @@ import yaml
 
 from sponlab.allocations import (
     INITS,
+    LOSSES,
     PARAMETRIZATIONS,
     AllocationConfig,
     parse_config,
@@ -81,6 +82,8 @@ class TrainParams:
     seed: int = 0
     teacher_cache: bool = True
     init: str = "zeros"
+    loss: str = "kl"  # kl (distillation) | ce (next-token cross-entropy) | kl+logit_l2
+    logit_l2: float = 0.01  # kl+logit_l2: weight of the mean squared centred logit difference
 
 
 @dataclass(frozen=True)
@@ -112,6 +115,12 @@ class Params:
     eval: EvalParams
     summary: SummaryParams = field(default_factory=SummaryParams)
     analyses: dict[str, Any] = field(default_factory=dict)
+    sweep_ranked: tuple[str, ...] = ()  # configs whose layers come from a measured ranking
+
+    @property
+    def swept(self) -> tuple[str, ...]:
+        """Every config of the sweep: ``sweep.configs`` then ``sweep.ranked``."""
+        return self.sweep_configs + self.sweep_ranked
 
     def config(self, name: str) -> AllocationConfig:
         if name not in self.configs:
@@ -188,28 +197,15 @@ def parse_params(raw: Any, source: str = "params.yaml") -> Params:
     sec = top.section("configs")
     if not sec.data:
         raise ConfigError(f"{source}: configs must define at least one allocation config")
-    defaults = (parametrization, train.seed, train.init)
+    defaults = (parametrization, train.seed, train.init, train.loss)
     configs = {
         name: parse_config(name, sec.get(name), sparsify.sets, defaults, source)
         for name in list(sec.data)
     }
 
-    sec = top.section("sweep")
-    sparsities = tuple(sec.items("sparsities", _sparsity))
-    if len(set(sparsities)) != len(sparsities):
-        raise ConfigError(f"{source}: sweep.sparsities has duplicates: {list(sparsities)}")
-    sweep_configs = tuple(sec.items("configs", lambda v, k: _config_ref(v, k, configs, source)))
-    sweep_sets = tuple(
-        sec.items("sets", lambda v, k: _config_ref(v, k, sparsify.sets, source, "set"), ["all"])
+    sparsities, sweep_configs, sweep_ranked, sweep_sets = _parse_sweep(
+        top.section("sweep"), configs, sparsify.sets
     )
-    sec.finish()
-    for name in sweep_configs:
-        if configs[name].sparsify not in sweep_sets:
-            raise ConfigError(
-                f"{source}: sweep.configs has {name!r}, which sparsifies set "
-                f"{configs[name].sparsify!r}; add it to sweep.sets {list(sweep_sets)} so it is "
-                "calibrated"
-            )
 
     sec = top.section("eval")
     evaluation = EvalParams(
@@ -244,7 +240,7 @@ def parse_params(raw: Any, source: str = "params.yaml") -> Params:
     for name, target in CROSS_CHECKS.items():
         if name in analyses:
             _import(target)(analyses[name], configs, source)
-    return Params(
+    params = Params(
         base=base,
         data=data,
         sparsify=sparsify,
@@ -256,7 +252,61 @@ def parse_params(raw: Any, source: str = "params.yaml") -> Params:
         eval=evaluation,
         summary=summary,
         analyses=analyses,
+        sweep_ranked=sweep_ranked,
     )
+    if sweep_ranked:
+        _check_ranked(params, source)
+    return params
+
+
+def _parse_sweep(sec: Section, configs: Mapping[str, AllocationConfig], sets: Mapping[str, Any]):
+    """``sweep``: sparsities, configs, ranked configs (trained after the ranking), sets."""
+    source = sec.source
+    sparsities = tuple(sec.items("sparsities", _sparsity))
+    if len(set(sparsities)) != len(sparsities):
+        raise ConfigError(f"{source}: sweep.sparsities has duplicates: {list(sparsities)}")
+    sweep_configs = tuple(sec.items("configs", lambda v, k: _config_ref(v, k, configs, source)))
+    ranked: tuple[str, ...] = ()
+    if sec.get("ranked", []) != []:  # may be empty: no ranked configs
+        ranked = tuple(sec.items("ranked", lambda v, k: _config_ref(v, k, configs, source)))
+    sweep_sets = tuple(
+        sec.items("sets", lambda v, k: _config_ref(v, k, sets, source, "set"), ["all"])
+    )
+    sec.finish()
+    for name in sweep_configs + ranked:
+        if configs[name].sparsify not in sweep_sets:
+            raise ConfigError(
+                f"{source}: sweep has {name!r}, which sparsifies set "
+                f"{configs[name].sparsify!r}; add it to sweep.sets {list(sweep_sets)} so it is "
+                "calibrated"
+            )
+    for name in sweep_configs:
+        if configs[name].ranked:
+            raise ConfigError(
+                f"{source}: sweep.configs has {name!r}, whose layers come from a ranking "
+                f"(configs.{name}.layers.ranked): list it in sweep.ranked instead, so it is "
+                "trained after the layer-importance stage"
+            )
+    for name in ranked:
+        if not configs[name].ranked:
+            raise ConfigError(
+                f"{source}: sweep.ranked has {name!r}, whose layers are not "
+                "{ranked: CONFIG, ...}: list it in sweep.configs instead"
+            )
+    return sparsities, sweep_configs, ranked, sweep_sets
+
+
+def _check_ranked(params: Params, source: str) -> None:
+    """A ranking comes from the layer-importance stage: of interpret.layers.config, swept."""
+    layers_config = analysis_params(params, "interpret", source).layers.config
+    for name in params.sweep_ranked:
+        wanted = params.configs[name].layers.source
+        if wanted != layers_config or wanted not in params.sweep_configs:
+            raise ConfigError(
+                f"{source}: configs.{name}.layers.ranked is {wanted!r}, but the layer ranking "
+                f"is measured for interpret.layers.config ({layers_config!r}), which must be in "
+                f"sweep.configs {list(params.sweep_configs)}"
+            )
 
 
 def _bos(sec: Section) -> bool | str:
@@ -278,6 +328,8 @@ def _parse_train(sec: Section) -> TrainParams:
         seed=sec.number("seed", T.seed, lo=0, integer=True),
         teacher_cache=sec.boolean("teacher_cache", T.teacher_cache),
         init=sec.choice("init", INITS, T.init),
+        loss=sec.choice("loss", LOSSES, T.loss),
+        logit_l2=sec.number("logit_l2", T.logit_l2, lo=0),
     )
     sec.finish()
     return train

@@ -63,7 +63,7 @@ def run_section(run: RunFiles) -> list[str]:
         f"sparsification `{p.sparsify.method}` on every token (prefill policy "
         f"`{p.sparsify.prefill}`), {env.get('dtype')}. Dense perplexity "
         f"{run.dense['ppl']:.2f}.",
-        f"- Sweep: {len(p.sweep_configs)} configs x sparsities {list(p.sparsities)}; "
+        f"- Sweep: {len(p.swept)} configs x sparsities {list(p.sparsities)}; "
         f"{p.train.epochs} epochs, lr {p.train.lr}, batch {p.train.batch_size}.",
         "- Versions: "
         + ", ".join(f"{k} {v}" for k, v in env.items() if k not in ("device", "dtype")),

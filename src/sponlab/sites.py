@@ -212,11 +212,15 @@ def discover_sites(model: nn.Module) -> SiteMap:
 
 @dataclass(frozen=True)
 class LayerSelection:
-    """A named choice of layers: ``all``, ``none``, the ``first``/``last`` fraction, or a list."""
+    """A named choice of layers: ``all``, ``none``, the ``first``/``last`` fraction, a list, or
+    ``ranked``: taken from a measured layer ranking of config ``source`` (:mod:`sponlab.ranked`),
+    by ``rule`` (``coverage`` | ``top`` | ``above``) with ``fraction`` as its value."""
 
-    kind: str  # "all" | "none" | "first" | "last" | "list"
+    kind: str  # "all" | "none" | "first" | "last" | "list" | "ranked"
     fraction: float = 1.0
     layers: tuple[int, ...] = ()
+    source: str = ""  # ranked: the config whose layer ranking is used
+    rule: str = ""  # ranked: coverage (fraction of benefit) | top (count) | above (median)
 
     def resolve(self, num_layers: int) -> list[int]:
         """Concrete layer indices for a model with ``num_layers`` blocks."""
@@ -224,6 +228,11 @@ class LayerSelection:
             return list(range(num_layers))
         if self.kind == "none":
             return []
+        if self.kind == "ranked":
+            raise SiteError(
+                f"layers ranked by {self.source}'s importance need that ranking: "
+                "resolve them with sponlab.ranked.ranked_layers"
+            )
         if self.kind == "list":
             bad = [i for i in self.layers if not 0 <= i < num_layers]
             if bad:
@@ -240,6 +249,9 @@ class LayerSelection:
             return self.kind
         if self.kind == "list":
             return ",".join(map(str, self.layers))
+        if self.kind == "ranked":
+            value = "median" if self.rule == "above" else f"{self.fraction:g}"
+            return f"ranked {self.source} {self.rule} {value}"
         return f"{self.kind} {self.fraction:g}"
 
 

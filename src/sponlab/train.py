@@ -2,7 +2,10 @@
 
 The model is frozen. For each batch the dense teacher's next-token log-probabilities are computed
 once without grad (and, with ``teacher_cache``, kept in memory for later epochs); the sparsified
-student with biases attached is trained to match them with AdamW.
+student with biases attached is trained to match them with AdamW. ``train.loss`` ablates the
+objective: ``kl`` (default), ``ce`` (next-token cross-entropy on the text, no teacher) or
+``kl+logit_l2`` (KL plus ``logit_l2`` x the mean squared centred logit difference). Whatever the
+loss, the kept epoch is the one with the lowest validation KL to the dense model.
 """
 
 from __future__ import annotations
@@ -38,6 +41,41 @@ def kl_to_teacher(teacher_logp: torch.Tensor, student_logits: torch.Tensor) -> t
     student_logp = F.log_softmax(student_logits.float(), dim=-1)
     per_token = F.kl_div(student_logp, teacher_logp.float(), log_target=True, reduction="none")
     return per_token.sum(-1).mean()
+
+
+def next_token_ce(student_logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy (fp32) of logits [B, T, V] on the blocks' own ids [B, T]."""
+    logits = student_logits[:, :-1].float()  # position t predicts token t + 1
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+
+
+def centred_logit_l2(teacher_logp: torch.Tensor, student_logits: torch.Tensor) -> torch.Tensor:
+    """Mean over tokens of the mean over the vocabulary of (d - mean(d))^2, d = z_s - z_t.
+
+    Logits are defined up to a per-token constant, so the difference is centred; centred
+    log-prob differences equal centred logit differences, so the cached teacher log-probs serve.
+    """
+    diff = F.log_softmax(student_logits.float(), dim=-1) - teacher_logp.float()  # [B, T, V]
+    return (diff - diff.mean(-1, keepdim=True)).pow(2).mean()
+
+
+def training_loss(
+    settings: TrainParams,
+    teacher_logp: torch.Tensor | None,
+    student_logits: torch.Tensor,
+    ids: torch.Tensor,
+) -> torch.Tensor:
+    """The objective ``settings.loss`` of one batch (``teacher_logp`` unused by ``ce``)."""
+    if settings.loss == "ce":
+        return next_token_ce(student_logits, ids)
+    if teacher_logp is None:
+        raise ValueError(f"loss {settings.loss!r} needs the dense teacher's log-probs")
+    kl = kl_to_teacher(teacher_logp, student_logits)
+    if settings.loss == "kl":
+        return kl
+    if settings.loss == "kl+logit_l2":
+        return kl + settings.logit_l2 * centred_logit_l2(teacher_logp, student_logits)
+    raise ValueError(f"unknown loss {settings.loss!r}")
 
 
 def dense_logprobs(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
@@ -189,7 +227,7 @@ def train_spon(
         epoch_loss = 0.0
         for batch_start in range(0, len(order), settings.batch_size):
             index = order[batch_start : batch_start + settings.batch_size]
-            row = _step(model, site_map, spec, biases, train_blocks, index, teachers, device)
+            row = _step(model, site_map, spec, biases, train_blocks, index, teachers, settings)
             _update(biases, optimizer, scheduler, settings, row, epoch, len(result.steps) + 1)
             result.steps.append(row)
             epoch_loss += row["loss"] * len(index)
@@ -206,11 +244,15 @@ def train_spon(
     return result
 
 
-def _step(model, site_map, spec, biases, blocks, index, teachers, device) -> dict:
+def _step(model, site_map, spec, biases, blocks, index, teachers, settings) -> dict:
     """Forward and backward of one batch; the row's ``loss`` (gradients left in the biases)."""
-    target = teachers.train.get(index, device)  # [B, T, V], dense (no hooks active)
+    device = next(model.parameters()).device
+    target = None  # [B, T, V] dense log-probs, computed with no hooks active
+    if settings.loss != "ce":
+        target = teachers.train.get(index, device)
+    ids = blocks[index].to(device)  # [B, T]
     with sparsified(model, site_map, spec), biases.attached(model, site_map):
-        loss = kl_to_teacher(target, model(blocks[index].to(device)).logits)
+        loss = training_loss(settings, target, model(ids).logits, ids)
     loss.backward()
     return {"loss": loss.item()}
 

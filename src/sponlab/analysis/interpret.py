@@ -184,7 +184,7 @@ def check_configs(
         require_defined(name, configs, key)
         if name not in swept:
             raise ConfigError(
-                f"params.yaml: {key}: config {name!r} is not in sweep.configs {list(swept)}, "
+                f"params.yaml: {key}: config {name!r} is not swept (sweep.configs, sweep.ranked) {list(swept)}, "
                 "so it has no trained biases"
             )
         if not configs[name].has_biases:

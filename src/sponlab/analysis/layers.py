@@ -31,6 +31,7 @@ from sponlab.analysis.interpret import (
     phase_of,
 )
 from sponlab.evaluate import evaluate_variant
+from sponlab.ranked import layers_needed
 from sponlab.sites import SiteMap
 from sponlab.sparsify import SparsifySpec
 from sponlab.spon import SponBiases
@@ -126,14 +127,6 @@ def measured_fractions(ppl_teal: float, ppl_full: float, topk: Sequence[float]) 
     if abs(benefit) < 1e-12:
         return [math.nan] * len(topk)
     return [(ppl_teal - p) / benefit for p in topk]
-
-
-def layers_needed(fractions: Sequence[float], target: float) -> int | None:
-    """Smallest k whose cumulative fraction reaches ``target`` (None if never / undefined)."""
-    for k, value in enumerate(fractions, start=1):
-        if not math.isnan(value) and value >= target - 1e-12:
-            return k
-    return None
 
 
 def phase_shares(values: Mapping[int, float], num_layers: int) -> dict[str, float]:
