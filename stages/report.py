@@ -45,6 +45,7 @@ def main(
         spectrum=_optional_json(metrics / "spectrum.json", "spectrum"),
         figures=figures,
         transfer_md=_optional_text(metrics / "transfer/summary.md"),
+        training_md=_optional_text(metrics / "transfer_training/training.md"),
     )
     write_text(out, build_report(run, out.parent))
     typer.echo(f"report: {out}")

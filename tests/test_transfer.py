@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from sponlab import transfer as tr
+from sponlab.config import TrainParams
 from sponlab.data import BlockSpec
 from sponlab.evaluate import damage_recovered
 from sponlab.findings import transfer_findings
@@ -107,3 +108,59 @@ def test_claims_are_retested_per_domain_with_the_same_rules():
     assert "| code | 0.5 | ATTN-ONLY |" in text and "n/a (TEAL +2.00 ppl within noise)" in text
     nested = tr.transfer_metrics(frame)
     assert nested["code"]["UNIF-ALL"]["s50"]["damage_recovered"] == pytest.approx(0.1)
+
+
+@pytest.mark.parametrize("domain", sorted(tr.DOMAIN_FILES))
+def test_domain_halves_are_disjoint_and_evaluation_uses_one(domain):
+    evaluation, training = tr.domain_documents(domain, "eval"), tr.domain_documents(domain, "train")
+    text = tr.read_builtin_file(tr.DOMAIN_FILES[domain])
+    everything = {p.strip() for p in tr._PARAGRAPHS.split(text) if p.strip()}
+    # a partition of the distinct documents: no text is in both halves
+    assert not set(evaluation) & set(training)
+    assert set(evaluation) | set(training) == everything
+    assert len(set(evaluation)) == len(evaluation)
+    assert abs(len(evaluation) - len(training)) <= 1
+    with pytest.raises(ValueError, match="unknown part"):
+        tr.domain_documents(domain, "test")
+
+
+def test_mix_counts_split_the_blocks_by_weight_and_sum_to_the_size():
+    mix = {"train": 0.5, "code": 0.125, "technical": 0.125, "stories": 0.25, "none": 0.0}
+    assert tr.mix_counts(mix, 32) == {"train": 16, "code": 4, "technical": 4, "stories": 8,
+                                      "none": 0}  # fmt: skip
+    # 10 blocks: exact 5, 1.25, 1.25, 2.5, 0 -> floors 5, 1, 1, 2; the leftover block goes to the
+    # largest remainder (stories); equal remainders go to the earlier source
+    assert tr.mix_counts(mix, 10) == {"train": 5, "code": 1, "technical": 1, "stories": 3,
+                                      "none": 0}  # fmt: skip
+    assert tr.mix_counts({"a": 1, "b": 1, "c": 1}, 4) == {"a": 2, "b": 1, "c": 1}
+
+
+def test_mixed_blocks_stack_each_sources_share():
+    tok, spec = tiny_tokenizer(), BlockSpec(16, 0, False, 3)
+    sources = {
+        "train": ["alpha beta gamma delta " * 40],
+        "code": tr.domain_documents("code", "train"),
+    }
+    blocks = tr.mixed_blocks({"train": 0.75, "code": 0.25}, 4, sources, tok, spec)
+    assert blocks.shape == (4, 16)
+    alone = tr.make_blocks(sources["code"], tok, BlockSpec(16, 1, False, 3))
+    assert torch.equal(blocks[3:], alone)  # the mix's last source comes last
+
+
+def test_train_variants_trains_every_set_and_seed(llama):
+    model, site_map = llama
+    sets = {
+        (name, 8): torch.randint(4, 512, (8, 16), generator=torch.Generator().manual_seed(k))
+        for k, name in enumerate(("a", "b"))
+    }
+    thresholds = calibrate_thresholds(model, site_map, sets[("a", 8)], [0.7])[0.7]
+    spec = SparsifySpec("teal", 0.7, tuple(site_map.sites), thresholds)
+    sites = list(site_map.sites)
+    settings = TrainParams(lr=1e-3, epochs=4, batch_size=4)
+    # validation on the first set itself, so a random model's KL can improve there
+    out = tr.train_variants(model, site_map, spec, sites, sets, sets[("a", 8)], settings, [0, 1])
+    assert set(out) == set(sets) and all(set(v) == {0, 1} for v in out.values())
+    assert all(b.sites == sites for v in out.values() for b in v.values())
+    first = out[("a", 8)]
+    assert any(v.abs().max() > 0 for v in first[0].vectors)
+    assert not torch.equal(first[0].vectors[0], out[("b", 8)][0].vectors[0])

@@ -36,6 +36,7 @@ STAGES: list[str] = [
     "interpret",
     "layer_importance",
     "transfer",
+    "transfer_training",
     "report",
 ]
 

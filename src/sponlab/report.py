@@ -34,6 +34,7 @@ class RunFiles:
     spectrum: Mapping[str, Any] | None
     figures: Mapping[str, Path]  # figure key -> file
     transfer_md: str | None = None  # the transfer stage's table (unseen text domains)
+    training_md: str | None = None  # transfer-training: damage recovered per training set
 
 
 def _figure(report_dir: Path, path: Path | None, caption: str) -> list[str]:
@@ -156,6 +157,20 @@ def analysis_sections(run: RunFiles, report_dir: Path) -> list[str]:
             run.figures.get("transfer"),
             "Damage recovered per text domain (mean ± seed sd; empty: TEAL damage within noise).",
         )
+    if run.training_md:
+        lines += [
+            "### Does more or other training text transfer?",
+            "",
+            "The transfer-training stage retrains one config on training sets of several sizes "
+            "and domain mixes (`metrics/transfer_training/training.md`): damage recovered "
+            "(mean ± seed sd) on the in-domain test blocks and on each domain's held-out half.",
+            "",
+            run.training_md.strip(),
+            "",
+        ]
+        lines += _figure(
+            report_dir, run.figures.get("training"), "Damage recovered against training blocks."
+        )
     if run.spectrum:
         lines += spectrum_section(run.spectrum, run.figures, report_dir)
     return lines
@@ -246,4 +261,5 @@ FIGURES: Sequence[tuple[str, str]] = (
     ("importance", "plots/importance/mlp/gradients_mean_abs_norm-sum_abs_all_layers.png"),
     ("erank", "plots/spectrum/erank_ratio_by_layer.png"),
     ("transfer", "plots/transfer/damage_by_domain.png"),
+    ("training", "plots/transfer_training/training.png"),
 )

@@ -7,27 +7,38 @@ TEAL+SPON for each training seed. A row per (domain, config, sparsity) has the c
 summary table the findings read (``damage_recovered_seeds``, ``damage_measurable``, ...), so the
 study's claims are re-tested per domain with the same noise rules, plus the achieved sparsity:
 thresholds calibrated on C4 + Wikipedia may not hit their target on code.
+
+Each domain's documents are split in two fixed halves: evaluation blocks come from one, and the
+transfer-training stage draws training text from the other (:func:`mixed_blocks`) to measure
+how the size and domain mix of the training set change transfer.
 """
 
 from __future__ import annotations
 
+import logging
 import math
+import random
 import re
+import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import pandas as pd
 import torch
 from torch import nn
 
+from sponlab.config import TrainParams
 from sponlab.data import BlockSpec, make_blocks, read_builtin_file
 from sponlab.evaluate import VariantMetrics, damage_recovered, evaluate_variant
-from sponlab.sites import SiteMap
+from sponlab.sites import Site, SiteMap
 from sponlab.sparsify import SparsifySpec, SparsityStats
 from sponlab.spon import SponBiases
 from sponlab.stats import damage, spread
 from sponlab.summary import pareto_front
+from sponlab.train import TeacherCache, Teachers, train_spon
+
+log = logging.getLogger(__name__)
 
 # domain name -> file of the builtin corpora (exllamav3's calibration text, read as data)
 DOMAIN_FILES: dict[str, str] = {
@@ -39,17 +50,57 @@ DOMAIN_FILES: dict[str, str] = {
 _PARAGRAPHS = re.compile(r"\n\s*\n")
 
 
-def domain_documents(domain: str) -> list[str]:
-    """The domain's text split into documents at blank lines."""
+PARTS = ("eval", "train")  # the two disjoint halves of each domain's documents
+
+
+def domain_documents(domain: str, part: str = "eval") -> list[str]:
+    """One half (``eval`` or ``train``) of the domain's text, split into documents at blank
+    lines; the halves are fixed (shuffle seed 0) and share no text (repeated documents, which
+    the code corpus has, are kept once)."""
     if domain not in DOMAIN_FILES:
         raise ValueError(f"unknown domain {domain!r}; available: {sorted(DOMAIN_FILES)}")
+    if part not in PARTS:
+        raise ValueError(f"unknown part {part!r}; expected one of {PARTS}")
     text = read_builtin_file(DOMAIN_FILES[domain])
-    return [part.strip() for part in _PARAGRAPHS.split(text) if part.strip()]
+    docs = list(dict.fromkeys(p.strip() for p in _PARAGRAPHS.split(text) if p.strip()))
+    order = list(range(len(docs)))
+    random.Random(0).shuffle(order)
+    half = order[: len(order) // 2] if part == "eval" else order[len(order) // 2 :]
+    return [docs[i] for i in sorted(half)]
 
 
 def domain_blocks(domain: str, tokenizer: Any, spec: BlockSpec) -> torch.Tensor:
-    """``spec.count`` token blocks [N, T] of the domain (documents shuffled with ``spec.seed``)."""
-    return make_blocks(domain_documents(domain), tokenizer, spec)
+    """``spec.count`` evaluation blocks [N, T] of the domain (documents shuffled with
+    ``spec.seed``)."""
+    return make_blocks(domain_documents(domain, "eval"), tokenizer, spec)
+
+
+def mix_counts(mix: Mapping[str, float], size: int) -> dict[str, int]:
+    """Blocks per source for ``size`` blocks in proportion to the weights (largest remainder)."""
+    total = sum(mix.values())
+    exact = {k: size * w / total for k, w in mix.items()}
+    counts = {k: math.floor(v) for k, v in exact.items()}
+    by_remainder = sorted(exact, key=lambda k: (counts[k] - exact[k], list(mix).index(k)))
+    for key in by_remainder[: size - sum(counts.values())]:
+        counts[key] += 1
+    return counts
+
+
+def mixed_blocks(
+    mix: Mapping[str, float],
+    size: int,
+    sources: Mapping[str, Sequence[str]],
+    tokenizer: Any,
+    spec: BlockSpec,
+) -> torch.Tensor:
+    """``size`` training blocks [size, T]: each source's share of them cut from its documents
+    (``sources``: name -> documents, e.g. the pipeline's training text and domain halves)."""
+    parts = [
+        make_blocks(sources[name], tokenizer, BlockSpec(spec.block_len, n, spec.bos, spec.seed))
+        for name, n in mix_counts(mix, size).items()
+        if n > 0
+    ]
+    return torch.cat(parts)  # [size, T], sources in the mix's order
 
 
 @dataclass(frozen=True)
@@ -187,4 +238,58 @@ def transfer_metrics(frame: pd.DataFrame) -> dict[str, Any]:
         }
         key = f"s{round(100 * row['sparsity'])}"
         out.setdefault(row["domain"], {}).setdefault(row["config"], {})[key] = cell
+    return out
+
+
+def train_variants(
+    model: nn.Module,
+    site_map: SiteMap,
+    spec: SparsifySpec,
+    sites: Sequence[Site],
+    training_sets: Mapping[tuple[str, int], torch.Tensor],
+    val_blocks: torch.Tensor,
+    settings: TrainParams,
+    seeds: Sequence[int],
+    parametrization: str = "output",
+) -> dict[tuple[str, int], dict[int, SponBiases]]:
+    """SPON biases on ``sites`` trained from zeros on each training set, once per seed.
+
+    ``training_sets``: (mix, size) -> blocks [size, T]. Every variant shares the validation
+    blocks (and their dense targets) that choose its kept epoch.
+    """
+    val = TeacherCache(model, val_blocks, True)
+    out: dict[tuple[str, int], dict[int, SponBiases]] = {}
+    for (mix, size), blocks in training_sets.items():
+        teachers = Teachers(TeacherCache(model, blocks, settings.teacher_cache), val)
+        out[(mix, size)] = {}
+        for seed in seeds:
+            biases = SponBiases.for_model(model, site_map, sites, parametrization)
+            start = time.perf_counter()
+            train_spon(model, site_map, spec, biases, blocks, val_blocks,
+                       replace(settings, seed=seed), teachers)  # fmt: skip
+            log.info("trained on %s x %d blocks, seed %d in %.1fs",
+                     mix, size, seed, time.perf_counter() - start)  # fmt: skip
+            out[(mix, size)][seed] = biases
+    return out
+
+
+def training_markdown(frame: pd.DataFrame) -> str:
+    """Damage recovered per training set (mix, blocks) and domain, mean ± sd over seeds."""
+    domains = list(dict.fromkeys(frame["domain"]))
+    lines = ["| mix | blocks | " + " | ".join(domains) + " |", "|---|---|" + "---|" * len(domains)]
+    for (mix, size), group in frame.groupby(["mix", "size"], sort=False):
+        cells = group.set_index("domain")
+        lines.append(
+            f"| {mix} | {size} | " + " | ".join(_recovered(cells.loc[d]) for d in domains) + " |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def training_metrics(frame: pd.DataFrame) -> dict[str, Any]:
+    """``{mix: {"b<size>": {domain: damage recovered}}}`` for ``dvc metrics`` (NaN as null)."""
+    out: dict[str, Any] = {}
+    for row in frame.to_dict("records"):
+        value = row["damage_recovered"] if row["damage_measurable"] else math.nan
+        cell = out.setdefault(row["mix"], {}).setdefault(f"b{row['size']}", {})
+        cell[row["domain"]] = None if math.isnan(value) else value
     return out

@@ -162,6 +162,7 @@ def check_config_names(
         ("layers.config", params.layers.config)
     ]
     named += [("transfer.configs", n) for n in params.transfer.configs]
+    named += [("transfer.training.config", params.transfer.training.config)]
     for key, name in named:
         require_defined(name, configs, f"interpret.{key}", source)
 

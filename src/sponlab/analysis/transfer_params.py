@@ -1,12 +1,32 @@
-"""``interpret.transfer``: which configs the transfer stage evaluates on which text domains."""
+"""``interpret.transfer``: which configs the transfer stage evaluates on which text domains, and
+which training sets the transfer-training stage compares (size and domain mix)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
 
 from sponlab.paramcheck import Section
 
 DOMAINS: tuple[str, ...] = ("code", "technical", "multilingual", "stories")
+MIX_SOURCES: tuple[str, ...] = ("train", *DOMAINS)  # train: the pipeline's own training text
+
+
+def _default_mixes() -> dict[str, dict[str, float]]:
+    share = {d: 0.125 for d in DOMAINS}
+    return {"train": {"train": 1.0}, "mixed": {"train": 0.5, **share}}
+
+
+@dataclass(frozen=True)
+class TransferTrainingParams:
+    """One config retrained at ``interpret.sparsity`` on each training set: ``sizes`` blocks
+    drawn from each mix (source -> weight), once per seed; evaluated on the transfer domains."""
+
+    config: str = "UNIF-ALL"
+    sizes: tuple[int, ...] = (32,)
+    mixes: Mapping[str, Mapping[str, float]] = field(default_factory=_default_mixes)
+    seeds: tuple[int, ...] = (0,)
 
 
 @dataclass(frozen=True)
@@ -18,6 +38,7 @@ class TransferParams:
     blocks: int = 16
     configs: tuple[str, ...] = ("UNIF-ALL", "ATTN-ONLY", "TOP-50")
     batch_size: int = 8
+    training: TransferTrainingParams = field(default_factory=TransferTrainingParams)
 
 
 def parse_transfer(sec: Section) -> TransferParams:
@@ -33,6 +54,56 @@ def parse_transfer(sec: Section) -> TransferParams:
         blocks=sec.number("blocks", TransferParams.blocks, lo=2, integer=True),
         configs=tuple(dict.fromkeys(configs)),
         batch_size=sec.number("batch_size", TransferParams.batch_size, lo=1, integer=True),
+        training=parse_training(sec.section("training")),
+    )
+    sec.finish()
+    return params
+
+
+def _positive_ints(sec: Section, name: str, default: tuple[int, ...], lo: int) -> tuple[int, ...]:
+    value = sec.get(name, list(default))
+    ok = (
+        isinstance(value, list)
+        and value
+        and all(isinstance(v, int) and not isinstance(v, bool) and v >= lo for v in value)
+    )
+    if not ok or len(set(value)) != len(value):
+        raise sec.fail(
+            name, f"must be a non-empty list of distinct integers >= {lo}, got {value!r}"
+        )
+    return tuple(value)
+
+
+def _mix(value: Any, key: str, sec: Section) -> dict[str, float]:
+    ok = (
+        isinstance(value, Mapping)
+        and value
+        and all(
+            k in MIX_SOURCES and isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0
+            for k, v in value.items()
+        )
+    )
+    if not ok or sum(value.values()) <= 0:
+        raise sec.fail(
+            key, f"must map sources {list(MIX_SOURCES)} to weights >= 0 (sum > 0), got {value!r}"
+        )
+    return {k: float(v) for k, v in value.items()}
+
+
+def parse_training(sec: Section) -> TransferTrainingParams:
+    """``interpret.transfer.training``: config, sizes, mixes (name -> {source: weight}), seeds."""
+    T = TransferTrainingParams
+    config = sec.get("config", T.config)
+    if not isinstance(config, str):
+        raise sec.fail("config", f"must name a config, got {config!r}")
+    mixes = sec.get("mixes", _default_mixes())
+    if not isinstance(mixes, Mapping) or not mixes:
+        raise sec.fail("mixes", f"must map mix names to {{source: weight}}, got {mixes!r}")
+    params = TransferTrainingParams(
+        config=config,
+        sizes=_positive_ints(sec, "sizes", T.sizes, 1),
+        mixes={str(name): _mix(mix, f"mixes.{name}", sec) for name, mix in mixes.items()},
+        seeds=_positive_ints(sec, "seeds", T.seeds, 0),
     )
     sec.finish()
     return params

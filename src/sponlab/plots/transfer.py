@@ -41,3 +41,31 @@ def plot_transfer(frame: pd.DataFrame, path: Path) -> Path:
         ax.set_title(f"s={s:g}: in-domain test vs unseen domains", fontsize=10)
         ax.legend(fontsize=7)
     return save_figure(fig, path)
+
+
+def plot_training(frame: pd.DataFrame, path: Path) -> Path:
+    """Damage recovered against training-set size, one panel per domain and one line per mix
+    (seed sd as error bars; sizes whose TEAL damage is within noise are left out)."""
+    domains = list(dict.fromkeys(frame["domain"]))
+    fig, axes = plt.subplots(
+        1, len(domains), figsize=(3.2 * len(domains), 3.4), squeeze=False, sharey=True,
+        constrained_layout=True,
+    )  # fmt: skip
+    for ax, domain in zip(axes[0], domains, strict=True):
+        for mix, group in frame[frame["domain"] == domain].groupby("mix", sort=False):
+            group = group[group["damage_measurable"].astype(bool)].sort_values("size")
+            ax.errorbar(
+                group["size"], 100 * group["damage_recovered"],
+                yerr=np.nan_to_num(100 * group["damage_recovered_sd"]),
+                marker="o", capsize=2, label=mix,
+            )  # fmt: skip
+        ax.axhline(0, color="k", lw=0.5)
+        ax.set_xscale("log", base=2)
+        sizes = sorted(frame["size"].unique())
+        ax.set_xticks(sizes, [str(n) for n in sizes])
+        ax.minorticks_off()
+        ax.set_xlabel("training blocks")
+        ax.set_title(domain, fontsize=9)
+    axes[0][0].set_ylabel("damage recovered (%)")
+    axes[0][0].legend(fontsize=7, title="training mix", title_fontsize=7)
+    return save_figure(fig, path)
