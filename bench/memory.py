@@ -82,26 +82,14 @@ def peak_rss(cmd: list[str], cwd: Path) -> dict[str, Any]:
 
 def stage_commands(params: str, config: str, sparsity: float, out: Path) -> dict[str, list[str]]:
     """The train and evaluate commands of one cell, inputs at their dvc.yaml paths."""
-    thresholds = f"models/thresholds/s{sparsity:g}.safetensors"
     common = ["--params", params, "--config", config, "--sparsity", f"{sparsity:g}"]
-    common += ["--model", "models/base", "--thresholds", thresholds]
+    common += ["--model", "models/base", "--thresholds", "models/thresholds"]
+    trained = out / "t"  # the cell folder train writes (one seedK/ per seed), evaluate reads
+    evaluate = ["--blocks", "data/blocks/test.safetensors", "--dense", "data/dense"]
+    evaluate += ["--dense-metrics", "metrics/dense.json", "--trained", str(trained)]
     return {
-        "train": ["sponlab", "train", *common, "--data", "data/blocks", "--out", str(out / "t")],
-        "evaluate": [
-            "sponlab",
-            "evaluate",
-            *common,
-            "--blocks",
-            "data/blocks/test.safetensors",
-            "--dense",
-            "data/dense",
-            "--dense-metrics",
-            "metrics/dense.json",
-            "--biases",
-            str(out / "t" / "biases.safetensors"),
-            "--out",
-            str(out / "e"),
-        ],
+        "train": ["sponlab", "train", *common, "--data", "data/blocks", "--out", str(trained)],
+        "evaluate": ["sponlab", "evaluate", *common, *evaluate, "--out", str(out / "e")],
     }
 
 

@@ -20,6 +20,12 @@ PARAMS_OPTION = typer.Option(
 MODEL_OPTION = typer.Option(
     Path("models/base"), "--model", help="Base model directory (stage base)."
 )
+THRESHOLDS_OPTION = typer.Option(
+    Path("models/thresholds"), "--thresholds", help="Root of s<s>/<set>.safetensors (calibrate)."
+)
+SPON_OPTION = typer.Option(
+    Path("models/spon"), "--spon", help="Root of the train cells: CONFIG/s<s>/seed<k>/."
+)
 
 
 def read_params(path: Path) -> Params:

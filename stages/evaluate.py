@@ -31,6 +31,7 @@ from sponlab.spon import load_biases
 from sponlab.stages.common import (
     MODEL_OPTION,
     PARAMS_OPTION,
+    THRESHOLDS_OPTION,
     load_base,
     load_blocks,
     read_params,
@@ -48,9 +49,7 @@ def main(
     blocks: Path = typer.Option(Path("data/blocks/test.safetensors"), "--blocks"),
     dense: Path = typer.Option(Path("data/dense"), "--dense", help="Dense reference folder."),
     dense_metrics: Path = typer.Option(Path("metrics/dense.json"), "--dense-metrics"),
-    thresholds: Path = typer.Option(
-        Path("models/thresholds"), "--thresholds", help="Root of s<s>/<set>.safetensors."
-    ),
+    thresholds: Path = THRESHOLDS_OPTION,
     trained: Path = typer.Option(
         None, "--trained", help="Train cell folder. Default: models/spon/<config>/s<s>"
     ),

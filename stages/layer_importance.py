@@ -28,6 +28,8 @@ from sponlab.spon import load_biases
 from sponlab.stages.common import (
     MODEL_OPTION,
     PARAMS_OPTION,
+    SPON_OPTION,
+    THRESHOLDS_OPTION,
     load_base,
     load_blocks,
     read_params,
@@ -41,12 +43,8 @@ def main(
     params: Path = PARAMS_OPTION,
     model: Path = MODEL_OPTION,
     blocks: Path = typer.Option(Path("data/blocks/val.safetensors"), "--blocks"),
-    thresholds: Path = typer.Option(
-        Path("models/thresholds"), "--thresholds", help="Root of s<s>/<set>.safetensors."
-    ),
-    spon: Path = typer.Option(
-        Path("models/spon"), "--spon", help="Root of CONFIG/s<s>/seed<k>/biases (first seed)."
-    ),
+    thresholds: Path = THRESHOLDS_OPTION,
+    spon: Path = SPON_OPTION,
     evals: Path = typer.Option(
         Path("metrics/eval"), "--evals", help="Root of CONFIG/s<s>/shift.csv (test drift)."
     ),

@@ -23,6 +23,7 @@ from sponlab.spon import SponBiases, save_biases
 from sponlab.stages.common import (
     MODEL_OPTION,
     PARAMS_OPTION,
+    THRESHOLDS_OPTION,
     load_base,
     load_blocks,
     read_params,
@@ -40,9 +41,7 @@ def main(
     data: Path = typer.Option(
         Path("data/blocks"), "--data", help="Folder with calib/train/val blocks."
     ),
-    thresholds: Path = typer.Option(
-        Path("models/thresholds"), "--thresholds", help="Root of s<s>/<set>.safetensors."
-    ),
+    thresholds: Path = THRESHOLDS_OPTION,
     out: Path = typer.Option(None, "--out", help="Default: models/spon/<config>/s<sparsity>"),
     ranking: Path = typer.Option(
         None, "--ranking", help="Layer-importance tables (layers.csv, curves.csv): ranked configs."

@@ -22,7 +22,15 @@ from sponlab.layout import cell_path, seed_path
 from sponlab.plots.transfer import plot_transfer
 from sponlab.provenance import write_metrics
 from sponlab.spon import load_biases
-from sponlab.stages.common import MODEL_OPTION, PARAMS_OPTION, load_base, read_params, timed
+from sponlab.stages.common import (
+    MODEL_OPTION,
+    PARAMS_OPTION,
+    SPON_OPTION,
+    THRESHOLDS_OPTION,
+    load_base,
+    read_params,
+    timed,
+)
 from sponlab.tensorio import write_table, write_text
 from sponlab.transfer import (
     CellModels,
@@ -37,8 +45,8 @@ from sponlab.transfer import (
 def main(
     params: Path = PARAMS_OPTION,
     model: Path = MODEL_OPTION,
-    thresholds: Path = typer.Option(Path("models/thresholds"), "--thresholds"),
-    spon: Path = typer.Option(Path("models/spon"), "--spon", help="Root of the train cells."),
+    thresholds: Path = THRESHOLDS_OPTION,
+    spon: Path = SPON_OPTION,
     summary: Path = typer.Option(Path("metrics/tables/summary.csv"), "--summary"),
     tables: Path = typer.Option(Path("metrics/transfer"), "--tables"),
     figures: Path = typer.Option(Path("plots/transfer"), "--figures"),

@@ -28,6 +28,7 @@ from sponlab.provenance import write_metrics
 from sponlab.stages.common import (
     MODEL_OPTION,
     PARAMS_OPTION,
+    THRESHOLDS_OPTION,
     load_base,
     load_blocks,
     read_params,
@@ -52,7 +53,7 @@ def main(
     params: Path = PARAMS_OPTION,
     model: Path = MODEL_OPTION,
     data: Path = typer.Option(Path("data/blocks"), "--data", help="Folder with val/test blocks."),
-    thresholds: Path = typer.Option(Path("models/thresholds"), "--thresholds"),
+    thresholds: Path = THRESHOLDS_OPTION,
     tables: Path = typer.Option(Path("metrics/transfer_training"), "--tables"),
     figures: Path = typer.Option(Path("plots/transfer_training"), "--figures"),
     metrics: Path = typer.Option(Path("metrics/transfer_training.json"), "--metrics"),

@@ -74,8 +74,11 @@ def ran_stages(output: str) -> set[str]:
 
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory) -> Path:
+    return tiny_repo(tmp_path_factory.mktemp("pipeline"))
+
+
+def tiny_repo(root: Path) -> Path:
     """A fresh checkout of this tree (tracked and new files) with tiny params, committed."""
-    root = tmp_path_factory.mktemp("pipeline")
     model_dir = save_tiny(root / "tiny-model", "llama", layers=2, hidden=32)
     work = root / "repo"
     listed = ["git", "ls-files", "--cached", "--others", "--exclude-standard"]

@@ -102,3 +102,6 @@ def test_a_ranking_must_be_the_one_layer_importance_measures():
     raw["summary"]["reference"] = "TOP-50"
     with pytest.raises(ConfigError, match=r"must be in sweep\.configs"):
         parse_params(raw)
+    raw = params_with(sparsities=[0.6], ranked=["RANKED-90"])  # interpret.sparsity is 0.5
+    with pytest.raises(ConfigError, match=r"interpret.sparsity \(0.5\), which is not in"):
+        parse_params(raw)

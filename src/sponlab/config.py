@@ -156,38 +156,9 @@ def parse_params(raw: Any, source: str = "params.yaml") -> Params:
     """Validate the whole params mapping; raise :class:`ConfigError` on the first bad value."""
     top = Section(raw, "", source)
 
-    sec = top.section("base")
-    base = BaseModelParams(
-        source=sec.choice("source", BASE_SOURCES, BaseModelParams.source),
-        name=sec.string("name", BaseModelParams.name),
-        device=sec.string("device", BaseModelParams.device, pattern=DEVICE_RE),
-        dtype=sec.choice("dtype", ("auto", *DTYPES), BaseModelParams.dtype),
-    )
-    sec.finish()
-
-    sec = top.section("data")
-    data = DataParams(
-        source=sec.choice("source", DATA_SOURCES, DataParams.source),
-        block_len=sec.number("block_len", DataParams.block_len, lo=8, integer=True),
-        bos=_bos(sec),
-        seed=sec.number("seed", DataParams.seed, lo=0, integer=True),
-        calib_blocks=sec.number("calib_blocks", DataParams.calib_blocks, lo=1, integer=True),
-        train_blocks=sec.number("train_blocks", DataParams.train_blocks, lo=1, integer=True),
-        val_blocks=sec.number("val_blocks", DataParams.val_blocks, lo=1, integer=True),
-        test_blocks=sec.number("test_blocks", DataParams.test_blocks, lo=1, integer=True),
-    )
-    sec.finish()
-
-    sec = top.section("sparsify")
-    sparsify = SparsifyParams(
-        method=sec.choice("method", SPARSIFY_METHODS, SparsifyParams.method),
-        threshold=sec.choice("threshold", THRESHOLD_METHODS, SparsifyParams.threshold),
-        calibration=sec.choice("calibration", CALIBRATION_MODES, SparsifyParams.calibration),
-        sets=parse_sets(sec),
-        prefill=sec.choice("prefill", PREFILL_POLICIES, SparsifyParams.prefill),
-        dense_prefix=sec.number("dense_prefix", SparsifyParams.dense_prefix, lo=0, integer=True),
-    )
-    sec.finish()
+    base = _parse_base(top.section("base"))
+    data = _parse_data(top.section("data"))
+    sparsify = _parse_sparsify(top.section("sparsify"))
 
     sec = top.section("spon")
     parametrization = sec.choice("parametrization", PARAMETRIZATIONS, "output")
@@ -207,28 +178,8 @@ def parse_params(raw: Any, source: str = "params.yaml") -> Params:
         top.section("sweep"), configs, sparsify.sets
     )
 
-    sec = top.section("eval")
-    evaluation = EvalParams(
-        batch_size=sec.number("batch_size", EvalParams.batch_size, lo=1, integer=True),
-        detail_blocks=sec.number("detail_blocks", EvalParams.detail_blocks, lo=1, integer=True),
-    )
-    sec.finish()
-    if evaluation.detail_blocks > data.test_blocks:
-        raise ConfigError(
-            f"{source}: eval.detail_blocks ({evaluation.detail_blocks}) must be <= "
-            f"data.test_blocks ({data.test_blocks})"
-        )
-
-    sec = top.section("summary")
-    reference = sec.get("reference", "UNIF-ALL" if "UNIF-ALL" in sweep_configs else None)
-    summary = SummaryParams(
-        reference=None
-        if reference is None
-        else _config_ref(reference, sec.key("reference"), sweep_configs, source),
-        min_damage=sec.number("min_damage", SummaryParams.min_damage, lo=0),
-        noise_sigmas=sec.number("noise_sigmas", SummaryParams.noise_sigmas, lo=0),
-    )
-    sec.finish()
+    evaluation = _parse_eval(top.section("eval"), data)
+    summary = _parse_summary(top.section("summary"), sweep_configs)
 
     # Sections owned by the analysis stages are validated by their own modules, here, up front.
     analyses = {
@@ -257,6 +208,74 @@ def parse_params(raw: Any, source: str = "params.yaml") -> Params:
     if sweep_ranked:
         _check_ranked(params, source)
     return params
+
+
+def _parse_base(sec: Section) -> BaseModelParams:
+    base = BaseModelParams(
+        source=sec.choice("source", BASE_SOURCES, BaseModelParams.source),
+        name=sec.string("name", BaseModelParams.name),
+        device=sec.string("device", BaseModelParams.device, pattern=DEVICE_RE),
+        dtype=sec.choice("dtype", ("auto", *DTYPES), BaseModelParams.dtype),
+    )
+    sec.finish()
+    return base
+
+
+def _parse_data(sec: Section) -> DataParams:
+    D = DataParams
+    data = DataParams(
+        source=sec.choice("source", DATA_SOURCES, D.source),
+        block_len=sec.number("block_len", D.block_len, lo=8, integer=True),
+        bos=_bos(sec),
+        seed=sec.number("seed", D.seed, lo=0, integer=True),
+        calib_blocks=sec.number("calib_blocks", D.calib_blocks, lo=1, integer=True),
+        train_blocks=sec.number("train_blocks", D.train_blocks, lo=1, integer=True),
+        val_blocks=sec.number("val_blocks", D.val_blocks, lo=1, integer=True),
+        test_blocks=sec.number("test_blocks", D.test_blocks, lo=1, integer=True),
+    )
+    sec.finish()
+    return data
+
+
+def _parse_sparsify(sec: Section) -> SparsifyParams:
+    S = SparsifyParams
+    sparsify = SparsifyParams(
+        method=sec.choice("method", SPARSIFY_METHODS, S.method),
+        threshold=sec.choice("threshold", THRESHOLD_METHODS, S.threshold),
+        calibration=sec.choice("calibration", CALIBRATION_MODES, S.calibration),
+        sets=parse_sets(sec),
+        prefill=sec.choice("prefill", PREFILL_POLICIES, S.prefill),
+        dense_prefix=sec.number("dense_prefix", S.dense_prefix, lo=0, integer=True),
+    )
+    sec.finish()
+    return sparsify
+
+
+def _parse_eval(sec: Section, data: DataParams) -> EvalParams:
+    evaluation = EvalParams(
+        batch_size=sec.number("batch_size", EvalParams.batch_size, lo=1, integer=True),
+        detail_blocks=sec.number("detail_blocks", EvalParams.detail_blocks, lo=1, integer=True),
+    )
+    sec.finish()
+    if evaluation.detail_blocks > data.test_blocks:
+        raise ConfigError(
+            f"{sec.source}: eval.detail_blocks ({evaluation.detail_blocks}) must be <= "
+            f"data.test_blocks ({data.test_blocks})"
+        )
+    return evaluation
+
+
+def _parse_summary(sec: Section, sweep_configs: Sequence[str]) -> SummaryParams:
+    reference = sec.get("reference", "UNIF-ALL" if "UNIF-ALL" in sweep_configs else None)
+    summary = SummaryParams(
+        reference=None
+        if reference is None
+        else _config_ref(reference, sec.key("reference"), sweep_configs, sec.source),
+        min_damage=sec.number("min_damage", SummaryParams.min_damage, lo=0),
+        noise_sigmas=sec.number("noise_sigmas", SummaryParams.noise_sigmas, lo=0),
+    )
+    sec.finish()
+    return summary
 
 
 def _parse_sweep(sec: Section, configs: Mapping[str, AllocationConfig], sets: Mapping[str, Any]):
@@ -297,8 +316,16 @@ def _parse_sweep(sec: Section, configs: Mapping[str, AllocationConfig], sets: Ma
 
 
 def _check_ranked(params: Params, source: str) -> None:
-    """A ranking comes from the layer-importance stage: of interpret.layers.config, swept."""
-    layers_config = analysis_params(params, "interpret", source).layers.config
+    """A ranking comes from the layer-importance stage: of interpret.layers.config, swept, at
+    interpret.sparsity, which must be swept too (its thresholds are calibrated)."""
+    interpret = analysis_params(params, "interpret", source)
+    layers_config = interpret.layers.config
+    if not any(abs(interpret.sparsity - s) < 1e-9 for s in params.sparsities):
+        raise ConfigError(
+            f"{source}: sweep.ranked {list(params.sweep_ranked)} takes layers from the ranking "
+            f"measured at interpret.sparsity ({interpret.sparsity}), which is not in "
+            f"sweep.sparsities {list(params.sparsities)}: add it there, or set sweep.ranked: []"
+        )
     for name in params.sweep_ranked:
         wanted = params.configs[name].layers.source
         if wanted != layers_config or wanted not in params.sweep_configs:

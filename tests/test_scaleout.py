@@ -1,0 +1,62 @@
+"""Scale-out with DVC's own machinery, as the README documents it: experiments queued and run by
+two workers, results shared through a DVC remote (a local directory here; S3, GCS or SSH alike)
+and a git remote, so a second clone pulls finished cells instead of recomputing them."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.test_pipeline import activated, ran_stages, run, tiny_repo
+
+GIT = ["git", "-c", "user.name=t", "-c", "user.email=t@t"]
+
+
+def wait_for_queue(repo: Path, timeout: float = 900) -> str:
+    """``dvc queue status`` once no task is queued or running."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        status = activated("dvc queue status", repo)
+        if not any(word in status for word in ("Queued", "Running")):
+            return status
+        time.sleep(5)
+    raise AssertionError(f"queue still busy after {timeout}s:\n{status}")
+
+
+@pytest.mark.slow
+def test_two_queue_workers_and_a_shared_remote_let_a_clone_pull_instead_of_recompute(tmp_path):
+    work = tiny_repo(tmp_path)
+    hub = tmp_path / "hub.git"  # the team's git remote
+    run(["git", "init", "-q", "--bare", str(hub)], tmp_path)
+    activated(f"dvc remote add -d shared {tmp_path / 'dvc-remote'}", work)
+    run(["git", "remote", "add", "origin", str(hub)], work)
+    run([*GIT, "commit", "-qam", "shared remote"], work)
+
+    # two experiments, two workers (one per GPU on a real machine: README "Scale-out")
+    for name, sparsities in (("s50", "[0.5]"), ("s60", "[0.6]")):
+        activated(
+            f"dvc exp run --queue -n {name} -S 'sweep.sparsities={sparsities}' summarize", work
+        )
+    activated("dvc queue start -j 2", work)
+    status = wait_for_queue(work)
+    assert status.count("Success") == 2, status
+    activated("dvc queue stop", work)
+
+    # the first becomes the main run: committed, its cache pushed; the second is shared as an exp
+    activated("dvc exp apply s50", work)
+    run([*GIT, "add", "-A"], work)
+    run([*GIT, "commit", "-qm", "run"], work)
+    activated("dvc push", work)
+    run(["git", "push", "-q", "origin", "HEAD:main"], work)
+    activated("dvc exp push origin s60", work)
+
+    clone = tmp_path / "clone"
+    run(["git", "clone", "-q", "-b", "main", str(hub), str(clone)], tmp_path)
+    activated("dvc pull", clone)
+    assert ran_stages(activated("dvc repro summarize", clone)) == set()  # nothing recomputed
+    activated("dvc exp pull origin s60", clone)
+    activated("dvc exp apply s60", clone)
+    assert ran_stages(activated("dvc repro summarize", clone)) == set()
+    assert "0.6" in (clone / "params.yaml").read_text()
