@@ -35,14 +35,15 @@ def test_two_queue_workers_and_a_shared_remote_let_a_clone_pull_instead_of_recom
     run([*GIT, "commit", "-qam", "shared remote"], work)
 
     # two experiments, two workers (one per GPU on a real machine: README "Scale-out")
-    for name, sparsities in (("s50", "[0.5]"), ("s60", "[0.6]")):
-        activated(
-            f"dvc exp run --queue -n {name} -S 'sweep.sparsities={sparsities}' summarize", work
-        )
-    activated("dvc queue start -j 2", work)
-    status = wait_for_queue(work)
+    for name, s in (("s50", 0.5), ("s60", 0.6)):
+        sweep = f"-S 'sweep.sparsities=[{s}]' -S 'interpret.sparsity={s}'"
+        activated(f"dvc exp run --queue -n {name} {sweep} summarize", work)
+    try:
+        activated("dvc queue start -j 2", work)
+        status = wait_for_queue(work)
+    finally:
+        activated("dvc queue stop", work)
     assert status.count("Success") == 2, status
-    activated("dvc queue stop", work)
 
     # the first becomes the main run: committed, its cache pushed; the second is shared as an exp
     activated("dvc exp apply s50", work)
