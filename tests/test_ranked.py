@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
+from pathlib import Path
 
 import pytest
 import yaml
@@ -12,7 +13,8 @@ from sponlab.allocations import parse_layers
 from sponlab.config import ConfigError, parse_params
 from sponlab.ranked import LayerRanking, layers_needed, ranked_layers, read_ranking
 from sponlab.sites import LayerSelection, SiteError
-from tests.test_config import ROOT
+
+ROOT = Path(__file__).resolve().parents[1]
 
 # importance of 6 layers; ranked 3, 1, 4, 0, 5, 2 (ties by index); measured top-k curve
 IMPORTANCE = {0: 0.5, 1: 2.0, 2: -0.3, 3: 3.0, 4: 1.0, 5: 0.0}

@@ -8,8 +8,7 @@ import time
 from pathlib import Path
 
 import pytest
-
-from tests.test_pipeline import activated, ran_stages, run, tiny_repo
+from test_pipeline import activated, ran_stages, run, tiny_repo
 
 GIT = ["git", "-c", "user.name=t", "-c", "user.email=t@t"]
 

@@ -7,6 +7,7 @@ from dataclasses import replace
 
 import pytest
 import torch
+from test_spon import settings, teal_setup
 
 from sponlab.config import TrainParams
 from sponlab.spon import SponBiases
@@ -17,7 +18,6 @@ from sponlab.train import (
     train_spon,
     training_loss,
 )
-from tests.test_spon import settings, teal_setup
 
 
 def test_next_token_ce_equals_the_mean_negative_log_prob_of_the_next_token():
