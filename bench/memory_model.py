@@ -74,7 +74,9 @@ def stage_terms(m: Shapes, w: Workload) -> dict[str, dict[str, dict[str, float]]
     saved = m.layers * w.train_batch * t * (10 * m.hidden + 4 * m.intermediate) * wb
     hidden_states = (m.layers + 1) * w.eval_batch * t * m.hidden * (wb + 4)  # HF tuple + fp32 stack
     eval_logits = w.eval_batch * t * m.vocab * wb + t * m.vocab * 4  # logits + one fp32 row
-    detail_kl = 3 * w.eval_batch * t * m.vocab * 4  # reference, log-softmax, KL terms (fp32)
+    # detail blocks: reference and logits in fp32, log-softmax, and kl_div's exp(target),
+    # difference and product: six [B, T, V] fp32 tensors at once
+    detail_kl = 6 * w.eval_batch * t * m.vocab * 4
     reference = w.detail * t * (m.vocab * 2 + (m.layers + 1) * m.hidden * 4)  # fp16 logp, hidden
     train_logits = (
         w.train_batch * t * m.vocab * (wb + 4 * 5)
