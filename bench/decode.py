@@ -2,22 +2,25 @@
 
 A micro-benchmark over the model's real weights (``models/base``; ``--large``: the random-init
 larger Llama): one "token" is one GEMV through every projection of every layer (q/k/v share one
-input and its nonzero index, gate/up another) plus the dense ``lm_head``; attention over the
-context, norms and activations are left out (they do not change with sparsity). Inputs are random
-vectors with exactly ``s`` of their entries zeroed, for s in 0/25/50/70%. Kernels:
+input and its nonzero index, gate/up another). Attention over the context, norms and activations
+are left out (they do not change with sparsity); the dense ``lm_head`` is timed on its own and
+reported in ``speedup_with_head`` (ratio of medians with its time added to both sides). Inputs
+are random vectors with exactly ``s`` of their entries zeroed, for s in 0/25/50/70%. Kernels:
 
-* ``dense``: ``F.linear(x, W)`` with the usual row-major ``W`` [out, in].
-* ``gather``: ``x[nz] @ Wt[nz]`` with ``Wt = W.T`` stored contiguous [in, out]: copies the k rows of
-  the nonzero inputs (advanced indexing; ``index_select`` was ~40x slower with 2 threads on
-  the shared benchmark machine), then a smaller GEMV.
-* ``bag``: ``F.embedding_bag(nz, Wt, per_sample_weights=x[nz], mode='sum')``: sums the k rows of
-  ``Wt`` scaled by ``x[nz]`` in one pass, without materialising them (what TEAL's GEMV kernel does).
+* ``dense``: ``F.linear(x, W)`` per projection with the usual row-major ``W`` [out, in]: the
+  baseline of every ratio.
+* ``dense-grouped``: ``F.linear`` once per input group on the concatenated ``W`` (q|k|v, gate|up):
+  shows how much of a kernel's gain is only the grouping.
+* ``bag``: ``F.embedding_bag(nz, Wt, per_sample_weights=x[nz], mode='sum')`` per projection, with
+  ``Wt = W.T`` contiguous [in, out]: sums the k rows of the nonzero inputs without copying them
+  (the kernel of earlier versions).
+* ``compiled``: ``sponlab.kernels.SparseGemv`` per input group on the concatenated ``Wt``: a small
+  C kernel (compiled on first use) that streams only the nonzero rows, split over the threads.
 
-Finding ``nz`` (``nonzero``) is included in the sparse kernels' time. Reported: tokens/s (median
+Finding the nonzero inputs is included in the sparse kernels' time. Reported: tokens/s (median
 over ``--repeats`` interleaved passes) and speed-up vs dense (median over rounds of dense / kernel
-within the same round). Memory-bound GEMV time is roughly
-proportional to the weight bytes read, so the ideal speed-up at sparsity s is about 1 / (1 - s)
-on the sparsified projections (the dense ``lm_head`` caps the end-to-end gain).
+within the same round). Memory-bound GEMV time is roughly proportional to the weight bytes read,
+so the ideal speed-up at sparsity s is 1 / (1 - s) over the sparsified projections.
 """
 
 from __future__ import annotations
@@ -42,10 +45,11 @@ from benchlib import (
 )
 from torch import nn
 
+from sponlab.kernels import SparseGemv, transposed_group
 from sponlab.sites import INPUT_GROUP, discover_sites
 
 SPARSITIES = (0.0, 0.25, 0.5, 0.7)
-KERNELS = ("dense", "gather", "bag")
+SPARSE_KERNELS = ("bag", "compiled")
 
 
 def layer_weights(model: nn.Module) -> list[dict[str, list[torch.Tensor]]]:
@@ -65,49 +69,66 @@ def sparse_input(dim: int, sparsity: float, generator: torch.Generator) -> torch
     return x
 
 
-def check_kernels(weight: torch.Tensor, sparsity: float = 0.5) -> None:
-    """The sparse kernels must give the dense result (up to float summation order)."""
-    x = sparse_input(weight.shape[1], sparsity, torch.Generator().manual_seed(0))
-    wt = weight.t().contiguous()
-    nz = x.nonzero().squeeze(1)
-    dense = F.linear(x[None], weight)[0]
-    gather = x[nz] @ wt[nz]
-    bag = F.embedding_bag(nz[None], wt, per_sample_weights=x[nz][None], mode="sum")[0]
-    for name, out in (("gather", gather), ("bag", bag)):
-        if not torch.allclose(out, dense, rtol=1e-4, atol=1e-4):
-            raise AssertionError(f"{name} kernel disagrees with dense GEMV")
+class Weights:
+    """The layouts each kernel reads, built once outside the timed region."""
+
+    def __init__(self, layers: list[dict[str, list[torch.Tensor]]], threads: int) -> None:
+        self.layers = layers
+        self.grouped = [{g: torch.cat(ws).contiguous() for g, ws in lay.items()} for lay in layers]
+        self.transposed = [
+            {g: [w.t().contiguous() for w in ws] for g, ws in lay.items()} for lay in layers
+        ]
+        self.grouped_t = [{g: transposed_group(ws) for g, ws in lay.items()} for lay in layers]
+        widths = {ws[0].shape[1] for lay in layers for ws in lay.values()}
+        self.gemv = {d: SparseGemv(d, threads) for d in widths}
 
 
-def make_token(
-    kernel: str, layers, transposed, head: torch.Tensor, sparsity: float, seed: int
-) -> Callable[[], None]:
-    """One token's worth of GEMVs with ``kernel`` at ``sparsity``."""
+def check_kernels(weights: Weights, sparsity: float = 0.5) -> bool:
+    """The sparse kernels must give the dense result on the masked input; returns whether the
+    compiled kernel (not its fallback) ran."""
+    generator = torch.Generator().manual_seed(0)
+    for group, ws in weights.layers[0].items():
+        x = sparse_input(ws[0].shape[1], sparsity, generator)
+        dense = F.linear(x[None], weights.grouped[0][group])[0]
+        nz = x.nonzero().squeeze(1)
+        bag = torch.cat(
+            [
+                F.embedding_bag(nz[None], wt, per_sample_weights=x[nz][None], mode="sum")[0]
+                for wt in weights.transposed[0][group]
+            ]
+        )
+        compiled = weights.gemv[len(x)](x, weights.grouped_t[0][group])
+        for name, out in (("bag", bag), ("compiled", compiled)):
+            if not torch.allclose(out, dense, rtol=1e-4, atol=1e-4):
+                raise AssertionError(f"{name} kernel disagrees with dense GEMV on {group}")
+    return all(g.compiled for g in weights.gemv.values())
+
+
+def make_token(kernel: str, weights: Weights, sparsity: float, seed: int) -> Callable[[], None]:
+    """One token's worth of projection GEMVs with ``kernel`` at ``sparsity``."""
     generator = torch.Generator().manual_seed(seed)
     inputs = [
         {g: sparse_input(ws[0].shape[1], sparsity, generator) for g, ws in layer.items()}
-        for layer in layers
+        for layer in weights.layers
     ]
-    hidden = torch.randn(1, head.shape[1], generator=generator)
 
     def token() -> None:
         with torch.no_grad():
-            for index, layer in enumerate(layers):
-                for group, weights in layer.items():
+            for index, layer in enumerate(weights.layers):
+                for group, ws in layer.items():
                     x = inputs[index][group]  # [D]
                     if kernel == "dense":
-                        for w in weights:
+                        for w in ws:
                             F.linear(x[None], w)  # [1, out]
-                        continue
-                    nz = x.nonzero().squeeze(1)  # [k]
-                    values = x[nz]  # [k]
-                    for wt in transposed[index][group]:  # [D, out]
-                        if kernel == "gather":
-                            values @ wt[nz]  # [k, out] copied, then [out]
-                        else:
-                            F.embedding_bag(
-                                nz[None], wt, per_sample_weights=values[None], mode="sum"
-                            )
-            F.linear(hidden, head)  # [1, V], dense in every variant
+                    elif kernel == "dense-grouped":
+                        F.linear(x[None], weights.grouped[index][group])  # [1, sum out]
+                    elif kernel == "compiled":
+                        weights.gemv[len(x)](x, weights.grouped_t[index][group])  # [sum out]
+                    else:
+                        nz = x.nonzero().squeeze(1)  # [k]
+                        values = x[nz][None]  # [1, k]
+                        for wt in weights.transposed[index][group]:  # [D, out]
+                            F.embedding_bag(nz[None], wt, per_sample_weights=values, mode="sum")
 
     return token
 
@@ -125,43 +146,55 @@ def main() -> None:
     threads = fix_threads(args.threads)
     model = large_llama() if args.large else load_default(args.model)
     name = "llama-1024x8 (random)" if args.large else str(args.model)
-    layers = layer_weights(model)
-    check_kernels(layers[0]["down"][0])
-    transposed = [{g: [w.t().contiguous() for w in ws] for g, ws in lay.items()} for lay in layers]
+    weights = Weights(layer_weights(model), threads)
+    compiled = check_kernels(weights)
     head = model.get_output_embeddings().weight.detach()  # [V, D]
-    variants = {"dense": (no_setup, make_token("dense", layers, transposed, head, 0.0, 0))}
-    for kernel in KERNELS[1:]:
+    hidden = torch.randn(1, head.shape[1])
+    variants = {
+        "dense": (no_setup, make_token("dense", weights, 0.0, 0)),
+        "dense-grouped": (no_setup, make_token("dense-grouped", weights, 0.0, 0)),
+        "lm_head": (no_setup, lambda: F.linear(hidden, head)),
+    }
+    for kernel in SPARSE_KERNELS:
         for s in SPARSITIES:
-            token = make_token(kernel, layers, transposed, head, s, 0)
-            variants[f"{kernel}@{s:g}"] = (no_setup, token)
-    print(f"timing {len(variants)} variants x {args.repeats} tokens")
+            variants[f"{kernel}@{s:g}"] = (no_setup, make_token(kernel, weights, s, 0))
+    print(f"timing {len(variants)} variants x {args.repeats} tokens (compiled kernel: {compiled})")
     timings = interleaved(variants, repeats=args.repeats, warmup=args.warmup)
-    dense = timings["dense"]
-    rows = []
-    for key, timing in timings.items():
-        kernel, _, s = key.partition("@")
-        rows.append(
-            {
-                "kernel": kernel,
-                "sparsity": float(s or 0),
-                "ms_per_token": 1000 * timing.median,
-                "tokens_per_s": 1 / timing.median,
-                "speedup": 1 / paired_ratio(timing, dense),
-                "ideal_proj": None if kernel == "dense" else 1 / (1 - float(s)),
-            }
-        )
-    print_table(
-        rows, ["kernel", "sparsity", "ms_per_token", "tokens_per_s", "speedup", "ideal_proj"]
-    )
+    rows = speed_rows(timings)
+    columns = ["kernel", "sparsity", "ms_per_token", "speedup", "ideal", "speedup_with_head"]
+    print_table(rows, columns)
     save_result(
         args.name,
         {
-            "what": "batch-1 projection GEMVs per token (+ dense lm_head), sparse kernels vs dense",
-            "settings": {**vars(args), "model": name, "threads": threads},
+            "what": "batch-1 projection GEMVs per token, sparse kernels vs dense (lm_head apart)",
+            "settings": {**vars(args), "model": name, "threads": threads, "compiled": compiled},
             "rows": rows,
             "timings": {k: t.summary() for k, t in timings.items()},
         },
     )
+
+
+def speed_rows(timings: dict) -> list[dict]:
+    """Per kernel and sparsity: ms/token, paired speed-up vs dense, ideal, and with the head."""
+    dense, head = timings["dense"], timings["lm_head"].median
+    rows = []
+    for key, timing in timings.items():
+        if key == "lm_head":
+            continue
+        kernel, _, s = key.partition("@")
+        sparsity = float(s or 0)
+        rows.append(
+            {
+                "kernel": kernel,
+                "sparsity": sparsity,
+                "ms_per_token": 1000 * timing.median,
+                "tokens_per_s": 1 / timing.median,
+                "speedup": 1 / paired_ratio(timing, dense),
+                "ideal": 1 / (1 - sparsity),
+                "speedup_with_head": (dense.median + head) / (timing.median + head),
+            }
+        )
+    return rows
 
 
 if __name__ == "__main__":
