@@ -1,8 +1,10 @@
-"""Evaluate one cell: TEAL-only once, TEAL+SPON for every seed (perplexity, KL, hidden shift).
+"""Evaluate one cell: TEAL+SPON for every seed (perplexity, KL, hidden shift) against TEAL-only.
 
-metrics.json holds the TEAL baseline of the config's sparsified set, its damage and whether that
-is measurable, every seed's TEAL+SPON numbers and their mean and spread; shift.csv the per-layer
-hidden-state shift (TEAL, and TEAL+SPON averaged over seeds); sparsity.csv the achieved sparsity.
+The TEAL-only numbers of the config's sparsified set come from the baseline stage (computed once
+per set and sparsity); a cell without biases (BASELINE-TEAL) loads no model. metrics.json holds
+the TEAL baseline, its damage and whether that is measurable, every seed's TEAL+SPON numbers and
+their mean and spread; shift.csv the per-layer hidden-state shift (TEAL, and TEAL+SPON averaged
+over seeds); sparsity.csv the achieved sparsity per site (of the TEAL-only pass).
 """
 
 from __future__ import annotations
@@ -19,14 +21,13 @@ from sponlab.evaluate import (
     cell_metrics,
     evaluate_variant,
     load_reference,
+    read_baseline,
     same_for_all_seeds,
     shift_rows,
-    sparsity_rows,
 )
 from sponlab.experiment import cell_spec
-from sponlab.layout import cell_path, seed_path
+from sponlab.layout import BASELINES, EVALS, SPON, baseline_path, cell_path, seed_path
 from sponlab.provenance import write_metrics
-from sponlab.sparsify import SparsityStats
 from sponlab.spon import load_biases
 from sponlab.stages.common import (
     MODEL_OPTION,
@@ -50,6 +51,9 @@ def main(
     dense: Path = typer.Option(Path("data/dense"), "--dense", help="Dense reference folder."),
     dense_metrics: Path = typer.Option(Path("metrics/dense.json"), "--dense-metrics"),
     thresholds: Path = THRESHOLDS_OPTION,
+    baselines: Path = typer.Option(
+        BASELINES, "--baselines", help="Root of the baseline stage's s<s>/<set>.json (TEAL-only)."
+    ),
     trained: Path = typer.Option(
         None, "--trained", help="Train cell folder. Default: models/spon/<config>/s<s>"
     ),
@@ -58,31 +62,26 @@ def main(
     cfg = read_params(params)
     alloc = cfg.config(config)
     cfg.check_sparsity(sparsity)
-    trained = trained or cell_path(Path("models/spon"), config, sparsity)
-    out = out or cell_path(Path("metrics/eval"), config, sparsity)
-    loaded, site_map = load_base(cfg, model)
+    trained = trained or cell_path(SPON, config, sparsity)
+    out = out or cell_path(EVALS, config, sparsity)
     dense_info = read_json(dense_metrics, producer="dense")
-    stats = SparsityStats()
-    run = dict(
-        model=loaded.model,
-        site_map=site_map,
-        blocks=load_blocks(blocks),
-        batch_size=cfg.eval.batch_size,
-        spec=cell_spec(cfg, alloc, sparsity, site_map, thresholds, loaded.fingerprint),
-        reference=load_reference(dense / "reference.safetensors", loaded.fingerprint),
+    teal, rows, made = read_baseline(
+        baseline_path(baselines, sparsity, alloc.sparsify), sparsity, alloc.sparsify
     )
-    with timed(f"evaluate TEAL-only ({config}, set {alloc.sparsify}, s={sparsity})"):
-        teal = evaluate_variant(**run, stats=stats, desc="teal")
-    seeds: dict[int, VariantMetrics] = {}
-    sizes: dict[int, dict[str, int]] = {}  # per seed: bias sites and parameters
-    for seed in alloc.seeds:
-        file = seed_path(trained, seed) / "biases.safetensors"
-        spon = load_biases(file, site_map, sparsity, loaded.fingerprint)[0].to(loaded.device)
-        sizes[seed] = {"bias_sites": len(spon.sites), "bias_parameters": spon.num_parameters()}
-        seeds[seed] = teal
-        if spon.sites:
-            with timed(f"evaluate TEAL+SPON ({config}, s={sparsity}, seed {seed})"):
-                seeds[seed] = evaluate_variant(**run, biases=spon, desc=f"spon seed {seed}")
+    files = {seed: seed_path(trained, seed) / "biases.safetensors" for seed in alloc.seeds}
+    stored = {
+        s: load_biases(f, None, sparsity, made["model_fingerprint"]) for s, f in files.items()
+    }
+    sizes = {
+        s: {"bias_sites": len(b.sites), "bias_parameters": b.num_parameters()}
+        for s, (b, _) in stored.items()
+    }
+    seeds: dict[int, VariantMetrics] = dict.fromkeys(alloc.seeds, teal)  # no biases: TEAL-only
+    device, dtype = made["env"]["device"], made["env"]["dtype"]
+    if any(size["bias_sites"] for size in sizes.values()):  # only then is a model needed
+        device, dtype = evaluate_seeds(
+            cfg, alloc, sparsity, files, seeds, model, blocks, dense, thresholds
+        )
     hurt = damage(
         dense_info["ppl"],
         teal.ppl,
@@ -93,7 +92,27 @@ def main(
     )
     payload = cell_metrics(config, sparsity, alloc.sparsify, dense_info["ppl"], teal, seeds)
     payload |= {"teal_damage": hurt.as_dict(), **same_for_all_seeds(sizes, trained)}
-    payload["achieved_sparsity"] = achieved_summary(stats, sparsity)
-    write_metrics(out / "metrics.json", payload, loaded.device, loaded.dtype)
+    payload["achieved_sparsity"] = achieved_summary(rows, sparsity)
+    write_metrics(out / "metrics.json", payload, device, dtype)
     write_rows(out / "shift.csv", shift_rows(teal, list(seeds.values())), SHIFT_FIELDS)
-    write_rows(out / "sparsity.csv", sparsity_rows(stats, sparsity), SPARSITY_FIELDS)
+    write_rows(out / "sparsity.csv", rows, SPARSITY_FIELDS)
+
+
+def evaluate_seeds(cfg, alloc, sparsity, files, seeds, model, blocks, dense, thresholds):
+    """TEAL+SPON metrics of every seed with biases, into ``seeds``; the model's device, dtype."""
+    loaded, site_map = load_base(cfg, model)
+    run = dict(
+        model=loaded.model,
+        site_map=site_map,
+        blocks=load_blocks(blocks),
+        batch_size=cfg.eval.batch_size,
+        spec=cell_spec(cfg, alloc, sparsity, site_map, thresholds, loaded.fingerprint),
+        reference=load_reference(dense / "reference.safetensors", loaded.fingerprint),
+    )
+    for seed, file in files.items():
+        spon = load_biases(file, site_map, sparsity, loaded.fingerprint)[0]
+        if spon.sites:
+            with timed(f"evaluate TEAL+SPON ({alloc.name}, s={sparsity}, seed {seed})"):
+                biases = spon.to(loaded.device)
+                seeds[seed] = evaluate_variant(**run, biases=biases, desc=f"spon seed {seed}")
+    return loaded.device, loaded.dtype

@@ -16,7 +16,7 @@ import typer
 
 from sponlab.closed_form import closed_form_biases
 from sponlab.experiment import bias_sites, cell_spec
-from sponlab.layout import cell_path, seed_path
+from sponlab.layout import cell_path, seed_path, threshold_path
 from sponlab.ranked import ranked_layers, read_ranking
 from sponlab.sites import LayerSelection
 from sponlab.spon import SponBiases, save_biases
@@ -29,7 +29,7 @@ from sponlab.stages.common import (
     read_params,
     timed,
 )
-from sponlab.tensorio import write_json, write_rows
+from sponlab.tensorio import load_tensors, write_json, write_rows
 from sponlab.train import Teachers, TrainResult, train_spon
 
 
@@ -58,21 +58,9 @@ def main(
         layers = ranked_layers(alloc.layers, read_ranking(ranking))
         alloc = replace(alloc, layers=LayerSelection(kind="list", layers=tuple(layers)))
         described = f"{described}: {alloc.layers.describe()}"
-    loaded, site_map = load_base(cfg, model)
-    sites = bias_sites(alloc, site_map)
-    spec = cell_spec(cfg, alloc, sparsity, site_map, thresholds, loaded.fingerprint)
-    start = initial_biases(cfg, alloc, loaded.model, site_map, spec, sites, data, sparsity)
-    teachers = None
-    if sites and alloc.bias == "trained":
-        teachers = Teachers.for_blocks(
-            loaded.model,
-            load_blocks(data / "train.safetensors"),
-            load_blocks(data / "val.safetensors"),
-            cfg.train.teacher_cache,
-        )
     meta = {
         "model": str(model),
-        "model_fingerprint": loaded.fingerprint,
+        "model_fingerprint": None,
         "config": config,
         "sparsity": sparsity,
         "layers": described,
@@ -84,12 +72,41 @@ def main(
         "init": alloc.init,
         "loss": alloc.loss if alloc.bias == "trained" else None,
     }
+    if not alloc.has_biases:  # BASELINE-TEAL: no biases to fit, no model to load
+        meta["model_fingerprint"] = made_for(threshold_path(thresholds, sparsity, alloc.sparsify))
+        for seed in alloc.seeds:
+            empty = SponBiases([], {}, alloc.parametrization)
+            write_seed(seed_path(out, seed), {**meta, "seed": seed}, empty, TrainResult(), 0)
+        return
+    train_seeds(cfg, alloc, sparsity, model, data, thresholds, out, meta)
+
+
+def made_for(thresholds: Path) -> str:
+    """The model fingerprint the calibrate stage recorded in a thresholds file."""
+    return load_tensors(thresholds, producer="calibrate")[1]["model_fingerprint"]
+
+
+def train_seeds(cfg, alloc, sparsity, model, data, thresholds, out, meta) -> None:
+    """Load the model, fit (or compute) the biases of every seed and write one folder each."""
+    loaded, site_map = load_base(cfg, model)
+    meta["model_fingerprint"] = loaded.fingerprint
+    sites = bias_sites(alloc, site_map)
+    spec = cell_spec(cfg, alloc, sparsity, site_map, thresholds, loaded.fingerprint)
+    start = initial_biases(cfg, alloc, loaded.model, site_map, spec, sites, data, sparsity)
+    teachers = None
+    if sites and alloc.bias == "trained":
+        teachers = Teachers.for_blocks(
+            loaded.model,
+            load_blocks(data / "train.safetensors"),
+            load_blocks(data / "val.safetensors"),
+            cfg.train.teacher_cache,
+        )
     for seed in alloc.seeds:
         biases = SponBiases.for_model(loaded.model, site_map, sites, alloc.parametrization)
         biases.load_state(start.state())
         result = TrainResult()
         if teachers is not None:
-            what = f"train {config} at s={sparsity}, seed {seed}: {len(sites)} sites"
+            what = f"train {alloc.name} at s={sparsity}, seed {seed}: {len(sites)} sites"
             with timed(f"{what}, {biases.num_parameters()} params"):
                 result = train_spon(
                     loaded.model,

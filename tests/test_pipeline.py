@@ -103,7 +103,7 @@ def test_tiny_dvc_pipeline_end_to_end(repo: Path):
     first = run(["make", "repro", f"VENV={VENV}", "TARGETS=plots"], repo)
     assert "pip install" not in first, "make repro reinstalled although the venv is current"
     expected = {"base", "prepare", "dense", "summarize", "plots", "layer-importance"}
-    expected |= {f"calibrate@{s}-0.5" for s in SETS}
+    expected |= {f"{kind}@{s}-0.5" for kind in ("calibrate", "baseline") for s in SETS}
     expected |= {f"{kind}@{c}-0.5" for kind in ("train", "evaluate") for c in CONFIGS}
     expected |= {f"{kind}-ranked@{c}-0.5" for kind in ("train", "evaluate") for c in RANKED}
     assert ran_stages(first) == expected
@@ -145,7 +145,8 @@ def test_tiny_dvc_pipeline_end_to_end(repo: Path):
     assert re.search(r"bit-identical to the reference: (\d+) of \1\n", check), check
     assert "beyond rtol=0: 0" in check
     third = activated("dvc exp run -S 'sweep.sparsities=[0.5,0.7]' plots", repo)
-    new = {"summarize", "plots"} | {f"calibrate@{s}-0.7" for s in SETS}
+    new = {"summarize", "plots"}
+    new |= {f"{kind}@{s}-0.7" for kind in ("calibrate", "baseline") for s in SETS}
     new |= {f"{kind}@{c}-0.7" for kind in ("train", "evaluate") for c in CONFIGS}
     new |= {f"{kind}-ranked@{c}-0.7" for kind in ("train", "evaluate") for c in RANKED}
     assert ran_stages(third) == new  # the ranking (at interpret.sparsity) is not re-measured

@@ -50,6 +50,9 @@ _EXPORTS: dict[str, str] = {
     # evaluation
     "evaluate_variant": "sponlab.evaluate",
     "damage_recovered": "sponlab.evaluate",
+    # batch-1 sparse decoding on CPU (compiled kernel)
+    "SparseGemv": "sponlab.kernels",
+    "transposed_group": "sponlab.kernels",
     # a finished run
     "load_params": "sponlab.config",
     "load_cell": "sponlab.results",
@@ -68,6 +71,7 @@ __all__ = [
     "LoadedModel",
     "Site",
     "SiteMap",
+    "SparseGemv",
     "SparsifySpec",
     "SparsityStats",
     "SponBiases",
@@ -93,6 +97,7 @@ __all__ = [
     "sparsify_spec",
     "tiny_model",
     "train_spon",
+    "transposed_group",
 ]  # the same names as _EXPORTS (a test checks)
 
 
@@ -116,6 +121,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerl
     from sponlab.data import BlockSpec, load_corpus, make_blocks
     from sponlab.evaluate import damage_recovered, evaluate_variant
     from sponlab.experiment import allocation, bias_sites, sparsify_spec
+    from sponlab.kernels import SparseGemv, transposed_group
     from sponlab.models import LoadedModel, load_model
     from sponlab.results import Cell, load_cell, load_summary
     from sponlab.sites import PROJECTIONS, LayerSelection, Site, SiteMap, discover_sites

@@ -25,6 +25,7 @@ STAGES: list[str] = [
     "prepare",
     "calibrate",
     "dense",
+    "baseline",
     "train",
     "evaluate",
     "summarize",

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -20,7 +20,7 @@ from sponlab.sites import SiteMap
 from sponlab.sparsify import SparsifySpec, SparsityStats, sparsified
 from sponlab.spon import SponBiases, maybe_attached
 from sponlab.stats import spread
-from sponlab.tensorio import check_made_for, input_error, load_tensors
+from sponlab.tensorio import check_made_for, input_error, load_tensors, read_json
 
 
 @dataclass
@@ -217,9 +217,32 @@ def sparsity_rows(stats: SparsityStats, target: float) -> list[dict]:
     ]
 
 
-def achieved_summary(stats: SparsityStats, target: float) -> dict:
-    """Mean, sd and range of the achieved sparsity over sites, with the target."""
-    return spread(list(stats.achieved().values())).as_dict() | {"target": target}
+def achieved_summary(rows: list[dict], target: float) -> dict:
+    """Mean, sd and range over sites of the achieved sparsity in ``rows``, with the target."""
+    return spread([row["achieved"] for row in rows]).as_dict() | {"target": target}
+
+
+BASELINE_FORMAT = "sponlab-teal-baseline/1"
+
+
+def baseline_payload(teal: VariantMetrics, stats: SparsityStats, meta: Mapping) -> dict:
+    """TEAL-only metrics of one (sparsified set, sparsity) with its per-site achieved sparsity:
+    what every evaluate cell of that set and sparsity shares instead of recomputing it."""
+    rows = sparsity_rows(stats, meta["sparsity"])
+    return {"format": BASELINE_FORMAT, **meta, "metrics": asdict(teal), "sparsity_rows": rows}
+
+
+def read_baseline(
+    path: Path, sparsity: float, sparsified: str, fingerprint: str | None = None
+) -> tuple[VariantMetrics, list[dict], dict]:
+    """The baseline stage's TEAL-only metrics, checked against the cell that reads them; returns
+    the metrics, the per-site sparsity rows and the file's metadata."""
+    payload = read_json(path, producer="baseline")
+    if payload.get("format") != BASELINE_FORMAT:
+        raise input_error(path, f"is not a {BASELINE_FORMAT} file", "baseline")
+    expect = {"sparsity": sparsity, "set": sparsified, "model_fingerprint": fingerprint}
+    check_made_for(path, payload, expect, "baseline")
+    return VariantMetrics(**payload["metrics"]), payload["sparsity_rows"], payload
 
 
 def same_for_all_seeds(sizes: Mapping[int, dict[str, int]], cell: Path) -> dict[str, int]:

@@ -21,7 +21,12 @@ def sparsify_spec(
     thresholds: Mapping[Site, float] | None,
 ) -> SparsifySpec:
     """TEAL/top-k on ``config.sparsify_modules`` of every layer at ``sparsity``."""
-    sites = sparsified_sites(config, site_map)
+    return _spec(params, sparsified_sites(config, site_map), sparsity, thresholds)
+
+
+def _spec(
+    params: Params, sites: Sequence[Site], sparsity: float, thresholds: Mapping[Site, float] | None
+) -> SparsifySpec:
     prefix = params.sparsify.dense_prefix if params.sparsify.prefill == "dense_prefix" else 0
     return SparsifySpec(
         method=params.sparsify.method,
@@ -37,6 +42,24 @@ def sparsified_sites(config: AllocationConfig, site_map: SiteMap) -> list[Site]:
     return site_map.select(range(site_map.num_layers), config.sparsify_modules)
 
 
+def set_spec(
+    params: Params,
+    name: str,
+    modules: Sequence[str],
+    sparsity: float,
+    site_map: SiteMap,
+    thresholds_root: Path,
+    fingerprint: str,
+) -> SparsifySpec:
+    """TEAL on the sparsified set ``name`` (``modules`` of every layer) with its calibrated
+    thresholds at ``sparsity``, checked against this model and set by
+    :func:`sponlab.sparsify.load_thresholds`."""
+    file = threshold_path(thresholds_root, sparsity, name)
+    sites = site_map.select(range(site_map.num_layers), modules)
+    thresholds = load_thresholds(file, site_map, sparsity, fingerprint, sites)
+    return _spec(params, sites, sparsity, thresholds)
+
+
 def cell_spec(
     params: Params,
     config: AllocationConfig,
@@ -45,12 +68,16 @@ def cell_spec(
     thresholds_root: Path,
     fingerprint: str,
 ) -> SparsifySpec:
-    """The sparsification of a pipeline cell: its set's calibrated thresholds at ``sparsity``
-    (checked against this model and set by :func:`sponlab.sparsify.load_thresholds`)."""
-    file = threshold_path(thresholds_root, sparsity, config.sparsify)
-    sites = sparsified_sites(config, site_map)
-    thresholds = load_thresholds(file, site_map, sparsity, fingerprint, sites)
-    return sparsify_spec(params, config, sparsity, site_map, thresholds)
+    """The sparsification of a pipeline cell: its set's calibrated thresholds at ``sparsity``."""
+    return set_spec(
+        params,
+        config.sparsify,
+        config.sparsify_modules,
+        sparsity,
+        site_map,
+        thresholds_root,
+        fingerprint,
+    )
 
 
 def allocation(

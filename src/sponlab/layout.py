@@ -10,6 +10,7 @@ from pathlib import Path
 
 THRESHOLDS = Path("models/thresholds")  # s<sparsity>/<set>.safetensors
 SPON = Path("models/spon")  # <config>/s<sparsity>/seed<k>/{biases.safetensors,train.json,...}
+BASELINES = Path("data/baseline")  # s<sparsity>/<set>.json (TEAL-only, shared by the cells)
 EVALS = Path("metrics/eval")  # <config>/s<sparsity>/{metrics.json,shift.csv,sparsity.csv}
 
 
@@ -17,6 +18,11 @@ def threshold_path(root: Path, sparsity: float, sparsified: str) -> Path:
     """The calibrate stage's file for one sparsity and sparsified set:
     ``root/s0.5/all.safetensors``."""
     return Path(root) / f"s{sparsity:g}" / f"{sparsified}.safetensors"
+
+
+def baseline_path(root: Path, sparsity: float, sparsified: str) -> Path:
+    """The baseline stage's TEAL-only metrics of one sparsity and set: ``root/s0.5/all.json``."""
+    return Path(root) / f"s{sparsity:g}" / f"{sparsified}.json"
 
 
 def cell_path(root: Path, config: str, sparsity: float) -> Path:

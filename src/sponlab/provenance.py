@@ -36,7 +36,9 @@ def package_version(name: str) -> str | None:
         return None
 
 
-def environment(device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> dict:
+def environment(
+    device: torch.device | str | None = None, dtype: torch.dtype | str | None = None
+) -> dict:
     """Versions, CPU kernel level, torch threads and (for stages that run a model) device and dtype."""
     env: dict[str, Any] = {"python": platform.python_version()}
     env.update({name: package_version(name) for name in PACKAGES})
@@ -53,7 +55,7 @@ def write_metrics(
     path: Path,
     payload: Mapping[str, Any],
     device: torch.device | str | None = None,
-    dtype: torch.dtype | None = None,
+    dtype: torch.dtype | str | None = None,
 ) -> Path:
     """Write a metrics JSON atomically with an ``env`` entry from :func:`environment`."""
     return write_json(path, {**payload, "env": environment(device, dtype)})

@@ -1,0 +1,66 @@
+"""TEAL-only metrics of one sparsified set at one sparsity, shared by every evaluate cell using it.
+
+Each evaluate cell compares its TEAL+SPON seeds with the TEAL-only model of its sparsified set;
+that baseline depends only on (set, sparsity), so it is computed once here (perplexity, per-block
+NLL, KL and hidden shift on the dense reference, achieved sparsity per site) instead of once per
+config.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from sponlab.evaluate import baseline_payload, evaluate_variant, load_reference
+from sponlab.experiment import set_spec
+from sponlab.layout import baseline_path
+from sponlab.provenance import write_metrics
+from sponlab.sparsify import SparsityStats
+from sponlab.stages.common import (
+    MODEL_OPTION,
+    PARAMS_OPTION,
+    THRESHOLDS_OPTION,
+    load_base,
+    load_blocks,
+    read_params,
+    timed,
+)
+
+
+def main(
+    sparsity: float = typer.Option(..., "--sparsity"),
+    sparsified: str = typer.Option("all", "--set", help="Sparsified set from sparsify.sets."),
+    params: Path = PARAMS_OPTION,
+    model: Path = MODEL_OPTION,
+    blocks: Path = typer.Option(Path("data/blocks/test.safetensors"), "--blocks"),
+    dense: Path = typer.Option(Path("data/dense"), "--dense", help="Dense reference folder."),
+    thresholds: Path = THRESHOLDS_OPTION,
+    out: Path = typer.Option(None, "--out", help="Default: data/baseline/s<sparsity>/<set>.json"),
+) -> None:
+    cfg = read_params(params)
+    cfg.check_sparsity(sparsity)
+    modules = cfg.sparsified_set(sparsified)
+    out = out or baseline_path(Path("data/baseline"), sparsity, sparsified)
+    loaded, site_map = load_base(cfg, model)
+    spec = set_spec(cfg, sparsified, modules, sparsity, site_map, thresholds, loaded.fingerprint)
+    stats = SparsityStats()
+    with timed(f"evaluate TEAL-only (set {sparsified}, s={sparsity})"):
+        teal = evaluate_variant(
+            loaded.model,
+            site_map,
+            load_blocks(blocks),
+            cfg.eval.batch_size,
+            spec=spec,
+            reference=load_reference(dense / "reference.safetensors", loaded.fingerprint),
+            stats=stats,
+            desc="teal",
+        )
+    meta = {
+        "sparsity": sparsity,
+        "set": sparsified,
+        "modules": list(modules),
+        "model": str(model),
+        "model_fingerprint": loaded.fingerprint,
+    }
+    write_metrics(out, baseline_payload(teal, stats, meta), loaded.device, loaded.dtype)

@@ -1,0 +1,87 @@
+"""The shared TEAL-only baseline (stage baseline) and the cells that need no model.
+
+Every evaluate cell reads the TEAL-only numbers of its sparsified set from one file per (set,
+sparsity); it must get exactly what evaluating TEAL-only itself gives, and refuse a baseline made
+for another sparsity, set or model. BASELINE-TEAL (no biases) trains and evaluates without
+loading the model.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from sponlab.cli import app
+from sponlab.evaluate import (
+    achieved_summary,
+    baseline_payload,
+    evaluate_variant,
+    read_baseline,
+    sparsity_rows,
+)
+from sponlab.models import model_fingerprint
+from sponlab.sparsify import (
+    SparsifySpec,
+    SparsityStats,
+    calibrate_thresholds,
+    thresholds_to_tensors,
+)
+from sponlab.tensorio import InputFileError, save_tensors, write_json
+
+PARAMS = Path(__file__).resolve().parents[1] / "params.yaml"
+
+
+def teal_baseline(model, site_map, blocks):
+    thresholds = calibrate_thresholds(model, site_map, blocks, [0.5], site_map.sites)[0.5]
+    spec = SparsifySpec("teal", 0.5, tuple(site_map.sites), thresholds)
+    stats = SparsityStats()
+    teal = evaluate_variant(model, site_map, blocks, 4, spec=spec, stats=stats)
+    return teal, stats
+
+
+def test_baseline_round_trip_is_exact_and_checked(tmp_path, llama, blocks):
+    model, site_map = llama
+    teal, stats = teal_baseline(model, site_map, blocks)
+    meta = {"sparsity": 0.5, "set": "all", "model_fingerprint": model_fingerprint(model)}
+    path = write_json(tmp_path / "all.json", baseline_payload(teal, stats, meta))
+    again, rows, _ = read_baseline(path, 0.5, "all", model_fingerprint(model))
+    assert again == teal  # every float, per-block NLL included, survives JSON exactly
+    assert rows == sparsity_rows(stats, 0.5)
+    assert achieved_summary(rows, 0.5)["mean"] == pytest.approx(0.5, abs=0.1)
+    for bad in ({"sparsity": 0.6}, {"sparsified": "o_proj"}, {"fingerprint": "0" * 16}):
+        args = {"sparsity": 0.5, "sparsified": "all", "fingerprint": None, **bad}
+        with pytest.raises(InputFileError, match="stage 'baseline'"):
+            read_baseline(path, **args)
+
+
+def test_baseline_teal_cell_needs_no_model(tmp_path, llama, blocks):
+    model, site_map = llama
+    fingerprint = model_fingerprint(model)
+    teal, stats = teal_baseline(model, site_map, blocks)
+    meta = {"sparsity": 0.5, "set": "all", "model_fingerprint": fingerprint}
+    payload = baseline_payload(teal, stats, meta) | {"env": {"device": "cpu", "dtype": "float32"}}
+    write_json(tmp_path / "baseline/s0.5/all.json", payload)
+    thresholds = tmp_path / "thresholds/s0.5/all.safetensors"
+    save_tensors(thresholds, thresholds_to_tensors({s: 0.1 for s in site_map.sites}), meta)
+    write_json(tmp_path / "dense.json", {"ppl": teal.ppl * 0.8, "block_nll": teal.block_nll})
+    missing = tmp_path / "no-model"  # neither stage may read it
+    common = ["--params", str(PARAMS), "--config", "BASELINE-TEAL", "--sparsity", "0.5"]
+    common += ["--model", str(missing), "--thresholds", str(tmp_path / "thresholds")]
+    runner = CliRunner()
+    trained = tmp_path / "spon"
+    result = runner.invoke(app, ["train", *common, "--out", str(trained)])
+    assert result.exit_code == 0, result.output
+    biases_meta = json.loads((trained / "seed0/train.json").read_text())
+    assert biases_meta["model_fingerprint"] == fingerprint and biases_meta["parameters"] == 0
+    out = tmp_path / "eval"
+    args = ["evaluate", *common, "--baselines", str(tmp_path / "baseline")]
+    args += ["--dense-metrics", str(tmp_path / "dense.json"), "--trained", str(trained)]
+    result = runner.invoke(app, [*args, "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    cell = json.loads((out / "metrics.json").read_text())
+    assert cell["teal"]["ppl"] == teal.ppl == cell["spon_seeds"][0]["ppl"]
+    assert cell["env"]["device"] == "cpu" and cell["env"]["dtype"] == "float32"
+    assert (out / "sparsity.csv").read_text().count("\n") == len(site_map.sites) + 1
