@@ -14,6 +14,7 @@ from pathlib import Path
 import typer
 
 from sponlab.calibration import calibrate_sequential
+from sponlab.greedy import ALLOCATION_FIELDS, PATH_FIELDS, allocation_rows, greedy_allocation
 from sponlab.layout import threshold_path
 from sponlab.sparsify import calibrate_thresholds, thresholds_to_tensors
 from sponlab.stages.common import (
@@ -24,7 +25,7 @@ from sponlab.stages.common import (
     read_params,
     timed,
 )
-from sponlab.tensorio import save_tensors
+from sponlab.tensorio import save_tensors, write_rows
 
 
 def main(
@@ -36,34 +37,69 @@ def main(
     out: Path = typer.Option(
         None, "--out", help="Default: models/thresholds/s<sparsity>/<set>.safetensors"
     ),
+    report: Path = typer.Option(
+        None,
+        "--allocation",
+        help="Per-site sparsity (and greedy path) folder. Default: "
+        "metrics/allocation/s<sparsity>/<set>",
+    ),
 ) -> None:
     cfg = read_params(params)
     cfg.check_sparsity(sparsity)
     modules = cfg.sparsified_set(sparsified)
     out = out or threshold_path(Path("models/thresholds"), sparsity, sparsified)
+    report = report or Path("metrics/allocation") / f"s{sparsity:g}" / sparsified
     loaded, site_map = load_base(cfg, model)
     ids = load_blocks(blocks)
     sites = site_map.select(list(range(site_map.num_layers)), modules)
     mode, method = cfg.sparsify.calibration, cfg.sparsify.threshold
-    run = dict(method=method, batch_size=cfg.eval.batch_size)
+    allocation = cfg.set_allocation(sparsified)
+    greedy = cfg.sparsify.greedy[sparsified]
+    targets, path = allocate(
+        allocation, greedy, loaded.model, site_map, ids, sparsity, sites, cfg.eval.batch_size
+    )
     with timed(
-        f"calibrate {mode} {method} thresholds of set {sparsified} ({len(sites)} sites) "
-        f"at s={sparsity} on {tuple(ids.shape)}"
+        f"calibrate {mode} {method} thresholds of set {sparsified} ({len(sites)} sites, "
+        f"{allocation}) at s={sparsity} on {tuple(ids.shape)}"
     ):
+        run = dict(method=method, batch_size=cfg.eval.batch_size)
         if mode == "sequential":
-            thresholds = calibrate_sequential(loaded.model, site_map, ids, sparsity, sites, **run)
-        else:
+            thresholds = calibrate_sequential(
+                loaded.model, site_map, ids, sparsity, sites, **run, targets=targets
+            )
+        else:  # a greedy set with dense calibration is refused when params.yaml is read
             thresholds = calibrate_thresholds(
                 loaded.model, site_map, ids, [sparsity], sites, **run
             )[sparsity]
+    rows = allocation_rows(sites, thresholds, targets or dict.fromkeys(sites, sparsity))
+    write_rows(report / "allocation.csv", rows, ALLOCATION_FIELDS)
+    write_rows(report / "path.csv", [r.as_row() for r in path], PATH_FIELDS)
     meta = {
         "sparsity": sparsity,
         "set": sparsified,
         "modules": list(modules),
         "calibration": mode,
+        "allocation": allocation,
         "method": method,
         "model": str(model),
         "model_fingerprint": loaded.fingerprint,
         "calib_tokens": ids.numel(),
     }
     save_tensors(out, thresholds_to_tensors(thresholds), meta)
+
+
+def allocate(allocation, greedy, model, site_map, ids, sparsity, sites, batch_size=8):
+    """Per-site sparsity targets and the search path (greedy), or (None, []) for uniform."""
+    if allocation != "greedy":
+        return None, []
+    with timed(f"greedy allocation of {len(sites)} sites at s={sparsity} (step {greedy.step})"):
+        return greedy_allocation(
+            model,
+            site_map,
+            ids[: greedy.blocks],
+            sparsity,
+            sites,
+            greedy.step,
+            greedy.last_fraction,
+            batch_size,
+        )

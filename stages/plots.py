@@ -20,6 +20,9 @@ def main(
     dense_metrics: Path = typer.Option(Path("metrics/dense.json"), "--dense-metrics"),
     evals: Path = typer.Option(Path("metrics/eval"), "--evals"),
     trained: Path = typer.Option(Path("models/spon"), "--trained"),
+    allocations: Path = typer.Option(
+        Path("metrics/allocation"), "--allocations", help="calibrate's s<s>/<set>/ folders."
+    ),
     out: Path = typer.Option(Path("plots/sweep"), "--out", help="Folder for PNGs and CSV data."),
 ) -> None:
     cfg = read_params(params)
@@ -53,6 +56,16 @@ def main(
         if curves
         else pd.DataFrame(columns=["step", "loss", "cell"])
     )
+    for name, kind in cfg.sparsify.allocations.items():
+        if kind == "greedy" and name in cfg.sweep_sets:
+            for s in cfg.sparsities:
+                folder = allocations / f"s{s:g}" / name
+                figures.allocation(
+                    pd.read_csv(folder / "allocation.csv"),
+                    pd.read_csv(folder / "path.csv"),
+                    f"Greedy allocation of set {name} at s={s:g}",
+                    out / f"allocation_{name}_{sparsity_key(s)}.png",
+                )
     for name, data in (("loss.csv", long_loss), ("shift.csv", shift_all)):
         with atomic_path(out / name) as tmp:
             data.to_csv(tmp, index=False)

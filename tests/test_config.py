@@ -72,7 +72,7 @@ def test_shipped_params_parse():
         (
             ("configs", "ATTN-ONLY", "sparsify"),
             "attn",
-            r"configs.ATTN-ONLY.sparsify must be one of \['all', 'down_proj', 'o_proj'\]",
+            r"configs.ATTN-ONLY.sparsify must be one of \['all', 'down_proj', 'o_proj', 'all-greedy'",
         ),
         (("configs", "UNIF-ALL", "seeds"), [0, 0], r"configs.UNIF-ALL.seeds has duplicates"),
         (("configs", "UNIF-ALL", "seeds"), [-1], r"configs.UNIF-ALL.seeds\[0\] must be an integer"),
@@ -83,6 +83,25 @@ def test_shipped_params_parse():
         (("summary", "min_damage"), -0.1, r"summary.min_damage must be >= 0"),
         (("sparsify", "modules"), "all", r"unknown key\(s\) \['sparsify.modules'\]"),
         (("sweep", "sets"), ["al"], r"sweep.sets\[0\] names unknown set 'al'"),
+        # allocation of the sparsified sets (uniform / TEAL's greedy search)
+        (("sparsify", "allocation"), "best", r"sparsify.allocation must be one of \['uniform'"),
+        (
+            ("sparsify", "sets", "all-greedy", "allocation"),
+            "best",
+            r"sparsify.sets.all-greedy.allocation must be one of \['uniform', 'greedy'\]",
+        ),
+        (("sparsify", "sets", "all-greedy", "step"), 0.9, r"sparsify.sets.all-greedy.step must"),
+        (
+            ("sparsify", "sets", "all"),
+            {"modules": "all", "step": 0.1},
+            r"unknown key\(s\) \['sparsify.sets.all.step'\]",
+        ),
+        (
+            ("sparsify", "calibration"),
+            "dense",
+            r"sparsify.calibration must be 'sequential' for the greedy allocation of set\(s\) "
+            r"\['all-greedy'\], got 'dense'",
+        ),
         (
             ("sweep", "configs"),
             ["UNIF-ALL", "STUDY-ATTN-ONLY"],

@@ -27,8 +27,8 @@ from sponlab.tiny import save_tiny
 
 ROOT = Path(__file__).resolve().parents[1]
 VENV = Path(sys.prefix)  # the venv `make install` created (tests run with its python)
-CONFIGS = ["BASELINE-TEAL", "UNIF-ALL", "CLOSED-FORM", "STUDY-ATTN-ONLY"]
-SETS = ["all", "o_proj"]
+CONFIGS = ["BASELINE-TEAL", "UNIF-ALL", "CLOSED-FORM", "STUDY-ATTN-ONLY", "GREEDY-TEAL"]
+SETS = ["all", "o_proj", "all-greedy"]
 RANKED = ["RANKED-90"]  # layers from UNIF-ALL's measured ranking: layer-importance runs first
 OLD = 946684800  # 2000-01-01: copied files predate the venv's install stamp (no reinstall)
 
@@ -59,7 +59,8 @@ def tiny_params(model_dir: Path) -> dict:
     params["base"] = {"source": "hub", "name": str(model_dir), "device": "cpu", "dtype": "float32"}
     params["data"].update(block_len=16, calib_blocks=4, train_blocks=4, val_blocks=2, test_blocks=4)
     params["sweep"] = {"configs": CONFIGS, "ranked": RANKED, "sparsities": [0.5], "sets": SETS}
-    params["sparsify"]["sets"] = {"all": "all", "o_proj": ["o_proj"]}
+    greedy = {"modules": "all", "allocation": "greedy", "step": 0.2, "blocks": 2}
+    params["sparsify"]["sets"] = {"all": "all", "o_proj": ["o_proj"], "all-greedy": greedy}
     params["configs"] = {k: v for k, v in params["configs"].items() if k != "STUDY-UNIF-ALL"}
     params["configs"]["UNIF-ALL"]["seeds"] = [0, 1]
     params["train"].update(epochs=1, batch_size=2, warmup_steps=0)
@@ -118,6 +119,8 @@ def test_tiny_dvc_pipeline_end_to_end(repo: Path):
     assert summary["teal_ppl"]["UNIF-ALL"]["s50"] == baseline
     assert summary["teal_ppl"]["CLOSED-FORM"]["s50"] == baseline
     assert summary["teal_ppl"]["STUDY-ATTN-ONLY"]["s50"] != baseline  # its own set: o_proj only
+    assert summary["teal_ppl"]["GREEDY-TEAL"]["s50"] != baseline  # per-layer greedy allocation
+    check_greedy_allocation(repo)
     assert summary["dense_ppl"] > 0 and all(v["s50"] > 0 for v in summary["ppl"].values())
     cell = json.loads((repo / "metrics/eval/UNIF-ALL/s0.5/metrics.json").read_text())
     assert abs(cell["achieved_sparsity"]["mean"] - 0.5) < 0.1
@@ -155,6 +158,21 @@ def test_tiny_dvc_pipeline_end_to_end(repo: Path):
     diff = json.loads(metrics)["metrics/summary.json"]
     assert "ppl.UNIF-ALL.s70" in diff
     assert "sweep.sparsities" in activated("dvc params diff", repo)
+
+
+def check_greedy_allocation(repo: Path) -> None:
+    """The greedy set's sites get different sparsities, averaging the target when weighted by
+    their weights; its search path and figure exist; the uniform set is uniform."""
+    folder = repo / "metrics/allocation/s0.5"
+    rows = list(csv.DictReader((folder / "all-greedy/allocation.csv").open()))
+    assert len({row["sparsity"] for row in rows}) > 1
+    assert {row["sparsity"] for row in csv.DictReader((folder / "all/allocation.csv").open())} == {
+        "0.5"
+    }
+    path = list(csv.DictReader((folder / "all-greedy/path.csv").open()))
+    finals = {row["layer"]: float(row["effective"]) for row in path}  # last row of each layer
+    assert len(finals) == 2 and all(0.5 <= eff < 0.75 for eff in finals.values())
+    assert (repo / "plots/sweep/allocation_all-greedy_s50.png").stat().st_size > 1000
 
 
 def check_ranked_cell(repo: Path) -> None:

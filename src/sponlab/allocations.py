@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from sponlab.paramcheck import ConfigError, Section
@@ -147,16 +147,98 @@ def _seed(value: Any, key: str) -> int:
     return value
 
 
-def parse_sets(sec: Section) -> dict[str, tuple[str, ...]]:
-    """``sparsify.sets``: name -> projections (``all`` or a list); names as config names."""
+SPARSIFY_METHODS = ("teal", "topk")
+THRESHOLD_METHODS = ("quantile", "histogram")
+CALIBRATION_MODES = ("sequential", "dense")
+PREFILL_POLICIES = ("all", "dense_prefix")
+ALLOCATION_KINDS = ("uniform", "greedy")
+
+
+@dataclass(frozen=True)
+class GreedyParams:
+    """``sparsify.greedy``: TEAL's block-wise greedy search (:mod:`sponlab.greedy`)."""
+
+    step: float = 0.05  # weighted sparsity added per step, per q_proj-sized matrix (TEAL: 0.05)
+    blocks: int = 4  # first calibration blocks whose layer inputs and outputs drive the search
+    last_fraction: float = 0.25  # positions scored: the last fraction of each block (TEAL)
+
+
+def parse_greedy(sec: Section) -> GreedyParams:
+    """The greedy search settings among a set's keys (``step``, ``blocks``, ``last_fraction``)."""
+    G = GreedyParams
+    return GreedyParams(
+        step=sec.number("step", G.step, lo=1e-3, hi=0.5),
+        blocks=sec.number("blocks", G.blocks, lo=1, integer=True),
+        last_fraction=sec.number("last_fraction", G.last_fraction, lo=0.01, hi=1.0),
+    )
+
+
+def parse_sets(sec: Section, default_allocation: str) -> tuple[dict, dict, dict]:
+    """``sparsify.sets``: name -> projections (``all`` or a list), or a mapping ``{modules,
+    allocation, step, blocks, last_fraction}`` giving one set its own allocation (``uniform`` |
+    ``greedy``; default ``sparsify.allocation``) and greedy settings. Returns name -> modules,
+    name -> allocation and name -> :class:`GreedyParams`; names as config names."""
     raw = sec.get("sets", {"all": "all"})
     if not isinstance(raw, Mapping) or not raw:
         raise sec.fail("sets", f"must map set names to 'all' or projection lists, got {raw!r}")
     sets_sec = Section(raw, sec.key("sets"), sec.source)
-    out = {}
+    modules, allocation, greedy = {}, {}, {}
     for name in list(raw):
         if not isinstance(name, str) or not CONFIG_NAME_RE.match(name):
             raise sets_sec.fail(str(name), f"is not a valid set name ({CONFIG_NAME_RE.pattern})")
-        out[name] = sets_sec.modules(name)
+        allocation[name], greedy[name] = default_allocation, GreedyParams()
+        if not isinstance(raw[name], Mapping):
+            modules[name] = sets_sec.modules(name)
+            continue
+        one = sets_sec.section(name)
+        modules[name] = one.modules("modules")
+        allocation[name] = one.choice("allocation", ALLOCATION_KINDS, default_allocation)
+        if allocation[name] == "greedy":
+            greedy[name] = parse_greedy(one)
+        one.finish()
     sets_sec.finish()
-    return out
+    return modules, allocation, greedy
+
+
+@dataclass(frozen=True)
+class SparsifyParams:
+    """``sparsify``: how TEAL zeroes inputs, which sets it calibrates and how they spread it."""
+
+    method: str = "teal"
+    threshold: str = "quantile"
+    calibration: str = "sequential"
+    sets: Mapping[str, tuple[str, ...]] = field(default_factory=lambda: {"all": PROJECTIONS})
+    prefill: str = "all"
+    dense_prefix: int = 0
+    allocation: str = "uniform"  # default of the sets: uniform | greedy (TEAL's per-layer search)
+    allocations: Mapping[str, str] = field(default_factory=lambda: {"all": "uniform"})  # per set
+    greedy: Mapping[str, GreedyParams] = field(default_factory=lambda: {"all": GreedyParams()})
+
+
+def parse_sparsify(sec: Section) -> SparsifyParams:
+    """``sparsify``: method, thresholds, calibration, sets and their allocation, prefill."""
+    S = SparsifyParams
+    allocation = sec.choice("allocation", ALLOCATION_KINDS, S.allocation)
+    sets, allocations, greedy_params = parse_sets(sec, allocation)
+    sparsify = SparsifyParams(
+        method=sec.choice("method", SPARSIFY_METHODS, S.method),
+        threshold=sec.choice("threshold", THRESHOLD_METHODS, S.threshold),
+        calibration=sec.choice("calibration", CALIBRATION_MODES, S.calibration),
+        sets=sets,
+        prefill=sec.choice("prefill", PREFILL_POLICIES, S.prefill),
+        dense_prefix=sec.number("dense_prefix", S.dense_prefix, lo=0, integer=True),
+        allocation=allocation,
+        allocations=allocations,
+        greedy=greedy_params,
+    )
+    sec.finish()
+    greedy = sorted(name for name, kind in allocations.items() if kind == "greedy")
+    needs = {"calibration": "sequential", "method": "teal"}  # per-site thresholds, layer by layer
+    for key, value in needs.items():
+        if greedy and getattr(sparsify, key) != value:
+            raise sec.fail(
+                key,
+                f"must be {value!r} for the greedy allocation of set(s) {greedy}, "
+                f"got {getattr(sparsify, key)!r}",
+            )
+    return sparsify

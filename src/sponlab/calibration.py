@@ -17,7 +17,7 @@ evaluations per layer (partial ones stop as soon as the captured input is seen).
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from typing import Any
@@ -111,13 +111,16 @@ def calibrate_sequential(
     method: str = "quantile",
     batch_size: int = 8,
     applied: Sequence[Site] | None = None,
+    targets: Mapping[Site, float] | None = None,
 ) -> dict[Site, float]:
     """Per-site thresholds for ``sparsity`` with the applied sites upstream sparsified.
 
     ``blocks`` are ``[N, L]`` token ids. ``sites`` (default: all) are calibrated; ``applied``
     (default: ``sites``) are the sites that will be sparsified at deployment, so once calibrated
     they are sparsified for every later site. q/k/v and gate/up share one threshold per layer,
-    as in :func:`sponlab.sparsify.calibrate_thresholds`.
+    as in :func:`sponlab.sparsify.calibrate_thresholds`. ``targets`` gives sites their own
+    sparsity (a non-uniform allocation, e.g. :func:`sponlab.greedy.greedy_allocation`; equal
+    within an input group); the others get ``sparsity``.
     """
     sites = sort_sites(sites if sites is not None else site_map.sites)
     applied_set = set(applied if applied is not None else sites)
@@ -146,7 +149,8 @@ def calibrate_sequential(
                     for h, call in zip(hidden, calls[index], strict=True):
                         with suppress(_StopForward):
                             run_layer(layers[index], h, call)
-                t = sample.thresholds([sparsity])[sparsity]
+                target = targets.get(rep, sparsity) if targets else sparsity
+                t = sample.thresholds([target])[target]
                 out.update({site: t for site in members})
             with sparsified(model, site_map, upstream()):
                 hidden = [

@@ -21,19 +21,15 @@ from sponlab.allocations import (
     LOSSES,
     PARAMETRIZATIONS,
     AllocationConfig,
+    SparsifyParams,
     parse_config,
-    parse_sets,
+    parse_sparsify,
 )
 from sponlab.models import DTYPES
 from sponlab.paramcheck import ConfigError, Section  # re-exported: analysis parsers use them
-from sponlab.sites import PROJECTIONS
 
 BASE_SOURCES = ("smollm2", "hub")
 DATA_SOURCES = ("builtin", "wikitext")
-SPARSIFY_METHODS = ("teal", "topk")
-THRESHOLD_METHODS = ("quantile", "histogram")
-CALIBRATION_MODES = ("sequential", "dense")
-PREFILL_POLICIES = ("all", "dense_prefix")
 SCHEDULES = ("constant", "cosine", "linear")
 DEVICE_RE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 
@@ -58,16 +54,6 @@ class DataParams:
     train_blocks: int = 64
     val_blocks: int = 16
     test_blocks: int = 32
-
-
-@dataclass(frozen=True)
-class SparsifyParams:
-    method: str = "teal"
-    threshold: str = "quantile"
-    calibration: str = "sequential"
-    sets: Mapping[str, tuple[str, ...]] = field(default_factory=lambda: {"all": PROJECTIONS})
-    prefill: str = "all"
-    dense_prefix: int = 0
 
 
 @dataclass(frozen=True)
@@ -138,6 +124,11 @@ class Params:
             )
         return self.sparsify.sets[name]
 
+    def set_allocation(self, name: str) -> str:
+        """How sparsified set ``name`` spreads its sparsity: ``uniform`` or ``greedy``."""
+        self.sparsified_set(name)  # a clear error for an unknown set
+        return self.sparsify.allocations[name]
+
     def check_sparsity(self, sparsity: float) -> float:
         if not any(abs(sparsity - s) < 1e-9 for s in self.sparsities):
             raise ConfigError(
@@ -158,7 +149,7 @@ def parse_params(raw: Any, source: str = "params.yaml") -> Params:
 
     base = _parse_base(top.section("base"))
     data = _parse_data(top.section("data"))
-    sparsify = _parse_sparsify(top.section("sparsify"))
+    sparsify = parse_sparsify(top.section("sparsify"))
 
     sec = top.section("spon")
     parametrization = sec.choice("parametrization", PARAMETRIZATIONS, "output")
@@ -235,20 +226,6 @@ def _parse_data(sec: Section) -> DataParams:
     )
     sec.finish()
     return data
-
-
-def _parse_sparsify(sec: Section) -> SparsifyParams:
-    S = SparsifyParams
-    sparsify = SparsifyParams(
-        method=sec.choice("method", SPARSIFY_METHODS, S.method),
-        threshold=sec.choice("threshold", THRESHOLD_METHODS, S.threshold),
-        calibration=sec.choice("calibration", CALIBRATION_MODES, S.calibration),
-        sets=parse_sets(sec),
-        prefill=sec.choice("prefill", PREFILL_POLICIES, S.prefill),
-        dense_prefix=sec.number("dense_prefix", S.dense_prefix, lo=0, integer=True),
-    )
-    sec.finish()
-    return sparsify
 
 
 def _parse_eval(sec: Section, data: DataParams) -> EvalParams:

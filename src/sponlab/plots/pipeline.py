@@ -110,3 +110,25 @@ def shift_by_layer(shifts: Mapping[str, pd.DataFrame], title: str, path: Path) -
     ax.legend(fontsize=7)
     ax.set_title(title)
     return save_figure(fig, path)
+
+
+def allocation(sites: pd.DataFrame, path_rows: pd.DataFrame, title: str, path: Path) -> Path:
+    """Per-layer sparsity of each input group (a set's allocation, the calibrate stage's
+    allocation.csv) and, for a greedy search, its block-output error vs uniform TEAL's."""
+    fig, ax = new_figure(8, 4)
+    per_group = sites.groupby(["layer", "group"], sort=True)["sparsity"].first().unstack()
+    for group in per_group.columns:
+        ax.plot(per_group.index, per_group[group], marker="o", markersize=3, label=group)
+    ax.set_xlabel("layer")
+    ax.set_ylabel("sparsity of the group's input")
+    ax.set_ylim(0, 1)
+    if len(path_rows):
+        last = path_rows.groupby("layer").last()  # the final step of every layer's search
+        twin = ax.twinx()
+        ratio = last["error"] / last["uniform_error"].where(last["uniform_error"] > 0)
+        twin.plot(last.index, ratio, color="black", linestyle="--", label="error / uniform")
+        twin.set_ylabel("block-output error, greedy / uniform")
+        twin.legend(fontsize=7, loc="upper right")
+    ax.legend(fontsize=7, loc="upper left", ncols=4)
+    ax.set_title(title)
+    return save_figure(fig, path)
