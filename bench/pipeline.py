@@ -169,7 +169,7 @@ def stage_kind(stage: str) -> str:
     return stage.partition("@")[0]
 
 
-def report_scratch(name: str, scratch: Phase) -> None:
+def report_scratch(name: str, scratch: Phase, memory: list[dict]) -> None:
     """Per dvc.yaml stage: entries run, total and mean seconds, share of the scratch time."""
     kinds: dict[str, list[float]] = {}
     for stage, seconds in scratch.ran.items():
@@ -186,12 +186,15 @@ def report_scratch(name: str, scratch: Phase) -> None:
     ]
     print(f"dvc repro from scratch: {scratch.seconds:.0f} s, {len(scratch.ran)} stages")
     print_table(rows, ["stage", "entries", "seconds", "mean_s", "share"])
+    if memory:
+        print_table(memory, ["stage", "config", "sparsity", "seconds", "max_rss_mib", "rc"])
     save_result(
         name,
         {
             "what": "wall time of dvc repro from scratch, per stage",
             "phases": {"scratch": scratch.summary()},
             "by_stage": rows,
+            "memory": memory,
         },
     )
 
@@ -226,7 +229,7 @@ def main() -> None:
             raise SystemExit(f"--add-sparsity {args.add_sparsity} is already swept: {sparsities}")
         scratch = run_phase("scratch", ["dvc", "repro"], copy, log_dir)
         if args.scratch_only:
-            report_scratch(name, scratch)
+            report_scratch(name, scratch, [] if args.no_memory else measure(copy))
             return
         commit(copy, "after dvc repro")
         noop = run_phase("noop", ["dvc", "repro"], copy, log_dir)
