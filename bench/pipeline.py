@@ -214,9 +214,12 @@ def main() -> None:
     parser.add_argument(
         "--scratch-only", action="store_true", help="Only `dvc repro` from scratch (no re-runs)."
     )
-    parser.add_argument("--name", default=None, help="Default: pipeline or pipeline-tiny")
+    parser.add_argument(
+        "--name", default=None, help="Default: pipeline or pipeline-tiny (+ -scratch)"
+    )
     args = parser.parse_args()
     name = args.name or ("pipeline-tiny" if args.tiny else "pipeline")
+    name = name if args.name or not args.scratch_only else f"{name}-scratch"
     work = Path(tempfile.mkdtemp(prefix="sponlab-bench-"))
     copy = work / "project"
     log_dir = ROOT / "bench" / "results" / f"{name}-logs"
