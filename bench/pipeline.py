@@ -245,7 +245,12 @@ def main() -> None:
             print(f"kept {work}")
         else:
             shutil.rmtree(work, ignore_errors=True)
-    phases = [scratch, noop, added]
+    report_full(name, args, sparsities, [scratch, noop, added], setting, memory)
+
+
+def report_full(name, args, sparsities, phases: list[Phase], setting: str, memory) -> None:
+    """Tables and result file of the three phases (scratch, no-op, added sparsity)."""
+    scratch, _, added = phases
     share_stages = [s for s in scratch.ran if mentions_sparsity(s, sparsities[0])]
     share = sum(scratch.ran[s] for s in share_stages)
     other = [s for s in added.ran if not mentions_sparsity(s, args.add_sparsity)]

@@ -12,10 +12,9 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
-from typing import Any
 
 import torch
 from torch import nn
@@ -78,6 +77,71 @@ def _check_finite(name: str, values: dict[str, float]) -> str:
     return ", ".join(f"{k} {v:.4g}" for k, v in values.items())
 
 
+class _Smoke:
+    """The stages in order; each method runs one and says what it checked."""
+
+    def __init__(self, model, blocks, sparsity, batch_size, site_map) -> None:
+        self.model, self.sparsity, self.batch_size = model, sparsity, batch_size
+        self.site_map = site_map or discover_sites(model)
+        self.device = next(model.parameters()).device
+        half = max(len(blocks) // 2, 1)
+        self.calib, self.test = blocks[:half], blocks[half:] if len(blocks) > 1 else blocks
+        self.down = self.site_map.select(range(self.site_map.num_layers), ["down_proj"])
+
+    def calibrate(self) -> str:
+        thresholds = calibrate_sequential(
+            self.model, self.site_map, self.calib, self.sparsity, batch_size=self.batch_size
+        )
+        self.spec = SparsifySpec("teal", self.sparsity, tuple(thresholds), thresholds)
+        finite = [t for t in thresholds.values() if math.isfinite(t)]
+        return f"{len(finite)} of {len(thresholds)} thresholds finite"
+
+    def greedy(self) -> str:
+        targets, path = greedy_allocation(
+            self.model, self.site_map, self.calib[:2], self.sparsity, self.site_map.sites, 0.2
+        )
+        return f"{len(targets)} site sparsities, {len(path)} search steps"
+
+    def dense(self) -> str:
+        self.reference = capture_dense(self.model, self.test, self.batch_size)
+        logp = self.reference.logp  # kept on the host in fp16 on purpose: it is saved to disk
+        if logp.device.type != "cpu" or logp.dtype != torch.float16:
+            raise SmokeError(f"dense reference logp is {logp.dtype} on {logp.device}")
+        dense = evaluate_variant(self.model, self.site_map, self.test, self.batch_size)
+        return _check_finite("dense", {"ppl": dense.ppl})
+
+    def _variant(self, biases=None, stats=None):
+        return evaluate_variant(
+            self.model, self.site_map, self.test, self.batch_size, self.spec, biases,
+            self.reference, stats,
+        )  # fmt: skip
+
+    def baseline(self) -> str:
+        stats = SparsityStats()
+        teal = self._variant(stats=stats)
+        first = next(iter(stats.achieved().values()))
+        return _check_finite("teal", {"ppl": teal.ppl, "kl": teal.kl, "sparsity": first})
+
+    def closed_form(self) -> str:
+        biases = closed_form_biases(
+            self.model, self.site_map, self.spec, self.down, self.calib, self.batch_size
+        )
+        return _check_biases(biases, self.device)
+
+    def train(self) -> str:
+        self.biases = SponBiases.for_model(self.model, self.site_map, self.down)
+        settings = replace(TrainParams(), epochs=1, batch_size=self.batch_size)
+        result = train_spon(
+            self.model, self.site_map, self.spec, self.biases, self.calib, self.test, settings
+        )
+        kl = _check_finite("train", {"val_kl": result.epochs[-1]["val_kl"]})
+        return f"{_check_biases(self.biases, self.device)}; {kl}"
+
+    def evaluate(self) -> str:
+        spon = self._variant(biases=self.biases)
+        return _check_finite("spon", {"ppl": spon.ppl, "kl": spon.kl})
+
+
 def run_smoke(
     model: nn.Module,
     blocks: torch.Tensor,
@@ -85,76 +149,21 @@ def run_smoke(
     batch_size: int = 4,
     site_map: SiteMap | None = None,
 ) -> list[StageRun]:
-    """Run the stages' functions on ``model`` (its device and dtype) with ``blocks`` [N, T]."""
-    site_map = site_map or discover_sites(model)
-    device = next(model.parameters()).device
-    half = max(len(blocks) // 2, 1)
-    calib, test = blocks[:half], blocks[half:] if len(blocks) > 1 else blocks
-    runs: list[StageRun] = []
-    state: dict[str, Any] = {}
-
-    def stage(name: str, fn: Callable[[], str]) -> None:
+    """Run the stages' functions on ``model`` (its device and dtype) with ``blocks`` [N, T]:
+    the first half calibrates and trains, the second half is evaluated."""
+    smoke = _Smoke(model, blocks, sparsity, batch_size, site_map)
+    runs = []
+    for name, fn in [
+        ("calibrate", smoke.calibrate),
+        ("calibrate (greedy)", smoke.greedy),
+        ("dense", smoke.dense),
+        ("baseline", smoke.baseline),
+        ("train (closed form)", smoke.closed_form),
+        ("train", smoke.train),
+        ("evaluate", smoke.evaluate),
+    ]:
         timing: dict[str, float | None] = {}
-        with _timed(device, timing):
+        with _timed(smoke.device, timing):
             checked = fn()
         runs.append(StageRun(name, float(timing["seconds"]), timing["peak"], checked))
-
-    def calibrate() -> str:
-        thresholds = calibrate_sequential(model, site_map, calib, sparsity, batch_size=batch_size)
-        state["spec"] = SparsifySpec("teal", sparsity, tuple(thresholds), thresholds)
-        finite = [t for t in thresholds.values() if math.isfinite(t)]
-        return f"{len(finite)} of {len(thresholds)} thresholds finite"
-
-    def greedy() -> str:
-        targets, path = greedy_allocation(
-            model, site_map, calib[:2], sparsity, site_map.sites, 0.2, 0.25, batch_size
-        )
-        return f"{len(targets)} site sparsities, {len(path)} search steps"
-
-    def dense() -> str:
-        state["reference"] = capture_dense(model, test, batch_size)
-        ref = state["reference"]
-        if ref.logp.device.type != "cpu" or ref.logp.dtype != torch.float16:
-            raise SmokeError(f"dense reference logp is {ref.logp.dtype} on {ref.logp.device}")
-        dense_metrics = evaluate_variant(model, site_map, test, batch_size)
-        return _check_finite("dense", {"ppl": dense_metrics.ppl})
-
-    def baseline() -> str:
-        stats = SparsityStats()
-        teal = evaluate_variant(
-            model, site_map, test, batch_size, state["spec"], None, state["reference"], stats
-        )
-        achieved = list(stats.achieved().values())
-        return _check_finite("teal", {"ppl": teal.ppl, "kl": teal.kl, "sparsity": achieved[0]})
-
-    def closed_form() -> str:
-        sites = site_map.select(range(site_map.num_layers), ["down_proj"])
-        cf = closed_form_biases(model, site_map, state["spec"], sites, calib, batch_size)
-        return _check_biases(cf, device)
-
-    def train() -> str:
-        sites = site_map.select(range(site_map.num_layers), ["down_proj"])
-        biases = SponBiases.for_model(model, site_map, sites)
-        settings = replace(TrainParams(), epochs=1, batch_size=batch_size, lr=1e-3)
-        result = train_spon(model, site_map, state["spec"], biases, calib, test, settings)
-        state["biases"] = biases
-        kl = result.epochs[-1]["val_kl"]
-        return _check_biases(biases, device) + "; " + _check_finite("train", {"val_kl": kl})
-
-    def evaluate() -> str:
-        spon = evaluate_variant(
-            model, site_map, test, batch_size, state["spec"], state["biases"], state["reference"]
-        )
-        return _check_finite("spon", {"ppl": spon.ppl, "kl": spon.kl})
-
-    for name, fn in [
-        ("calibrate", calibrate),
-        ("calibrate (greedy)", greedy),
-        ("dense", dense),
-        ("baseline", baseline),
-        ("train (closed form)", closed_form),
-        ("train", train),
-        ("evaluate", evaluate),
-    ]:
-        stage(name, fn)
     return runs
