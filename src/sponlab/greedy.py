@@ -76,14 +76,15 @@ class LayerSearch:
         self.layer = decoder_layers(model, site_map)[index]
         self.batches = batches
         self.reps = {rep.group: members for rep, members in group_representatives(sites).items()}
-        with torch.no_grad():
-            self.dense = [run_layer(self.layer, h, call).float() for h, call in batches]  # [B,T,H]
-        self.magnitudes = self._dense_magnitudes()  # group -> |x| of its dense inputs, flat
+        self.outputs, self.magnitudes = self._dense_pass()
+        self.dense = [out.float() for out in self.outputs]  # [B, T, H] fp32 error reference
         length = batches[0][0].shape[1]
         self.start = min(round(length * (1 - last_fraction)), length - 1)  # scored positions
 
     @torch.no_grad()
-    def _dense_magnitudes(self) -> dict[str, torch.Tensor]:
+    def _dense_pass(self) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
+        """One dense pass of the layer: its outputs per batch (the next layer's dense inputs,
+        in the model's dtype) and, per group, the flat |x| of the group's dense inputs."""
         found: dict[str, list[torch.Tensor]] = {g: [] for g in self.reps}
         group_of = {members[0]: g for g, members in self.reps.items()}
 
@@ -91,9 +92,8 @@ class LayerSearch:
             found[group_of[site]].append(x.detach().abs().float().flatten())
 
         with capture_inputs(self.model, self.site_map, list(group_of), sink):
-            for h, call in self.batches:
-                run_layer(self.layer, h, call)
-        return {g: torch.cat(values) for g, values in found.items()}
+            outputs = [run_layer(self.layer, h, call) for h, call in self.batches]
+        return outputs, {g: torch.cat(values) for g, values in found.items()}
 
     def spec(self, sparsities: dict[str, float]) -> SparsifySpec | None:
         thresholds = {}
@@ -174,15 +174,16 @@ def greedy_allocation(
         for index in tqdm(range(site_map.num_layers), desc=f"greedy s={target:g}"):
             batches = list(zip(hidden, calls[index], strict=True))
             own = [s for s in sites if s.layer == index]
-            if own:
-                search = LayerSearch(model, site_map, index, batches, own, last_fraction)
-                rows = search_layer(
-                    search, group_parameters(model, site_map, own), unit, target, step
-                )
-                final = rows[-1].sparsities if rows else {}
-                allocation.update({s: final.get(s.group, 0.0) for s in own})
-                path += rows
-            hidden = [run_layer(layers[index], h, call) for h, call in batches]  # dense inputs
+            if not own:
+                hidden = [run_layer(layers[index], h, call) for h, call in batches]
+                continue
+            search = LayerSearch(model, site_map, index, batches, own, last_fraction)
+            params = group_parameters(model, site_map, own)
+            rows = search_layer(search, params, unit, target, step)
+            final = rows[-1].sparsities if rows else {}
+            allocation.update({s: final.get(s.group, 0.0) for s in own})
+            path += rows
+            hidden = search.outputs  # the next layer's dense inputs, from the search's own pass
     return allocation, path
 
 
