@@ -59,7 +59,7 @@ lock:
 	rm -rf .lock-venv && $(PYTHON) -m venv .lock-venv
 	.lock-venv/bin/pip install --quiet pip-tools
 	echo "torch==2.13.0+cpu" > .lock-venv/torch.txt
-	.lock-venv/bin/pip-compile --quiet --generate-hashes --allow-unsafe --extra dev --extra lmeval \
+	.lock-venv/bin/pip-compile --quiet --generate-hashes --allow-unsafe --extra dev --extra lmeval --extra gpu \
 		--strip-extras --no-emit-index-url --no-emit-find-links -c .lock-venv/torch.txt \
 		-o requirements.lock pyproject.toml
 	sed -i '/^torch==/,/^[^ ]/{/^torch==/d;/^ /d}' requirements.lock

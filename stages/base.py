@@ -1,4 +1,4 @@
-"""Export the base model (offline SmolLM2 or a hub/local model) to a save_pretrained directory."""
+"""The base model: export the offline SmolLM2, or check and pin a hub / local model (no copy)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from sponlab.models import export_default_model, export_hub_model
+from sponlab.models import build_base
 from sponlab.stages.common import PARAMS_OPTION, read_params, replace_dir, timed
 
 
@@ -15,8 +15,5 @@ def main(
     out: Path = typer.Option(Path("models/base"), "--out", help="Output model directory."),
 ) -> None:
     cfg = read_params(params).base
-    with timed(f"export base model ({cfg.source}: {cfg.name})"), replace_dir(out) as tmp:
-        if cfg.source == "smollm2":
-            export_default_model(tmp)
-        else:
-            export_hub_model(cfg.name, tmp)
+    with timed(f"base model ({cfg.source}: {cfg.name})"), replace_dir(out) as tmp:
+        build_base(cfg, tmp)

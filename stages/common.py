@@ -65,7 +65,8 @@ def load_base(params: Params, model_dir: Path):
     from sponlab.models import load_model
     from sponlab.sites import discover_sites
 
-    loaded = load_model(model_dir, params.base.device, params.base.dtype)
+    base = params.base
+    loaded = load_model(model_dir, base.device, base.dtype, base.device_map)
     return loaded, discover_sites(loaded.model)
 
 

@@ -52,7 +52,7 @@ def main(
 ) -> None:
     p = read_params(params)
     cfg: ImportanceParams = analysis_params(p, "importance")
-    lm = load_model(model, p.base.device, p.base.dtype)
+    lm = load_model(model, p.base.device, p.base.dtype, p.base.device_map)
     sitemap = discover_sites(lm.model)
     targets_layers = what_to_analyse(cfg, lm.model, sitemap, sae)
     docs = load_corpus(p.data.source, p.data.seed)[cfg.split]

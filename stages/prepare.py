@@ -5,9 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
-from transformers import AutoTokenizer
 
 from sponlab.data import SPLITS, BlockSpec, load_corpus, make_blocks, wants_bos
+from sponlab.models import load_tokenizer
 from sponlab.stages.common import MODEL_OPTION, PARAMS_OPTION, read_params, timed
 from sponlab.tensorio import save_tensors
 
@@ -18,7 +18,7 @@ def main(
     out: Path = typer.Option(Path("data/blocks"), "--out", help="Folder for <split>.safetensors."),
 ) -> None:
     cfg = read_params(params).data
-    tokenizer = AutoTokenizer.from_pretrained(str(model))
+    tokenizer = load_tokenizer(model)
     bos = wants_bos(tokenizer, cfg.bos)
     counts = {
         "calib": cfg.calib_blocks,

@@ -36,7 +36,7 @@ def main(
 ) -> None:
     p = read_params(params)
     cfg = analysis_params(p, "sae")
-    lm = load_model(model, p.base.device, p.base.dtype)
+    lm = load_model(model, p.base.device, p.base.dtype, p.base.device_map)
     sitemap = discover_sites(lm.model)
     layers = resolve_layers(cfg.layers, sitemap.num_layers)
     docs = load_corpus(p.data.source, p.data.seed)[cfg.split]

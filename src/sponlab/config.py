@@ -8,6 +8,7 @@ got 'tael'`` instead of half-way through a stage.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -42,6 +43,10 @@ class BaseModelParams:
     name: str = "HuggingFaceTB/SmolLM2-135M-Instruct"
     device: str = "auto"
     dtype: str = "auto"
+    revision: str | None = None  # hub: branch, tag or commit (resolved to a commit and recorded)
+    copy_weights: bool = False  # hub: save the weights into models/base instead of the hub cache
+    trust_remote_code: bool = False
+    device_map: str | None = None  # None: the whole model on `device` | auto: accelerate
 
 
 @dataclass(frozen=True)
@@ -207,8 +212,20 @@ def _parse_base(sec: Section) -> BaseModelParams:
         name=sec.string("name", BaseModelParams.name),
         device=sec.string("device", BaseModelParams.device, pattern=DEVICE_RE),
         dtype=sec.choice("dtype", ("auto", *DTYPES), BaseModelParams.dtype),
+        revision=sec.get("revision", None),
+        copy_weights=sec.boolean("copy_weights", BaseModelParams.copy_weights),
+        trust_remote_code=sec.boolean("trust_remote_code", BaseModelParams.trust_remote_code),
+        device_map=sec.get("device_map", None),
     )
     sec.finish()
+    if base.revision is not None and not isinstance(base.revision, str):
+        raise sec.fail("revision", f"must be a branch, tag or commit hash, got {base.revision!r}")
+    if base.revision is not None and base.source != "hub":
+        raise sec.fail("revision", "applies to base.source: hub only")
+    if base.device_map not in (None, "auto"):
+        raise sec.fail("device_map", f"must be null or auto, got {base.device_map!r}")
+    if base.device_map == "auto" and importlib.util.find_spec("accelerate") is None:
+        raise sec.fail("device_map", "auto needs accelerate: pip install 'sponlab[gpu]'")
     return base
 
 

@@ -198,7 +198,7 @@ def run_cell(
     if cell.variant != "dense":  # checked before the model loads
         config = params.config(cell.config)
         sparsity = params.check_sparsity(cell.sparsity)
-    loaded = load_model(model, params.base.device, params.base.dtype)
+    loaded = load_model(model, params.base.device, params.base.dtype, params.base.device_map)
     site_map = discover_sites(loaded.model)
     spec, biases, seed = None, None, cell.seed
     if cell.variant != "dense":

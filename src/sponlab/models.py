@@ -14,6 +14,7 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -23,6 +24,21 @@ from transformers import (
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
+
+from sponlab.basemodel import (
+    BaseManifest,
+    check_dtype_runs,
+    inspect_architecture,
+    local_digest,
+    pretrained_source,
+    read_manifest,
+    resolve_revision,
+    write_manifest,
+)
+from sponlab.paramcheck import ConfigError
+
+if TYPE_CHECKING:
+    from sponlab.config import BaseModelParams
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +61,14 @@ def resolve_device(device: str) -> torch.device:
         return torch.device("cpu")
     resolved = torch.device(device)
     if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"device {device!r} requested but CUDA is not available on this machine")
+        raise ConfigError(
+            f"base.device: {device!r} requested but CUDA is not available on this machine "
+            "(allowed here: auto, cpu); no silent fallback to CPU"
+        )
+    if resolved.type == "cuda" and (resolved.index or 0) >= torch.cuda.device_count():
+        raise ConfigError(
+            f"base.device: {device!r} but only {torch.cuda.device_count()} CUDA device(s) visible"
+        )
     return resolved
 
 
@@ -68,16 +91,41 @@ class LoadedModel:
     fingerprint: str  # model_fingerprint: recorded in, and checked against, derived files
 
 
-def load_model(name: str | Path, device: str = "auto", dtype: str = "auto") -> LoadedModel:
-    """Load a causal LM and tokenizer by hub id or local directory, frozen and in eval mode."""
+def load_model(
+    name: str | Path, device: str = "auto", dtype: str = "auto", device_map: str | None = None
+) -> LoadedModel:
+    """Load a causal LM and tokenizer by hub id, local directory or ``models/base`` manifest,
+    frozen and in eval mode.
+
+    ``device_map="auto"`` spreads a model too large for one GPU over the visible GPUs
+    (accelerate); the model's device is then that of its input embeddings, and every sparsifier
+    threshold and bias follows its own layer's device.
+    """
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
+    check_dtype_runs(dev, dt)
+    manifest = read_manifest(name)
+    if manifest is not None and manifest.dtype != dtype_name(dt):
+        log.warning(
+            "%s was made for %s but this run loads %s: run `dvc repro` (base re-runs when base.dtype"
+            " or base.device change) so cached results match the dtype",
+            name,
+            manifest.dtype,
+            dtype_name(dt),
+        )
+    source, kwargs = pretrained_source(name)
     start = time.perf_counter()
-    model = AutoModelForCausalLM.from_pretrained(str(name), dtype=dt)
-    tokenizer = AutoTokenizer.from_pretrained(str(name))
-    model.to(dev).eval()
+    if device_map is not None:
+        kwargs["device_map"] = device_map
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=dt, **kwargs)
+    tokenizer = load_tokenizer(name)
+    if device_map is None:
+        model.to(dev)
+    else:
+        dev = model.get_input_embeddings().weight.device
+    model.eval()
     freeze(model)
-    log.info("loaded %s (%s, %s) in %.1fs", name, dev, dt, time.perf_counter() - start)
+    log.info("loaded %s (%s, %s) in %.1fs", source, dev, dt, time.perf_counter() - start)
     return LoadedModel(
         model=model,
         tokenizer=tokenizer,
@@ -86,6 +134,18 @@ def load_model(name: str | Path, device: str = "auto", dtype: str = "auto") -> L
         dtype=dt,
         fingerprint=model_fingerprint(model),
     )
+
+
+def load_tokenizer(name: str | Path) -> PreTrainedTokenizerBase:
+    """The tokenizer of a hub id, local directory or ``models/base`` manifest."""
+    source, kwargs = pretrained_source(name)
+    kwargs.pop("device_map", None)
+    return AutoTokenizer.from_pretrained(source, **kwargs)
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """``torch.bfloat16`` -> ``"bfloat16"`` (the params.yaml spelling)."""
+    return str(dtype).removeprefix("torch.")
 
 
 def model_fingerprint(model: PreTrainedModel) -> str:
@@ -149,12 +209,51 @@ def export_default_model(out_dir: Path) -> Path:
     return save_model(fresh, tokenizer, out_dir, started=start, source=str(gguf))
 
 
-def export_hub_model(name: str, out_dir: Path, dtype: str = "float32") -> Path:
-    """Copy a hub or local model into ``out_dir`` so the pipeline pins one snapshot of it."""
+def export_hub_model(
+    name: str, out_dir: Path, revision: str | None = None, trust_remote_code: bool = False
+) -> Path:
+    """Copy a hub or local model into ``out_dir`` in the checkpoint's own dtype (no fp32 upcast)."""
     start = time.perf_counter()
-    model = AutoModelForCausalLM.from_pretrained(name, dtype=DTYPES[dtype])
-    tokenizer = AutoTokenizer.from_pretrained(name)
+    kwargs = {"revision": revision, "trust_remote_code": trust_remote_code}
+    model = AutoModelForCausalLM.from_pretrained(name, dtype="auto", **kwargs)
+    tokenizer = AutoTokenizer.from_pretrained(name, **kwargs)
     return save_model(model, tokenizer, out_dir, started=start, source=name)
+
+
+def plan_base(cfg: BaseModelParams, device: torch.device) -> BaseManifest:
+    """The manifest of ``cfg`` run on ``device``: checks the model and pins hub weights to a commit
+    (reads the config only). Depends on the device's type, never its index."""
+    common = {"dtype": dtype_name(resolve_dtype(cfg.dtype, device)), "device_type": device.type}
+    if cfg.source == "smollm2":
+        return BaseManifest(source=cfg.source, name=cfg.name, weights="here", **common)
+    local = Path(cfg.name).is_dir()
+    revision = None if local else resolve_revision(cfg.name, cfg.revision)
+    inspect_architecture(cfg.name, revision, cfg.trust_remote_code)
+    return BaseManifest(
+        source=cfg.source,
+        name=cfg.name,
+        weights="here" if cfg.copy_weights else "hub",
+        revision=revision,
+        local_digest=local_digest(Path(cfg.name)) if local else None,
+        trust_remote_code=cfg.trust_remote_code,
+        **common,
+    )
+
+
+def build_base(cfg: BaseModelParams, out_dir: Path) -> BaseManifest:
+    """The base stage: check the model and device, then export (the default, or hub weights with
+    ``copy_weights``) or pin the weights, and write the manifest every later stage loads through."""
+    device = resolve_device(cfg.device)
+    manifest = plan_base(cfg, device)
+    check_dtype_runs(device, DTYPES[manifest.dtype])
+    if cfg.source == "smollm2":
+        export_default_model(out_dir)
+    elif cfg.copy_weights:
+        export_hub_model(cfg.name, out_dir, manifest.revision, cfg.trust_remote_code)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_manifest(out_dir, manifest)
+    log.info("base model: %s", manifest)
+    return manifest
 
 
 def save_model(

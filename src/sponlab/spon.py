@@ -69,7 +69,7 @@ class SponBiases(nn.Module):
         vec = self.vector(site)
         if self.parametrization == "output":
             return vec
-        return F.linear(vec.to(linear.weight.dtype), linear.weight).float()
+        return F.linear(vec.to(linear.weight.device, linear.weight.dtype), linear.weight).float()
 
     def state(self) -> dict[str, torch.Tensor]:
         return {s.key: self.vector(s).detach().clone() for s in self.sites}
@@ -87,7 +87,7 @@ class SponBiases(nn.Module):
         """Add each site's bias to its layer's output while inside the block."""
 
         def hook(module: nn.Linear, _args: tuple, output: torch.Tensor, site: Site):
-            bias = self.output_bias(site, module)  # [out] fp32
+            bias = self.output_bias(site, module).to(output.device)  # [out] fp32, layer's device
             return (output.float() + bias).to(output.dtype)  # accumulate in fp32
 
         with installed(

@@ -311,8 +311,11 @@ def load_weights(model_dir: Path | str) -> nn.Module:
     """Load a causal LM on CPU in its checkpoint dtype (no fp32 copy of a bf16 model)."""
     from transformers import AutoModelForCausalLM
 
+    from sponlab.basemodel import pretrained_source
+
     start = time.perf_counter()
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype="auto")
+    source, kwargs = pretrained_source(model_dir)  # a models/base manifest: the pinned hub weights
+    model = AutoModelForCausalLM.from_pretrained(source, dtype="auto", **kwargs)
     model.eval().requires_grad_(False)
     log.info("loaded %s (%s) in %.1fs", model_dir, model.dtype, time.perf_counter() - start)
     return model
