@@ -63,6 +63,8 @@ class Workload:
     eval_batch: int = 8  # eval.batch_size
     weight_bytes: int = 4  # 4: float32, 2: bfloat16
     teacher_cache: bool = True  # train.teacher_cache
+    teacher_topk: int = 0  # train.teacher_topk (0: full distribution)
+    kl_chunk: int = 0  # train.kl_chunk (0: the whole batch at once)
     exact_quantile: bool = True  # sparsify.threshold: quantile (False: histogram)
 
 
@@ -74,15 +76,21 @@ def stage_terms(m: Shapes, w: Workload) -> dict[str, dict[str, dict[str, float]]
     saved = m.layers * w.train_batch * t * (10 * m.hidden + 4 * m.intermediate) * wb
     hidden_states = (m.layers + 1) * w.eval_batch * t * m.hidden * (wb + 4)  # HF tuple + fp32 stack
     eval_logits = w.eval_batch * t * m.vocab * wb + t * m.vocab * 4  # logits + one fp32 row
-    # detail blocks: reference and logits in fp32, log-softmax, and kl_div's exp(target),
-    # difference and product: six [B, T, V] fp32 tensors at once
-    detail_kl = 6 * w.eval_batch * t * m.vocab * 4
+    # detail KL, one block at a time in chunks of <= 512 tokens: reference and logits in fp32,
+    # log-softmax, and kl_div's exp(target), difference and product: six [<=512, V] fp32 tensors
+    detail_kl = 6 * min(t, 512) * m.vocab * 4
     reference = w.detail * t * (m.vocab * 2 + (m.layers + 1) * m.hidden * 4)  # fp16 logp, hidden
+    per_token = w.teacher_topk * 12 + 4 if w.teacher_topk else m.vocab * 4  # target bytes
+    kl_tokens = min(w.kl_chunk or w.train_batch * t, w.train_batch * t)  # tokens per KL piece
+    # logits (model dtype) of the whole batch unless chunked; per KL piece the fp32 copy, logp,
+    # KL and gradient [tokens, V]; the batch's teacher targets on the device
     train_logits = (
-        w.train_batch * t * m.vocab * (wb + 4 * 5)
-    )  # logits, fp32 copy, logp, teacher, KL, grad
+        (0 if w.kl_chunk else w.train_batch * t * m.vocab * wb)
+        + kl_tokens * m.vocab * 4 * 4
+        + w.train_batch * t * per_token
+    )
     samples = w.calib * t * m.intermediate * 4 * (3 if w.exact_quantile else 0)  # |x|, cat, sort
-    teacher = (w.train if w.teacher_cache else 0) * t * m.vocab * 4 + w.val * t * m.vocab * 4
+    teacher = ((w.train if w.teacher_cache else 0) + w.val) * t * per_token
     layer_inputs = 2 * w.calib * t * m.hidden * wb  # recorded layer inputs, in and out
     one_layer = w.eval_batch * t * 4 * m.intermediate * wb
     return {
@@ -136,6 +144,18 @@ def workloads(weight_bytes: int) -> dict[str, Workload]:
         "study, 2048 tok, no teacher cache": replace(
             study, tokens=2048, calib=16, teacher_cache=False
         ),
+        # README "A real model on a GPU": top-64 teacher, KL 1024 tokens at a time, smaller batches
+        "study, 2048 tok, bounded": replace(
+            study,
+            tokens=2048,
+            calib=16,
+            teacher_topk=64,
+            kl_chunk=1024,
+            train_batch=2,
+            eval_batch=2,
+            detail=4,
+        ),
+        "study, 128 tok, bounded": replace(study, teacher_topk=64, kl_chunk=1024),
     }
 
 

@@ -100,6 +100,8 @@ def train_seeds(cfg, alloc, sparsity, model, data, thresholds, out, meta) -> Non
             load_blocks(data / "train.safetensors"),
             load_blocks(data / "val.safetensors"),
             cfg.train.teacher_cache,
+            cfg.train.teacher_topk,
+            cfg.train.kl_chunk,
         )
     for seed in alloc.seeds:
         biases = SponBiases.for_model(loaded.model, site_map, sites, alloc.parametrization)

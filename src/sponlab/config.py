@@ -72,6 +72,8 @@ class TrainParams:
     grad_clip: float = 1.0
     seed: int = 0
     teacher_cache: bool = True
+    teacher_topk: int = 0  # 0: full teacher distribution | k: top-k log-probs + the rest's mass
+    kl_chunk: int = 0  # 0: KL on the whole batch at once | n: n tokens at a time (checkpointed)
     init: str = "zeros"
     loss: str = "kl"  # kl (distillation) | ce (next-token cross-entropy) | kl+logit_l2
     logit_l2: float = 0.01  # kl+logit_l2: weight of the mean squared centred logit difference
@@ -348,11 +350,18 @@ def _parse_train(sec: Section) -> TrainParams:
         grad_clip=sec.number("grad_clip", T.grad_clip, lo=0),
         seed=sec.number("seed", T.seed, lo=0, integer=True),
         teacher_cache=sec.boolean("teacher_cache", T.teacher_cache),
+        teacher_topk=sec.number("teacher_topk", T.teacher_topk, lo=0, integer=True),
+        kl_chunk=sec.number("kl_chunk", T.kl_chunk, lo=0, integer=True),
         init=sec.choice("init", INITS, T.init),
         loss=sec.choice("loss", LOSSES, T.loss),
         logit_l2=sec.number("logit_l2", T.logit_l2, lo=0),
     )
     sec.finish()
+    if (train.teacher_topk or train.kl_chunk) and train.loss != "kl":
+        raise sec.fail(
+            "loss",
+            f"must be kl with teacher_topk / kl_chunk (memory-bounded KL), got {train.loss!r}",
+        )
     return train
 
 

@@ -88,9 +88,25 @@ def capture_dense(model: nn.Module, blocks: torch.Tensor, batch_size: int) -> De
     with torch.no_grad():
         for _, ids in device_batches(blocks, batch_size, device, "dense capture"):
             out = model(ids, output_hidden_states=True)
-            logps.append(F.log_softmax(out.logits.float(), dim=-1).half().cpu())
+            # one block at a time: the fp32 log-softmax is [T, V], not [B, T, V]
+            logps += [F.log_softmax(row.float(), dim=-1).half().cpu() for row in out.logits]
             hiddens.append(hidden_stack(out.hidden_states).cpu())
-    return DenseReference(logp=torch.cat(logps), hidden=torch.cat(hiddens))
+    return DenseReference(logp=torch.stack(logps), hidden=torch.cat(hiddens))
+
+
+KL_CHUNK_TOKENS = 512  # detail KL: at most [512, V] fp32 temporaries at once
+
+
+def row_kl(logits: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
+    """Per-token KL(dense || variant) of one block: logits [T, V], dense log-probs [T, V] -> [T]
+    (fp32), computed KL_CHUNK_TOKENS tokens at a time so memory does not grow with T x V."""
+    parts = []
+    for start in range(0, len(logits), KL_CHUNK_TOKENS):
+        part = slice(start, start + KL_CHUNK_TOKENS)
+        logp = F.log_softmax(logits[part].float(), dim=-1)
+        ref = ref_logp[part].float()
+        parts.append(F.kl_div(logp, ref, log_target=True, reduction="none").sum(-1))
+    return torch.cat(parts)
 
 
 def evaluate_variant(
@@ -127,9 +143,9 @@ def evaluate_variant(
                 continue
             stop = min(start + len(ids), detail)
             n = stop - start
-            ref_logp = reference.logp[start:stop].to(device).float()  # [n, T, V]
-            logp = F.log_softmax(out.logits[:n].float(), dim=-1)
-            kl_tok = F.kl_div(logp, ref_logp, log_target=True, reduction="none").sum(-1)  # [n, T]
+            kl_tok = torch.stack(  # [n, T]
+                [row_kl(out.logits[i], reference.logp[start + i].to(device)) for i in range(n)]
+            )
             kl_sum += float(kl_tok.sum())
             kl_tokens += kl_tok.numel()
             hidden = hidden_stack(out.hidden_states)[:n]  # [n, L+1, T, D]

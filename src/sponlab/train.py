@@ -21,6 +21,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from sponlab.config import TrainParams
+from sponlab.distill import TeacherTarget, chunked_kl, dense_target
 from sponlab.models import freeze
 from sponlab.sites import SiteMap
 from sponlab.sparsify import SparsifySpec, sparsified
@@ -115,22 +116,39 @@ class TrainResult:
 
 
 class TeacherCache:
-    """Dense log-probs per block index, computed on first use (kept when ``keep``)."""
+    """Dense targets per block index, computed on first use (kept when ``keep``): full log-probs,
+    or with ``topk`` the top-k and the rest (:mod:`sponlab.distill`), ``chunk`` tokens at a time.
+    Kept targets live in host memory (a cache, not work), each batch is moved to the device."""
 
-    def __init__(self, model: nn.Module, blocks: torch.Tensor, keep: bool) -> None:
+    def __init__(
+        self, model: nn.Module, blocks: torch.Tensor, keep: bool, topk: int = 0, chunk: int = 0
+    ) -> None:
         self.model, self.blocks, self.keep = model, blocks, keep
-        self.cache: dict[int, torch.Tensor] = {}
+        self.topk, self.chunk = topk, chunk
+        self.cache: dict[int, TeacherTarget] = {}
 
-    def get(self, index: torch.Tensor, device: torch.device) -> torch.Tensor:
+    def get(self, index: torch.Tensor, device: torch.device) -> TeacherTarget:
         missing = [int(i) for i in index if int(i) not in self.cache]
         if missing:
-            logp = dense_logprobs(self.model, self.blocks[missing].to(device))
+            ids = self.blocks[missing].to(device)
+            target = dense_target(self.model, ids, self.topk, self.chunk)
             if not self.keep:
                 order = {j: k for k, j in enumerate(missing)}
-                return logp[[order[int(i)] for i in index]]
+                return target.map(lambda t: t[[order[int(i)] for i in index]])
             for k, j in enumerate(missing):
-                self.cache[j] = logp[k].cpu()
-        return torch.stack([self.cache[int(i)] for i in index]).to(device)
+                self.cache[j] = target.map(lambda t, k=k: t[k].cpu())
+        rows = TeacherTarget.stack([self.cache[int(i)] for i in index])
+        return rows.map(lambda t: t.to(device))
+
+
+def student_kl(
+    model: nn.Module, ids: torch.Tensor, target: TeacherTarget, chunk: int
+) -> torch.Tensor:
+    """Mean KL(teacher || student) on ``ids`` [B, T] (hooks active): one forward and full
+    log-probs, or the memory-bounded path when the target is top-k or ``chunk`` is set."""
+    if target.is_full and chunk == 0:
+        return kl_to_teacher(target.logp, model(ids).logits)
+    return chunked_kl(model, ids, target, chunk)
 
 
 def validation_kl(
@@ -149,8 +167,8 @@ def validation_kl(
             index = torch.arange(start, min(start + batch_size, len(teacher.blocks)))
             target = teacher.get(index, device)  # dense: computed outside the hooks
             with sparsified(model, site_map, spec), maybe_attached(biases, model, site_map):
-                logits = model(teacher.blocks[index].to(device)).logits
-            total += float(kl_to_teacher(target, logits)) * len(index)
+                kl = student_kl(model, teacher.blocks[index].to(device), target, teacher.chunk)
+            total += float(kl) * len(index)
             count += len(index)
     return total / max(count, 1)
 
@@ -164,9 +182,19 @@ class Teachers:
 
     @classmethod
     def for_blocks(
-        cls, model: nn.Module, train_blocks: torch.Tensor, val_blocks: torch.Tensor, keep: bool
+        cls,
+        model: nn.Module,
+        train_blocks: torch.Tensor,
+        val_blocks: torch.Tensor,
+        keep: bool,
+        topk: int = 0,
+        chunk: int = 0,
     ) -> Teachers:
-        return cls(TeacherCache(model, train_blocks, keep), TeacherCache(model, val_blocks, True))
+        """Train targets kept when ``keep``; validation targets always kept (reused each epoch)."""
+        return cls(
+            TeacherCache(model, train_blocks, keep, topk, chunk),
+            TeacherCache(model, val_blocks, True, topk, chunk),
+        )
 
 
 def _optimizer(biases: SponBiases, settings: TrainParams, total_steps: int):
@@ -203,7 +231,12 @@ def train_spon(
     total_steps = math.ceil(len(train_blocks) / settings.batch_size) * settings.epochs
     optimizer, scheduler = _optimizer(biases, settings, total_steps)
     teachers = teachers or Teachers.for_blocks(
-        model, train_blocks, val_blocks, settings.teacher_cache
+        model,
+        train_blocks,
+        val_blocks,
+        settings.teacher_cache,
+        settings.teacher_topk,
+        settings.kl_chunk,
     )
     result = TrainResult()
     start = time.perf_counter()
@@ -247,12 +280,16 @@ def train_spon(
 def _step(model, site_map, spec, biases, blocks, index, teachers, settings) -> dict:
     """Forward and backward of one batch; the row's ``loss`` (gradients left in the biases)."""
     device = next(model.parameters()).device
-    target = None  # [B, T, V] dense log-probs, computed with no hooks active
+    target = None  # dense targets of the batch, computed with no hooks active
     if settings.loss != "ce":
         target = teachers.train.get(index, device)
     ids = blocks[index].to(device)  # [B, T]
     with sparsified(model, site_map, spec), biases.attached(model, site_map):
-        loss = training_loss(settings, target, model(ids).logits, ids)
+        if target is not None and (settings.kl_chunk or not target.is_full):
+            loss = chunked_kl(model, ids, target, settings.kl_chunk)  # loss "kl" (config check)
+        else:
+            logp = None if target is None else target.logp
+            loss = training_loss(settings, logp, model(ids).logits, ids)
     loss.backward()
     return {"loss": loss.item()}
 

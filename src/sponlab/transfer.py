@@ -257,10 +257,11 @@ def train_variants(
     ``training_sets``: (mix, size) -> blocks [size, T]. Every variant shares the validation
     blocks (and their dense targets) that choose its kept epoch.
     """
-    val = TeacherCache(model, val_blocks, True)
+    bounds = (settings.teacher_topk, settings.kl_chunk)  # memory-bounded targets, if set
+    val = TeacherCache(model, val_blocks, True, *bounds)
     out: dict[tuple[str, int], dict[int, SponBiases]] = {}
     for (mix, size), blocks in training_sets.items():
-        teachers = Teachers(TeacherCache(model, blocks, settings.teacher_cache), val)
+        teachers = Teachers(TeacherCache(model, blocks, settings.teacher_cache, *bounds), val)
         out[(mix, size)] = {}
         for seed in seeds:
             biases = SponBiases.for_model(model, site_map, sites, parametrization)

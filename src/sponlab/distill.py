@@ -1,0 +1,131 @@
+"""Memory-bounded distillation targets and losses: nothing scales with vocab x tokens x dataset.
+
+Two independent bounds, both off by default (the default model's numbers do not change):
+
+- ``train.teacher_topk: k`` keeps, per token, the dense teacher's top-k log-probs and the log of
+  the probability mass outside them (the *rest*). The loss is then the KL between the teacher and
+  student distributions coarsened to k + 1 outcomes (the top-k tokens and "any other token"): exact
+  for those outcomes, a lower bound of the full KL, and equal to it when the teacher puts no mass
+  outside its top-k. Host memory per token: k x 8 + 4 bytes instead of vocab x 4.
+- ``train.kl_chunk: n`` computes the logits n tokens at a time from the decoder's last hidden
+  state under activation checkpointing, so the fp32 [tokens, vocab] log-softmax, KL and their
+  gradients exist for one chunk at a time (recomputed in the backward pass).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+
+@dataclass
+class TeacherTarget:
+    """Dense next-token targets of some tokens ``[..., *]``.
+
+    logp: full log-probs ``[..., V]`` (``index`` None), or the top-k log-probs ``[..., k]``.
+    index: ``[..., k]`` vocabulary ids of the top-k; rest: ``[...]`` log of the mass outside.
+    """
+
+    logp: torch.Tensor
+    index: torch.Tensor | None = None
+    rest: torch.Tensor | None = None
+
+    @property
+    def is_full(self) -> bool:
+        return self.index is None
+
+    def map(self, fn) -> TeacherTarget:
+        """Apply ``fn`` to every tensor (indexing, moving, reshaping the token dimensions)."""
+        if self.is_full:
+            return TeacherTarget(fn(self.logp))
+        return TeacherTarget(fn(self.logp), fn(self.index), fn(self.rest))
+
+    @staticmethod
+    def stack(rows: list[TeacherTarget]) -> TeacherTarget:
+        if rows[0].is_full:
+            return TeacherTarget(torch.stack([r.logp for r in rows]))
+        return TeacherTarget(
+            torch.stack([r.logp for r in rows]),
+            torch.stack([r.index for r in rows]),
+            torch.stack([r.rest for r in rows]),
+        )
+
+
+def top_k_target(logp: torch.Tensor, k: int) -> TeacherTarget:
+    """Top-k of full log-probs ``[..., V]`` with the log of the remaining mass (fp32)."""
+    values, index = logp.topk(min(k, logp.shape[-1]), dim=-1)  # [..., k]
+    rest = torch.logsumexp(logp.scatter(-1, index, float("-inf")), dim=-1)  # [...]
+    return TeacherTarget(values, index, rest)
+
+
+def kl_per_token(target: TeacherTarget, student_logits: torch.Tensor) -> torch.Tensor:
+    """KL(teacher || student) per token ``[...]`` in fp32; coarsened to top-k + rest if top-k."""
+    logq = F.log_softmax(student_logits.float(), dim=-1)  # [..., V]
+    if target.is_full:
+        return F.kl_div(logq, target.logp.float(), log_target=True, reduction="none").sum(-1)
+    q_top = logq.gather(-1, target.index)  # [..., k]
+    q_rest = torch.logsumexp(logq.scatter(-1, target.index, float("-inf")), dim=-1)  # [...]
+    kl = (target.logp.exp() * (target.logp - q_top)).sum(-1)
+    p_rest = target.rest.exp()
+    return kl + torch.where(p_rest > 0, p_rest * (target.rest - q_rest), torch.zeros_like(kl))
+
+
+def output_logits(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """The LM head on hidden states ``[n, D]`` -> ``[n, V]``, with the model's logit soft-capping."""
+    logits = model.get_output_embeddings()(hidden)
+    cap = getattr(model.config.get_text_config(), "final_logit_softcapping", None)
+    if cap:
+        logits = torch.tanh(logits / cap) * cap
+    return logits
+
+
+def last_hidden(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    """The decoder's final (normed) hidden states ``[B, T, D]``: what the LM head reads."""
+    return model.get_decoder()(input_ids=ids).last_hidden_state
+
+
+def chunks(total: int, size: int) -> list[slice]:
+    """Consecutive slices of ``size`` (0: one slice) covering ``range(total)``."""
+    size = size or total
+    return [slice(start, min(start + size, total)) for start in range(0, total, size)]
+
+
+def dense_target(model: nn.Module, ids: torch.Tensor, topk: int, chunk: int) -> TeacherTarget:
+    """The dense teacher's targets for ``ids`` ``[B, T]`` (no grad): full log-probs, or the top-k
+    and rest computed ``chunk`` tokens at a time so no [B, T, V] fp32 tensor is ever built."""
+    with torch.no_grad():
+        if chunk == 0 and topk == 0:
+            return TeacherTarget(F.log_softmax(model(ids).logits.float(), dim=-1))
+        hidden = last_hidden(model, ids).flatten(0, 1)  # [B*T, D]
+        parts = []
+        for part in chunks(len(hidden), chunk):
+            logp = F.log_softmax(output_logits(model, hidden[part]).float(), dim=-1)  # [n, V]
+            parts.append(top_k_target(logp, topk) if topk else TeacherTarget(logp))
+    flat = TeacherTarget(
+        torch.cat([p.logp for p in parts]),
+        None if parts[0].is_full else torch.cat([p.index for p in parts]),
+        None if parts[0].is_full else torch.cat([p.rest for p in parts]),
+    )
+    return flat.map(lambda t: t.unflatten(0, ids.shape))
+
+
+def chunked_kl(
+    model: nn.Module, ids: torch.Tensor, target: TeacherTarget, chunk: int
+) -> torch.Tensor:
+    """Mean KL(teacher || student) over the tokens of ``ids`` ``[B, T]``, the student's logits
+    built ``chunk`` tokens at a time under activation checkpointing (differentiable)."""
+    hidden = last_hidden(model, ids).flatten(0, 1)  # [B*T, D]
+    flat = target.map(lambda t: t.flatten(0, 1))
+
+    def piece(h: torch.Tensor, part: slice) -> torch.Tensor:
+        return kl_per_token(flat.map(lambda t: t[part]), output_logits(model, h)).sum()
+
+    total = sum(
+        checkpoint(piece, hidden[part], part, use_reentrant=False)
+        for part in chunks(len(hidden), chunk)
+    )
+    return total / len(hidden)

@@ -1,0 +1,95 @@
+"""Memory-bounded distillation: top-k teacher with the rest's mass, chunked checkpointed KL."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+import yaml
+
+from sponlab.config import ConfigError, TrainParams, parse_params
+from sponlab.distill import chunked_kl, dense_target, kl_per_token, top_k_target
+from sponlab.sites import Site, discover_sites
+from sponlab.sparsify import SparsifySpec, sparsified
+from sponlab.spon import SponBiases
+from sponlab.tiny import tiny_model
+from sponlab.train import Teachers, kl_to_teacher, train_spon
+
+
+def test_top_k_kl_is_the_coarsened_kl_and_exact_with_the_whole_vocabulary():
+    gen = torch.Generator().manual_seed(0)
+    teacher = F.log_softmax(torch.randn(3, 5, 40, generator=gen) * 2, dim=-1)  # [B, T, V]
+    student = torch.randn(3, 5, 40, generator=gen) * 2
+    full = kl_per_token(top_k_target(teacher, 40), student)  # k = V: nothing left over
+    assert torch.allclose(full, F.kl_div(F.log_softmax(student, -1), teacher, log_target=True,
+                                         reduction="none").sum(-1), atol=1e-6)  # fmt: skip
+    target = top_k_target(teacher, 6)
+    got = kl_per_token(target, student)
+    # independent reference: KL between the distributions on 7 outcomes (top-6, "the rest")
+    p, q = teacher.exp().double(), F.softmax(student.double(), -1)
+    idx = target.index
+    p7 = torch.cat([p.gather(-1, idx), 1 - p.gather(-1, idx).sum(-1, keepdim=True)], -1)
+    q7 = torch.cat([q.gather(-1, idx), 1 - q.gather(-1, idx).sum(-1, keepdim=True)], -1)
+    reference = (p7 * (p7.log() - q7.log())).sum(-1)
+    assert torch.allclose(got.double(), reference, atol=1e-5)
+    assert (got <= full + 1e-6).all() and (got >= -1e-6).all()  # a lower bound of the full KL
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_chunked_kl_matches_the_full_kl_and_its_gradient(arch):
+    model = tiny_model(arch, seed=0)
+    site_map = discover_sites(model)
+    ids = torch.randint(0, 512, (2, 11), generator=torch.Generator().manual_seed(2))
+    target = dense_target(model, ids, topk=0, chunk=0)
+    chunked_target = dense_target(model, ids, topk=0, chunk=5)
+    assert torch.allclose(target.logp, chunked_target.logp, atol=1e-5)
+    spec = SparsifySpec("topk", 0.5, tuple(site_map.sites))  # the student is sparsified
+    grads = []
+    for chunk in (None, 4):
+        biases = SponBiases([Site(1, "down_proj")], {Site(1, "down_proj"): 64})
+        with torch.no_grad():
+            biases.vector(Site(1, "down_proj")).normal_(0, 0.1, generator=torch.Generator().manual_seed(3))  # fmt: skip
+        with sparsified(model, site_map, spec), biases.attached(model, site_map):
+            if chunk is None:
+                loss = kl_to_teacher(target.logp, model(ids).logits)
+            else:
+                loss = chunked_kl(model, ids, target, chunk)
+        loss.backward()
+        grads.append((loss.detach(), biases.vector(Site(1, "down_proj")).grad.clone()))
+    assert grads[0][0] > 0
+    assert torch.allclose(grads[0][0], grads[1][0], rtol=1e-5, atol=1e-7)
+    assert torch.allclose(grads[0][1], grads[1][1], rtol=1e-4, atol=1e-7)
+
+
+def test_bounded_training_equals_full_training_when_k_is_the_vocabulary(llama, blocks):
+    model, site_map = llama
+    spec = SparsifySpec("topk", 0.5, tuple(site_map.sites))
+    before = {n: p.clone() for n, p in model.state_dict().items()}
+    trained = {}
+    for topk, chunk in ((0, 0), (512, 7), (8, 7)):  # full; same via chunks; top-8 of 512
+        biases = SponBiases.for_model(model, site_map, site_map.select(range(4), ["down_proj"]))
+        settings = replace(TrainParams(), epochs=2, batch_size=2, lr=0.01, teacher_topk=topk,
+                           kl_chunk=chunk)  # fmt: skip
+        teachers = Teachers.for_blocks(model, blocks, blocks[:2], True, topk=topk, chunk=chunk)
+        result = train_spon(model, site_map, spec, biases, blocks, blocks[:2], settings, teachers)
+        trained[topk] = (biases.state(), result)
+        cached = next(iter(teachers.train.cache.values()))
+        width = topk or 512
+        assert cached.logp.shape == (blocks.shape[1], width)  # host memory: T x k per block
+    full, same = trained[0], trained[512]
+    for key, value in full[0].items():
+        assert torch.allclose(value, same[0][key], atol=1e-5), key
+    losses = [row["loss"] for row in full[1].steps]
+    assert losses == pytest.approx([row["loss"] for row in same[1].steps], rel=1e-4)
+    assert trained[8][1].steps[0]["loss"] < losses[0]  # the coarsened KL is a lower bound
+    assert all(torch.equal(before[n], p) for n, p in model.state_dict().items())  # only biases
+
+
+def test_bounded_kl_needs_the_kl_loss():
+    raw = yaml.safe_load(Path("params.yaml").read_text())
+    raw["train"] |= {"teacher_topk": 64, "loss": "ce"}
+    with pytest.raises(ConfigError, match=r"train\.loss"):
+        parse_params(raw)
