@@ -22,7 +22,7 @@ from sponlab.stages.common import (
     PARAMS_OPTION,
     THRESHOLDS_OPTION,
     load_base,
-    load_blocks,
+    load_test_set,
     read_params,
     timed,
 )
@@ -45,16 +45,18 @@ def main(
     loaded, site_map = load_base(cfg, model)
     spec = set_spec(cfg, sparsified, modules, sparsity, site_map, thresholds, loaded.fingerprint)
     stats = SparsityStats()
+    ids, score_from, protocol = load_test_set(blocks, cfg.sparsify)
     with timed(f"evaluate TEAL-only (set {sparsified}, s={sparsity})"):
         teal = evaluate_variant(
             loaded.model,
             site_map,
-            load_blocks(blocks),
+            ids,
             cfg.eval.batch_size,
             spec=spec,
             reference=load_reference(dense / "reference.safetensors", loaded.fingerprint),
             stats=stats,
             desc="teal",
+            score_from=score_from,
         )
     meta = {
         "sparsity": sparsity,
@@ -62,5 +64,6 @@ def main(
         "modules": list(modules),
         "model": str(model),
         "model_fingerprint": loaded.fingerprint,
+        "protocol": protocol,
     }
     write_metrics(out, baseline_payload(teal, stats, meta), loaded.device, loaded.dtype)

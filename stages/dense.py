@@ -12,7 +12,7 @@ from sponlab.stages.common import (
     MODEL_OPTION,
     PARAMS_OPTION,
     load_base,
-    load_blocks,
+    load_test_set,
     read_params,
     timed,
 )
@@ -28,10 +28,12 @@ def main(
 ) -> None:
     cfg = read_params(params)
     loaded, site_map = load_base(cfg, model)
-    ids = load_blocks(blocks)
+    ids, score_from, protocol = load_test_set(blocks, cfg.sparsify)
     detail = ids[: cfg.eval.detail_blocks]
-    with timed(f"dense perplexity on {tuple(ids.shape)}"):
-        dense = evaluate_variant(loaded.model, site_map, ids, cfg.eval.batch_size, desc="dense")
+    with timed(f"dense perplexity on {tuple(ids.shape)} ({protocol['protocol']})"):
+        dense = evaluate_variant(
+            loaded.model, site_map, ids, cfg.eval.batch_size, desc="dense", score_from=score_from
+        )
     with timed(f"dense reference on {tuple(detail.shape)}"):
         reference = capture_dense(loaded.model, detail, cfg.eval.batch_size)
     meta = {
@@ -46,6 +48,7 @@ def main(
         metrics,
         {
             **dense.summary(),
+            "protocol": protocol,  # what the perplexity means (A / B / C, context, sparsified)
             "block_nll": dense.block_nll,  # per test block: paired errors of TEAL's damage
             "num_layers": site_map.num_layers,
             "parameters": sum(p.numel() for p in loaded.model.parameters()),

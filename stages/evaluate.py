@@ -34,7 +34,7 @@ from sponlab.stages.common import (
     PARAMS_OPTION,
     THRESHOLDS_OPTION,
     load_base,
-    load_blocks,
+    load_test_set,
     read_params,
     timed,
 )
@@ -92,6 +92,7 @@ def main(
     )
     payload = cell_metrics(config, sparsity, alloc.sparsify, dense_info["ppl"], teal, seeds)
     payload |= {"teal_damage": hurt.as_dict(), **same_for_all_seeds(sizes, trained)}
+    payload["protocol"] = dense_info.get("protocol")  # the test windows dense was scored on
     payload["achieved_sparsity"] = achieved_summary(rows, sparsity)
     write_metrics(out / "metrics.json", payload, device, dtype)
     write_rows(out / "shift.csv", shift_rows(teal, list(seeds.values())), SHIFT_FIELDS)
@@ -101,10 +102,12 @@ def main(
 def evaluate_seeds(cfg, alloc, sparsity, files, seeds, model, blocks, dense, thresholds):
     """TEAL+SPON metrics of every seed with biases, into ``seeds``; the model's device, dtype."""
     loaded, site_map = load_base(cfg, model)
+    ids, score_from, _ = load_test_set(blocks, cfg.sparsify)
     run = dict(
         model=loaded.model,
         site_map=site_map,
-        blocks=load_blocks(blocks),
+        blocks=ids,
+        score_from=score_from,
         batch_size=cfg.eval.batch_size,
         spec=cell_spec(cfg, alloc, sparsity, site_map, thresholds, loaded.fingerprint),
         reference=load_reference(dense / "reference.safetensors", loaded.fingerprint),

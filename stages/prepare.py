@@ -6,7 +6,15 @@ from pathlib import Path
 
 import typer
 
-from sponlab.data import SPLITS, BlockSpec, load_corpus, make_blocks, wants_bos
+from sponlab.data import (
+    SPLITS,
+    BlockSpec,
+    load_corpus,
+    make_blocks,
+    test_text,
+    test_windows,
+    wants_bos,
+)
 from sponlab.models import load_tokenizer
 from sponlab.stages.common import MODEL_OPTION, PARAMS_OPTION, read_params, timed
 from sponlab.tensorio import save_tensors
@@ -17,7 +25,8 @@ def main(
     model: Path = MODEL_OPTION,
     out: Path = typer.Option(Path("data/blocks"), "--out", help="Folder for <split>.safetensors."),
 ) -> None:
-    cfg = read_params(params).data
+    p = read_params(params)
+    cfg = p.data
     tokenizer = load_tokenizer(model)
     bos = wants_bos(tokenizer, cfg.bos)
     counts = {
@@ -41,4 +50,22 @@ def main(
             "documents": len(corpus[split]),
             "tokenizer": str(model),
         }
-        save_tensors(out / f"{split}.safetensors", {"input_ids": blocks}, meta)
+        tensors = {"input_ids": blocks}
+        if split == "test":  # the perplexity protocol decides what the test file holds
+            meta["protocol"] = protocol = p.eval.resolved_protocol(cfg.source)
+            if protocol != "block":
+                tensors, meta = test_set(p, tokenizer, protocol, meta)
+        save_tensors(out / f"{split}.safetensors", tensors, meta)
+
+
+def test_set(p, tokenizer, protocol: str, meta: dict) -> tuple[dict, dict]:
+    """Protocol A (gptq) / B (sliding) windows over the whole test text instead of blocks."""
+    ev = p.eval
+    stride = ev.context if protocol == "gptq" else ev.stride
+    with timed(f"tokenise the test text: {protocol} windows of {ev.context}, stride {stride}"):
+        windows = test_windows(
+            test_text(p.data.source, p.data.seed), tokenizer, ev.context, stride, ev.max_windows
+        )
+    meta = {**meta, "block_len": ev.context, "context": ev.context, "stride": stride,
+            "windows": len(windows.ids), "scored_tokens": windows.scored_tokens, "bos": "text"}  # fmt: skip
+    return {"input_ids": windows.ids, "score_from": windows.score_from}, meta

