@@ -4,8 +4,9 @@
 (default ``bfloat16``): the tiny random-init Llama (default), the tiny configs of the other
 architectures (``--arch``), or a local model directory / hub id (``--model``; offline machines
 need it in the hub cache). It runs :func:`sponlab.smoke.run_smoke` (calibration, greedy
-allocation, dense reference, TEAL-only baseline, closed-form and trained biases, TEAL+SPON
-evaluation) on random token blocks and prints seconds and peak CUDA memory per stage; a stage that
+allocation, dense reference, TEAL-only baseline, closed-form and trained biases, training with the
+memory-bounded KL (top-64 teacher, chunked), TEAL+SPON evaluation, sliding-window evaluation) on
+random token blocks and prints seconds and peak CUDA memory per stage; a stage that
 breaks a device, dtype or finiteness invariant fails the run. The same function runs in the test
 suite on CPU in float32 and bfloat16. Result: ``bench/results/<name>.json``.
 """
