@@ -84,8 +84,10 @@ def load_test_set(path: Path, sparsify):
     """Test token windows [N, T] with their first scored positions [N] (None: blocks, every
     predicted token scored) and the protocol description metrics state next to a perplexity."""
     from sponlab.data import describe_protocol
-    from sponlab.tensorio import load_tensors
+    from sponlab.tensorio import input_error, load_tensors
 
     tensors, meta = load_tensors(path, producer="prepare")
-    ids = load_blocks(path)
+    if "input_ids" not in tensors:
+        raise input_error(path, f"holds {sorted(tensors)}, not token blocks", "prepare")
+    ids = tensors["input_ids"]
     return ids, tensors.get("score_from"), describe_protocol(meta, ids, sparsify)

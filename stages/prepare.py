@@ -1,4 +1,4 @@
-"""Tokenise the corpus into disjoint calib/train/val/test token blocks (safetensors)."""
+"""Tokenise the corpus into disjoint calib/train/val/test token blocks; the test file follows eval.protocol."""
 
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ import typer
 from sponlab.data import (
     SPLITS,
     BlockSpec,
+    joined_test_text,
     load_corpus,
     make_blocks,
-    test_text,
-    test_windows,
+    text_windows,
     wants_bos,
 )
 from sponlab.models import load_tokenizer
@@ -63,8 +63,12 @@ def test_set(p, tokenizer, protocol: str, meta: dict) -> tuple[dict, dict]:
     ev = p.eval
     stride = ev.context if protocol == "gptq" else ev.stride
     with timed(f"tokenise the test text: {protocol} windows of {ev.context}, stride {stride}"):
-        windows = test_windows(
-            test_text(p.data.source, p.data.seed), tokenizer, ev.context, stride, ev.max_windows
+        windows = text_windows(
+            joined_test_text(p.data.source, p.data.seed),
+            tokenizer,
+            ev.context,
+            stride,
+            ev.max_windows,
         )
     meta = {**meta, "block_len": ev.context, "context": ev.context, "stride": stride,
             "windows": len(windows.ids), "scored_tokens": windows.scored_tokens, "bos": "text"}  # fmt: skip

@@ -96,7 +96,7 @@ def wikitext_corpus(seed: int = 0) -> dict[str, list[str]]:
     return {"calib": calib, "train": train, "val": docs("validation"), "test": docs("test")}
 
 
-def test_text(source: str, seed: int = 0) -> str:
+def joined_test_text(source: str, seed: int = 0) -> str:
     """The whole test text as one string, documents joined with a blank line (protocols A / B).
 
     ``wikitext``: the WikiText-2 raw test split joined with "\\n\\n", every line (empty ones too),
@@ -144,7 +144,7 @@ def stream_windows(stream: torch.Tensor, context: int, stride: int, limit: int =
     return Windows(ids, score_from)
 
 
-def test_windows(
+def text_windows(
     text: str, tokenizer: PreTrainedTokenizerBase, context: int, stride: int, limit: int = 0
 ) -> Windows:
     """Tokenise ``text`` once, as the GPTQ evaluation does (the tokenizer's own special tokens,

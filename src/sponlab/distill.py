@@ -6,7 +6,8 @@ Two independent bounds, both off by default (the default model's numbers do not 
   the probability mass outside them (the *rest*). The loss is then the KL between the teacher and
   student distributions coarsened to k + 1 outcomes (the top-k tokens and "any other token"): exact
   for those outcomes, a lower bound of the full KL, and equal to it when the teacher puts no mass
-  outside its top-k. Host memory per token: k x 8 + 4 bytes instead of vocab x 4.
+  outside its top-k. Host memory per token: k x 12 + 4 bytes (fp32 values, int64 ids) instead
+  of vocab x 4.
 - ``train.kl_chunk: n`` computes the logits n tokens at a time from the decoder's last hidden
   state under activation checkpointing, so the fp32 [tokens, vocab] log-softmax, KL and their
   gradients exist for one chunk at a time (recomputed in the backward pass).

@@ -220,6 +220,8 @@ def plan_base(cfg: BaseModelParams, device: torch.device) -> BaseManifest:
     if cfg.source == "smollm2":
         return BaseManifest(source=cfg.source, name=cfg.name, weights="here", **common)
     local = Path(cfg.name).is_dir()
+    if local and cfg.revision is not None:
+        raise ConfigError(f"base.revision applies to hub ids; {cfg.name!r} is a local directory")
     revision = None if local else resolve_revision(cfg.name, cfg.revision)
     inspect_architecture(cfg.name, revision, cfg.trust_remote_code)
     return BaseManifest(
