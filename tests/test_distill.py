@@ -93,3 +93,20 @@ def test_bounded_kl_needs_the_kl_loss():
     raw["train"] |= {"teacher_topk": 64, "loss": "ce"}
     with pytest.raises(ConfigError, match=r"train\.loss"):
         parse_params(raw)
+
+
+def test_biases_and_bounded_kl_follow_each_layers_device():
+    """``meta`` stands in for a second device (device_map: auto puts layers on other GPUs than
+    the biases): every tensor the hooks and the bounded KL make must follow the layer's device."""
+    model = tiny_model("llama", seed=0).to("meta")
+    site_map = discover_sites(model)
+    spec = SparsifySpec("topk", 0.5, tuple(site_map.sites))
+    biases = SponBiases([Site(1, "down_proj")], {Site(1, "down_proj"): 64})  # on the CPU
+    ids = torch.zeros(2, 8, dtype=torch.long, device="meta")
+    target = dense_target(model, ids, topk=8, chunk=4)
+    assert {t.device.type for t in (target.logp, target.index, target.rest)} == {"meta"}
+    with sparsified(model, site_map, spec), biases.attached(model, site_map):
+        logits = model(ids).logits
+        loss = chunked_kl(model, ids, target, chunk=4)
+    assert logits.device.type == loss.device.type == "meta"
+    assert biases.vector(Site(1, "down_proj")).device.type == "cpu"  # never moved in place
