@@ -3,7 +3,7 @@
 Measured (CPU, fp32, median of ``--repeats`` interleaved runs after a warm-up round):
 
 * ``spon``: one step exactly as :func:`sponlab.train.train_spon` does it in epoch 1: dense teacher
-  log-probs (:func:`dense_logprobs`, no grad), the TEAL-sparsified student (all seven projections
+  log-probs (:func:`sponlab.distill.dense_logprobs`, no grad), the TEAL-sparsified student (all seven projections
   at ``--sparsity``) with :class:`SponBiases` attached on every site of ``--bias-modules``,
   :func:`kl_to_teacher`, backward, grad-norm clipping and an AdamW step on the biases.
 * ``spon-cached``: the same without the teacher forward (epochs >= 2 with ``train.teacher_cache``).
@@ -40,10 +40,11 @@ from benchlib import (
 )
 from torch import nn
 
+from sponlab.distill import dense_logprobs
 from sponlab.sites import PROJECTIONS, SiteMap, discover_sites
 from sponlab.sparsify import SparsifySpec, calibrate_thresholds, sparsified
 from sponlab.spon import SponBiases
-from sponlab.train import dense_logprobs, kl_to_teacher
+from sponlab.train import kl_to_teacher
 
 TARGET = 1.6
 

@@ -70,24 +70,26 @@ def load_base(params: Params, model_dir: Path):
     return loaded, discover_sites(loaded.model)
 
 
-def load_blocks(path: Path):
-    """Token blocks [N, L] written by the prepare stage."""
+def _read_blocks(path: Path):
+    """A prepare stage token file: its tensors (with ``input_ids``) and metadata."""
     from sponlab.tensorio import input_error, load_tensors
 
-    tensors = load_tensors(path, producer="prepare")[0]
+    tensors, meta = load_tensors(path, producer="prepare")
     if "input_ids" not in tensors:
         raise input_error(path, f"holds {sorted(tensors)}, not token blocks", "prepare")
-    return tensors["input_ids"]
+    return tensors, meta
+
+
+def load_blocks(path: Path):
+    """Token blocks [N, L] written by the prepare stage."""
+    return _read_blocks(path)[0]["input_ids"]
 
 
 def load_test_set(path: Path, sparsify):
     """Test token windows [N, T] with their first scored positions [N] (None: blocks, every
     predicted token scored) and the protocol description metrics state next to a perplexity."""
     from sponlab.data import describe_protocol
-    from sponlab.tensorio import input_error, load_tensors
 
-    tensors, meta = load_tensors(path, producer="prepare")
-    if "input_ids" not in tensors:
-        raise input_error(path, f"holds {sorted(tensors)}, not token blocks", "prepare")
+    tensors, meta = _read_blocks(path)
     ids = tensors["input_ids"]
     return ids, tensors.get("score_from"), describe_protocol(meta, ids, sparsify)

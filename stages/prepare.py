@@ -1,4 +1,4 @@
-"""Tokenise the corpus into disjoint calib/train/val/test token blocks; the test file follows eval.protocol."""
+"""Tokenise the corpus into disjoint calib/train/val/test token blocks (test: per eval.protocol)."""
 
 from __future__ import annotations
 
@@ -37,10 +37,9 @@ def main(
     }
     with timed(f"load corpus {cfg.source}"):
         corpus = load_corpus(cfg.source, cfg.seed)
+    protocol = p.eval.resolved_protocol(cfg.source)  # decides what the test file holds
     for offset, split in enumerate(SPLITS):
         spec = BlockSpec(cfg.block_len, counts[split], bos, cfg.seed + offset)
-        with timed(f"tokenise {split}: {spec.count} x {spec.block_len}"):
-            blocks = make_blocks(corpus[split], tokenizer, spec)
         meta = {
             "split": split,
             "source": cfg.source,
@@ -50,21 +49,23 @@ def main(
             "documents": len(corpus[split]),
             "tokenizer": str(model),
         }
-        tensors = {"input_ids": blocks}
-        if split == "test":  # the perplexity protocol decides what the test file holds
-            meta["protocol"] = protocol = p.eval.resolved_protocol(cfg.source)
-            if protocol != "block":
-                tensors, meta = test_set(p, tokenizer, protocol, meta)
+        if split == "test":
+            meta["protocol"] = protocol
+        if split == "test" and protocol != "block":
+            tensors, meta = test_set(p, tokenizer, corpus["test"], protocol, meta)
+        else:
+            with timed(f"tokenise {split}: {spec.count} x {spec.block_len}"):
+                tensors = {"input_ids": make_blocks(corpus[split], tokenizer, spec)}
         save_tensors(out / f"{split}.safetensors", tensors, meta)
 
 
-def test_set(p, tokenizer, protocol: str, meta: dict) -> tuple[dict, dict]:
+def test_set(p, tokenizer, docs: list[str], protocol: str, meta: dict) -> tuple[dict, dict]:
     """Protocol A (gptq) / B (sliding) windows over the whole test text instead of blocks."""
     ev = p.eval
     stride = ev.context if protocol == "gptq" else ev.stride
     with timed(f"tokenise the test text: {protocol} windows of {ev.context}, stride {stride}"):
         windows = text_windows(
-            joined_test_text(p.data.source, p.data.seed),
+            joined_test_text(p.data.source, docs),
             tokenizer,
             ev.context,
             stride,

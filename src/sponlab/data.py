@@ -96,18 +96,18 @@ def wikitext_corpus(seed: int = 0) -> dict[str, list[str]]:
     return {"calib": calib, "train": train, "val": docs("validation"), "test": docs("test")}
 
 
-def joined_test_text(source: str, seed: int = 0) -> str:
+def joined_test_text(source: str, test_docs: Sequence[str]) -> str:
     """The whole test text as one string, documents joined with a blank line (protocols A / B).
 
     ``wikitext``: the WikiText-2 raw test split joined with "\\n\\n", every line (empty ones too),
-    exactly as the GPTQ / SparseGPT evaluation does. ``builtin``: the held-out Wikipedia test
-    articles joined the same way.
+    exactly as the GPTQ / SparseGPT evaluation does. Otherwise ``test_docs`` (the corpus's test
+    documents: for ``builtin`` the held-out Wikipedia articles) joined the same way.
     """
     if source == "wikitext":
         from datasets import load_dataset
 
         return "\n\n".join(load_dataset("wikitext", "wikitext-2-raw-v1", split="test")["text"])
-    return "\n\n".join(load_corpus(source, seed)["test"])
+    return "\n\n".join(test_docs)
 
 
 @dataclass(frozen=True)

@@ -95,12 +95,18 @@ def chunks(total: int, size: int) -> list[slice]:
     return [slice(start, min(start + size, total)) for start in range(0, total, size)]
 
 
+def dense_logprobs(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    """Dense next-token log-probabilities [B, T, V] (fp32, no grad)."""
+    with torch.no_grad():
+        return F.log_softmax(model(ids).logits.float(), dim=-1)
+
+
 def dense_target(model: nn.Module, ids: torch.Tensor, topk: int, chunk: int) -> TeacherTarget:
     """The dense teacher's targets for ``ids`` ``[B, T]`` (no grad): full log-probs, or the top-k
     and rest computed ``chunk`` tokens at a time so no [B, T, V] fp32 tensor is ever built."""
+    if chunk == 0 and topk == 0:
+        return TeacherTarget(dense_logprobs(model, ids))
     with torch.no_grad():
-        if chunk == 0 and topk == 0:
-            return TeacherTarget(F.log_softmax(model(ids).logits.float(), dim=-1))
         hidden = last_hidden(model, ids).flatten(0, 1)  # [B*T, D]
         parts = []
         for part in chunks(len(hidden), chunk):

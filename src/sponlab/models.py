@@ -106,12 +106,11 @@ def load_model(
             manifest.dtype,
             dtype_name(dt),
         )
-    source, kwargs = pretrained_source(name)
+    source, kwargs = (str(name), {}) if manifest is None else manifest.pretrained(Path(name))
     start = time.perf_counter()
-    if device_map is not None:
-        kwargs["device_map"] = device_map
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=dt, **kwargs)
-    tokenizer = load_tokenizer(name)
+    placement = {} if device_map is None else {"device_map": device_map}
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=dt, **kwargs, **placement)
+    tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
     if device_map is None:
         model.to(dev)
     else:
@@ -132,7 +131,6 @@ def load_model(
 def load_tokenizer(name: str | Path) -> PreTrainedTokenizerBase:
     """The tokenizer of a hub id, local directory or ``models/base`` manifest."""
     source, kwargs = pretrained_source(name)
-    kwargs.pop("device_map", None)
     return AutoTokenizer.from_pretrained(source, **kwargs)
 
 

@@ -79,12 +79,6 @@ def training_loss(
     raise ValueError(f"unknown loss {settings.loss!r}")
 
 
-def dense_logprobs(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
-    """Dense next-token log-probabilities [B, T, V] (fp32, no grad)."""
-    with torch.no_grad():
-        return F.log_softmax(model(ids).logits.float(), dim=-1)
-
-
 def lr_lambda(schedule: str, warmup: int, total: int):
     """Multiplier of the base learning rate at each optimizer step."""
 
@@ -285,8 +279,8 @@ def _step(model, site_map, spec, biases, blocks, index, teachers, settings) -> d
         target = teachers.train.get(index, device)
     ids = blocks[index].to(device)  # [B, T]
     with sparsified(model, site_map, spec), biases.attached(model, site_map):
-        if target is not None and (settings.kl_chunk or not target.is_full):
-            loss = chunked_kl(model, ids, target, settings.kl_chunk)  # loss "kl" (config check)
+        if settings.loss == "kl":  # the only loss the bounded targets allow (config check)
+            loss = student_kl(model, ids, target, settings.kl_chunk)
         else:
             logp = None if target is None else target.logp
             loss = training_loss(settings, logp, model(ids).logits, ids)
