@@ -235,7 +235,7 @@ class LayerAggregate:
 
     def add(self, feats: torch.Tensor, mask: torch.Tensor) -> None:
         """Add the rows of ``feats`` [B, T, F] where ``mask`` [B, T] is true."""
-        rows = feats[mask].double()  # [N, F]
+        rows = feats[mask.to(feats.device)].double()  # [N, F]; mask to the layer's device
         if self.total is None:
             self.total = torch.zeros(rows.shape[-1], dtype=torch.float64, device=rows.device)
             self.total_abs = torch.zeros_like(self.total)
@@ -338,7 +338,7 @@ def collect_activations(
     state: dict[str, torch.Tensor] = {}
 
     def keep(layer: int, x: torch.Tensor) -> None:
-        rows[layer].append(x[state["mask"]].float().cpu())  # [n, D]
+        rows[layer].append(x[state["mask"].to(x.device)].float().cpu())  # [n, D] to the host
 
     device = _device(model)
     for batch in tqdm(batches, desc="collect activations", disable=not progress):
@@ -360,7 +360,18 @@ def feature_targets(
 
 
 def sae_targets(saes: Mapping[int, Any], aggregate_by: str) -> dict[int, Transform]:
-    """Per-layer SAE transforms: the encoder for ``values``, ``dL/dx @ W_dec^T`` for gradients."""
-    if aggregate_by == "values":
-        return {layer: sae.encode for layer, sae in saes.items()}
-    return {layer: sae.feature_grad for layer, sae in saes.items()}
+    """Per-layer SAE transforms: the encoder for ``values``, ``dL/dx @ W_dec^T`` for gradients.
+
+    Each SAE moves (once) to the device of its layer's activations: SAEs load on the host, and
+    with ``device_map: auto`` the layers sit on different GPUs."""
+    method = "encode" if aggregate_by == "values" else "feature_grad"
+    return {layer: _on_input_device(sae, method) for layer, sae in saes.items()}
+
+
+def _on_input_device(sae: Any, method: str) -> Transform:
+    def transform(x: torch.Tensor) -> torch.Tensor:
+        if next(sae.parameters()).device != x.device:
+            sae.to(x.device)
+        return getattr(sae, method)(x)
+
+    return transform
