@@ -9,7 +9,7 @@ calibrate digest is also compared with the thresholds file the committed ``dvc.l
 Needs the default pipeline's inputs (``dvc repro prepare``); the train and evaluate runs read the
 committed cell's inputs (thresholds, dense reference, baselines: ``dvc repro baseline``)::
 
-    python bench/determinism.py --runs 10          # ~17 min on 2 cores
+    python bench/determinism.py --runs 10 --mkl-cbwr AUTO,STRICT   # ~1 h on 2 cores
 
 ``--mkl-cbwr VALUE`` sets MKL's conditional-numerical-reproducibility mode for the runs (MKL reads
 it when torch loads it, so only from the environment; default: inherit). Measured on this CPU
@@ -136,7 +136,10 @@ def main() -> None:
             shutil.rmtree(out, ignore_errors=True)
             seconds.append(run(argv, busy=i % 2 == 1, cbwr=args.mkl_cbwr))
             digests.append(digest(out))
-            print(f"{stage} run {i + 1}/{args.runs}: {digests[-1][:12]} ({seconds[-1]:.0f}s)")
+            print(
+                f"{stage} run {i + 1}/{args.runs}: {digests[-1][:12]} ({seconds[-1]:.0f}s)",
+                flush=True,
+            )
         result[stage] = {
             "distinct_outputs": len(set(digests)),
             "digests": digests,
