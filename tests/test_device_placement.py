@@ -1,6 +1,7 @@
 """Tensors that cross layers follow each layer's device (``device_map: auto`` puts layers on
-different GPUs). CPU has one device, so ``meta`` plays the second one: each test fails when the
-fix it guards is reverted (a CPU tensor meeting a meta one raises)."""
+different GPUs). CPU has one device, so a second one is stood in for: ``meta`` for the SAE (a CPU
+weight meeting a meta activation raises), a mask usable only through ``.to(device)`` for the
+padding mask. Each test fails when the fix it guards is reverted."""
 
 from __future__ import annotations
 
