@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
-import pytest
-import torch
+import os
+
+os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")  # as sponlab sets it, before torch loads
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 from sponlab.sites import discover_sites
 from sponlab.tiny import tiny_model

@@ -12,7 +12,16 @@ Imports are lazy: ``import sponlab`` is instant, each name loads its module on f
 
 from __future__ import annotations
 
-import importlib
+import os
+
+# Bit-reproducible BLAS before anything loads torch (MKL reads this once, when it loads): without
+# a conditional-numerical-reproducibility mode, MKL's multi-threaded sgemm picks its reduction
+# split per call, and 2 of 12 identical processes wrote different TEAL logits (bench/
+# determinism.py). AUTO,STRICT keeps the machine's fastest kernels at no measured cost. A user's
+# own MKL_CBWR wins.
+os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
+
+import importlib  # noqa: E402
 from typing import TYPE_CHECKING, Any
 
 # public name -> module that defines it
