@@ -108,6 +108,8 @@ def train_seeds(cfg, alloc, sparsity, model, data, thresholds, out, meta) -> Non
         biases.load_state(start.state())
         result = TrainResult()
         if teachers is not None:
+            teachers = teachers.fresh_train()  # each seed draws its own blocks: host memory
+            # holds one seed's training targets, the validation targets are shared
             what = f"train {alloc.name} at s={sparsity}, seed {seed}: {len(sites)} sites"
             with timed(f"{what}, {biases.num_parameters()} params"):
                 result = train_spon(
@@ -144,7 +146,11 @@ def write_seed(
 ) -> None:
     """One seed's biases, loss curve, validation curve and train.json."""
     write_rows(folder / "loss.csv", result.steps, ["step", "epoch", "loss", "lr", "grad_norm"])
-    write_rows(folder / "val.csv", result.epochs, ["epoch", "step", "val_kl", "train_kl"])
+    write_rows(
+        folder / "val.csv",
+        result.epochs,
+        ["epoch", "step", "val_kl", "val_kl_se", "train_kl", "kept"],
+    )
     write_json(
         folder / "train.json",
         {
@@ -153,6 +159,12 @@ def write_seed(
             "parameters": biases.num_parameters(),
             "best_epoch": result.best_epoch,
             "epochs": result.epochs,
+            "training_blocks": len(result.blocks),
+            "training_tokens": result.tokens,
+            "steps": len(result.steps),
+            "autocast": result.autocast,
+            "blocks": result.blocks,
+            "diagnostics": result.diagnostics,
         },
     )
     save_biases(folder / "biases.safetensors", biases, meta)

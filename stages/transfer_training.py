@@ -75,7 +75,7 @@ def main(
     with timed(f"train {tt.config} at s={sparsity} on {len(sets)} sets x {len(tt.seeds)} seeds"):
         trained = train_variants(
             loaded.model, site_map, spec, bias_sites(alloc, site_map), sets,
-            load_blocks(data / "val.safetensors"), replace(p.train, loss=alloc.loss),
+            load_blocks(data / "val.safetensors"), replace(p.train, loss=alloc.loss, blocks=0),
             tt.seeds, alloc.parametrization,
         )  # fmt: skip
     labels = {f"{mix} x{size}": (mix, size) for mix, size in trained}

@@ -29,6 +29,7 @@ from sponlab.paramcheck import ConfigError, Section  # re-exported: analysis par
 
 DATA_SOURCES = ("builtin", "wikitext")
 SCHEDULES = ("constant", "cosine", "linear")
+AUTOCASTS = ("auto", "bfloat16", "off")
 
 
 @dataclass(frozen=True)
@@ -59,6 +60,11 @@ class TrainParams:
     init: str = "zeros"
     loss: str = "kl"  # kl (distillation) | ce (next-token cross-entropy) | kl+logit_l2
     logit_l2: float = 0.01  # kl+logit_l2: weight of the mean squared centred logit difference
+    blocks: int = 0  # blocks each seed draws from the training pool (0: the whole pool)
+    # the frozen model's matmuls in the training step: auto (bfloat16 on a CPU with AMX or
+    # AVX512-BF16 and a float32 model, else off) | bfloat16 | off. Biases, optimizer, KL,
+    # teacher and validation stay float32.
+    autocast: str = "off"
 
 
 @dataclass(frozen=True)
@@ -161,6 +167,11 @@ def parse_params(raw: Any, source: str = "params.yaml") -> Params:
     sec.finish()
 
     train = _parse_train(top.section("train"))
+    if train.blocks > data.train_blocks:
+        raise ConfigError(
+            f"{source}: train.blocks ({train.blocks}) must be <= data.train_blocks "
+            f"({data.train_blocks}, the training pool each seed draws from), or 0 (the whole pool)"
+        )
     sec = top.section("configs")
     if not sec.data:
         raise ConfigError(f"{source}: configs must define at least one allocation config")
@@ -337,6 +348,8 @@ def _parse_train(sec: Section) -> TrainParams:
         init=sec.choice("init", INITS, T.init),
         loss=sec.choice("loss", LOSSES, T.loss),
         logit_l2=sec.number("logit_l2", T.logit_l2, lo=0),
+        blocks=sec.number("blocks", T.blocks, lo=0, integer=True),
+        autocast=sec.choice("autocast", AUTOCASTS, T.autocast),
     )
     sec.finish()
     if (train.teacher_topk or train.kl_chunk) and train.loss != "kl":

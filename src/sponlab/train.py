@@ -21,7 +21,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from sponlab.config import TrainParams
-from sponlab.distill import TeacherTarget, chunked_kl, dense_target
+from sponlab.convergence import diagnostics, fraction_at_bound, mean_se, replaces
+from sponlab.distill import TeacherTarget, chunked_kl, dense_target, kl_per_token
 from sponlab.models import freeze
 from sponlab.sites import SiteMap
 from sponlab.sparsify import SparsifySpec, sparsified
@@ -39,15 +40,14 @@ def kl_to_teacher(teacher_logp: torch.Tensor, student_logits: torch.Tensor) -> t
 
     teacher_logp: [B, T, V] log-probabilities; student_logits: [B, T, V] raw logits.
     """
-    student_logp = F.log_softmax(student_logits.float(), dim=-1)
-    per_token = F.kl_div(student_logp, teacher_logp.float(), log_target=True, reduction="none")
-    return per_token.sum(-1).mean()
+    return kl_per_token(TeacherTarget(teacher_logp), student_logits).mean()
 
 
 def next_token_ce(student_logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     """Mean next-token cross-entropy (fp32) of logits [B, T, V] on the blocks' own ids [B, T]."""
     logits = student_logits[:, :-1].float()  # position t predicts token t + 1
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+    targets = ids[:, 1:].to(logits.device)  # ids live on the embedding's device
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
 
 
 def centred_logit_l2(teacher_logp: torch.Tensor, student_logits: torch.Tensor) -> torch.Tensor:
@@ -56,7 +56,8 @@ def centred_logit_l2(teacher_logp: torch.Tensor, student_logits: torch.Tensor) -
     Logits are defined up to a per-token constant, so the difference is centred; centred
     log-prob differences equal centred logit differences, so the cached teacher log-probs serve.
     """
-    diff = F.log_softmax(student_logits.float(), dim=-1) - teacher_logp.float()  # [B, T, V]
+    teacher = teacher_logp.to(student_logits.device).float()  # the LM head's device
+    diff = F.log_softmax(student_logits.float(), dim=-1) - teacher  # [B, T, V]
     return (diff - diff.mean(-1, keepdim=True)).pow(2).mean()
 
 
@@ -97,16 +98,21 @@ def lr_lambda(schedule: str, warmup: int, total: int):
 
 @dataclass
 class TrainResult:
-    """Per-step loss rows, per-epoch validation rows, the kept epoch and wall time.
+    """Per-step loss rows, per-epoch validation rows, the kept epoch, diagnostics and wall time.
 
-    ``best_epoch`` is the epoch whose biases were kept (lowest validation KL; 0: the initial
-    biases, i.e. no epoch of training improved on them).
+    ``best_epoch`` is the epoch whose biases were kept (0: the initial biases, i.e. no epoch
+    improved on them by more than a paired standard error). ``blocks``: the pool indices trained
+    on; ``diagnostics``: :func:`sponlab.convergence.diagnostics`.
     """
 
     steps: list[dict] = field(default_factory=list)
     epochs: list[dict] = field(default_factory=list)
     best_epoch: int = 0
     seconds: float = 0.0
+    blocks: list[int] = field(default_factory=list)
+    tokens: int = 0
+    autocast: str | None = None
+    diagnostics: dict = field(default_factory=dict)
 
 
 class TeacherCache:
@@ -129,10 +135,14 @@ class TeacherCache:
             if not self.keep:
                 order = {j: k for k, j in enumerate(missing)}
                 return target.map(lambda t: t[[order[int(i)] for i in index]])
+            pin = device.type == "cuda"  # page-locked rows copy to the GPU asynchronously
             for k, j in enumerate(missing):
-                self.cache[j] = target.map(lambda t, k=k: t[k].cpu())
-        rows = TeacherTarget.stack([self.cache[int(i)] for i in index])
-        return rows.map(lambda t: t.to(device))
+                self.cache[j] = target.map(
+                    lambda t, k=k: t[k].cpu().pin_memory() if pin else t[k].cpu()
+                )
+        return TeacherTarget.stack(
+            [self.cache[int(i)].map(lambda t: t.to(device, non_blocking=True)) for i in index]
+        )
 
 
 def student_kl(
@@ -145,6 +155,40 @@ def student_kl(
     return chunked_kl(model, ids, target, chunk)
 
 
+def block_kls(
+    model: nn.Module, ids: torch.Tensor, target: TeacherTarget, chunk: int
+) -> torch.Tensor:
+    """Per-block mean KL(teacher || student) ``[B]`` on ``ids`` [B, T] (no grad, hooks active)."""
+    if target.is_full and chunk == 0:
+        return kl_per_token(target, model(ids).logits).mean(-1)  # [B]
+    return torch.stack(
+        [student_kl(model, ids[b : b + 1], target.map(lambda t, b=b: t[b : b + 1]), chunk)
+         for b in range(len(ids))]
+    )  # fmt: skip
+
+
+def validation_kls(
+    model: nn.Module,
+    site_map: SiteMap,
+    spec: SparsifySpec | None,
+    biases: SponBiases | None,
+    teacher: TeacherCache,
+    batch_size: int,
+    device: torch.device,
+) -> torch.Tensor:
+    """KL(dense || sparse[+biases]) per block of ``teacher.blocks``, ``[N]`` float32 on the host
+    (a few numbers: the epoch statistics are computed there)."""
+    out = []
+    with torch.no_grad():
+        for start in range(0, len(teacher.blocks), batch_size):
+            index = torch.arange(start, min(start + batch_size, len(teacher.blocks)))
+            target = teacher.get(index, device)  # dense: computed outside the hooks
+            with sparsified(model, site_map, spec), maybe_attached(biases, model, site_map):
+                kl = block_kls(model, teacher.blocks[index].to(device), target, teacher.chunk)
+            out.append(kl.float().cpu())
+    return torch.cat(out)
+
+
 def validation_kl(
     model: nn.Module,
     site_map: SiteMap,
@@ -154,17 +198,29 @@ def validation_kl(
     batch_size: int,
     device: torch.device,
 ) -> float:
-    """Token-weighted mean KL(dense || sparse[+biases]) over all of ``teacher.blocks``."""
-    total, count = 0.0, 0
-    with torch.no_grad():
-        for start in range(0, len(teacher.blocks), batch_size):
-            index = torch.arange(start, min(start + batch_size, len(teacher.blocks)))
-            target = teacher.get(index, device)  # dense: computed outside the hooks
-            with sparsified(model, site_map, spec), maybe_attached(biases, model, site_map):
-                kl = student_kl(model, teacher.blocks[index].to(device), target, teacher.chunk)
-            total += float(kl) * len(index)
-            count += len(index)
-    return total / max(count, 1)
+    """Mean KL(dense || sparse[+biases]) over the blocks of ``teacher.blocks`` (equal lengths)."""
+    kls = validation_kls(model, site_map, spec, biases, teacher, batch_size, device)
+    return float(kls.double().mean())
+
+
+def draw_blocks(pool: int, count: int, seed: int) -> torch.Tensor:
+    """The pool indices of the ``count`` training blocks seed ``seed`` trains on (sorted; 0 or
+    ``count >= pool``: the whole pool), so seeds differ in their data as well as its order. The
+    draw has its own random stream: the batch order of a seed is the same whatever it drew."""
+    if count == 0 or count >= pool:
+        return torch.arange(pool)
+    generator = torch.Generator().manual_seed(1_000_003 + seed)
+    return torch.randperm(pool, generator=generator)[:count].sort().values
+
+
+def uses_autocast(setting: str, model: nn.Module) -> bool:
+    """``train.autocast`` resolved for this model: ``auto`` is on for a float32 model on a CPU
+    with AMX or AVX512-BF16 (bfloat16 matmuls in hardware), off elsewhere."""
+    if setting != "auto":
+        return setting == "bfloat16"
+    param = next(model.parameters())
+    bf16_cpu = torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported()
+    return param.device.type == "cpu" and param.dtype == torch.float32 and bf16_cpu
 
 
 @dataclass
@@ -190,6 +246,11 @@ class Teachers:
             TeacherCache(model, val_blocks, True, topk, chunk),
         )
 
+    def fresh_train(self) -> Teachers:
+        """The same validation targets with an empty training cache (for the next seed's draw)."""
+        t = self.train
+        return Teachers(TeacherCache(t.model, t.blocks, t.keep, t.topk, t.chunk), self.val)
+
 
 def _optimizer(biases: SponBiases, settings: TrainParams, total_steps: int):
     optimizer = torch.optim.AdamW(
@@ -213,8 +274,10 @@ def train_spon(
 ) -> TrainResult:
     """Train ``biases`` in place from their current values; keep the best validation epoch.
 
-    The validation KL is measured before training (epoch 0) and after every epoch; the biases of
-    the lowest one are restored at the end, so training never returns worse biases than it got.
+    ``train_blocks`` [P, T] is the training pool: the seed draws ``settings.blocks`` of them
+    (:func:`draw_blocks`). The validation KL is measured per block before training (epoch 0) and
+    after every epoch; an epoch replaces the kept biases only if it lowers the validation KL by
+    more than the paired standard error, so training never returns worse biases than it got.
     ``teachers`` (dense targets of these blocks) may be shared by several calls, e.g. seeds.
     """
     device = next(model.parameters()).device
@@ -222,63 +285,85 @@ def train_spon(
     biases.to(device)
     torch.manual_seed(settings.seed)
     generator = torch.Generator().manual_seed(settings.seed)
-    total_steps = math.ceil(len(train_blocks) / settings.batch_size) * settings.epochs
+    drawn = draw_blocks(len(train_blocks), settings.blocks, settings.seed)
+    total_steps = math.ceil(len(drawn) / settings.batch_size) * settings.epochs
     optimizer, scheduler = _optimizer(biases, settings, total_steps)
     teachers = teachers or Teachers.for_blocks(
-        model,
-        train_blocks,
-        val_blocks,
-        settings.teacher_cache,
-        settings.teacher_topk,
-        settings.kl_chunk,
+        model, train_blocks, val_blocks, settings.teacher_cache,
+        settings.teacher_topk, settings.kl_chunk,
+    )  # fmt: skip
+    autocast = uses_autocast(settings.autocast, model)
+    result = TrainResult(
+        blocks=drawn.tolist(),
+        tokens=len(drawn) * train_blocks.shape[1],
+        autocast="bfloat16" if autocast else None,
     )
-    result = TrainResult()
+    initial = [v.detach().clone() for v in biases.vectors]
+    per_epoch: list[torch.Tensor] = []  # per-block validation KL [N] of each epoch
+    best: list[dict[str, torch.Tensor]] = [{}]
     start = time.perf_counter()
 
     def validate(epoch: int, train_kl: float) -> None:
-        val = validation_kl(
+        kls = validation_kls(
             model, site_map, spec, biases, teachers.val, settings.batch_size, device
         )
-        result.epochs.append(
-            {"epoch": epoch, "step": len(result.steps), "val_kl": val, "train_kl": train_kl}
-        )
-        if epoch == 0 or val < result.epochs[result.best_epoch]["val_kl"]:
+        per_epoch.append(kls)
+        val, se = mean_se(kls)
+        keep = epoch == 0 or replaces(per_epoch[result.best_epoch], kls)
+        if keep:
             result.best_epoch, best[0] = epoch, biases.state()
-        log.info("epoch %d: train KL %.5f, val KL %.5f", epoch, train_kl, val)
+        result.epochs.append(
+            {"epoch": epoch, "step": len(result.steps), "val_kl": val, "val_kl_se": se,
+             "train_kl": train_kl, "kept": keep}
+        )  # fmt: skip
+        log.info("epoch %d: train KL %.5f, val KL %.5f ± %.5f", epoch, train_kl, val, se)
 
-    best: list[dict[str, torch.Tensor]] = [{}]
     validate(0, float("nan"))
     bar = tqdm(total=total_steps, desc="train", leave=False)
     for epoch in range(1, settings.epochs + 1):
-        order = torch.randperm(len(train_blocks), generator=generator)
+        order = drawn[torch.randperm(len(drawn), generator=generator)]
         epoch_loss = 0.0
         for batch_start in range(0, len(order), settings.batch_size):
             index = order[batch_start : batch_start + settings.batch_size]
-            row = _step(model, site_map, spec, biases, train_blocks, index, teachers, settings)
+            row = _step(
+                model, site_map, spec, biases, train_blocks, index, teachers, settings, autocast
+            )
             _update(biases, optimizer, scheduler, settings, row, epoch, len(result.steps) + 1)
             result.steps.append(row)
             epoch_loss += row["loss"] * len(index)
             bar.update(1)
             bar.set_postfix(loss=f"{row['loss']:.4f}")
-        validate(epoch, epoch_loss / len(train_blocks))
+        validate(epoch, epoch_loss / len(drawn))
     bar.close()
+    summed_lr = sum(row["lr"] for row in result.steps)
+    at_bound = fraction_at_bound(list(biases.vectors), initial, summed_lr)
+    result.diagnostics = diagnostics(per_epoch, summed_lr, at_bound)
     biases.load_state(best[0])
     if result.best_epoch == 0:
-        log.warning("no epoch lowered the validation KL: keeping the initial biases")
+        log.warning("no epoch lowered the validation KL beyond its SE: keeping the initial biases")
     else:
         log.info("kept the biases of epoch %d (lowest validation KL)", result.best_epoch)
+    log.info("convergence: %s", result.diagnostics["budget_note"])
     result.seconds = time.perf_counter() - start
     return result
 
 
-def _step(model, site_map, spec, biases, blocks, index, teachers, settings) -> dict:
-    """Forward and backward of one batch; the row's ``loss`` (gradients left in the biases)."""
+def _step(model, site_map, spec, biases, blocks, index, teachers, settings, autocast) -> dict:
+    """Forward and backward of one batch; the row's ``loss`` (gradients left in the biases).
+
+    The teacher runs in the model's dtype; with ``autocast`` only the student's matmuls run in
+    bfloat16, as on a bf16 GPU (inputs after a bf16 matmul reach the hooks in bf16 and are
+    compared with the float32 thresholds; biases, loss and KL stay float32)."""
     device = next(model.parameters()).device
     target = None  # dense targets of the batch, computed with no hooks active
     if settings.loss != "ce":
         target = teachers.train.get(index, device)
     ids = blocks[index].to(device)  # [B, T]
-    with sparsified(model, site_map, spec), biases.attached(model, site_map):
+    with (
+        sparsified(model, site_map, spec),
+        biases.attached(model, site_map),
+        torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast),
+    ):
         if settings.loss == "kl":  # the only loss the bounded targets allow (config check)
             loss = student_kl(model, ids, target, settings.kl_chunk)
         else:
