@@ -6,8 +6,8 @@ import os
 
 os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")  # as sponlab sets it, before torch loads
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import pytest
+import torch
 
 from sponlab.sites import discover_sites
 from sponlab.tiny import tiny_model

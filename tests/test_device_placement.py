@@ -41,3 +41,56 @@ def test_padding_mask_follows_the_activations_device():
     assert mask.asked == [feats.device]
     assert aggregate.tokens == 3 and aggregate.total is not None
     assert aggregate.total.tolist() == [0 + 4 + 12, 1 + 5 + 13, 2 + 6 + 14, 3 + 7 + 15]
+
+
+def test_kl_targets_follow_the_logits_device():
+    # cached targets live on the embedding's device; the LM head may be on the last GPU
+    from sponlab.distill import TeacherTarget, kl_per_token, top_k_target
+    from sponlab.train import centred_logit_l2, kl_to_teacher, next_token_ce
+
+    logp = torch.log_softmax(torch.randn(2, 3, 11), -1)  # host
+    logits = torch.zeros(2, 3, 11, device="meta")  # "another GPU"
+    assert kl_per_token(TeacherTarget(logp), logits).device.type == "meta"
+    assert kl_per_token(top_k_target(logp, 4), logits).device.type == "meta"
+    assert kl_to_teacher(logp, logits).device.type == "meta"
+    assert centred_logit_l2(logp, logits).device.type == "meta"
+    assert next_token_ce(logits, torch.zeros(2, 3, dtype=torch.long)).device.type == "meta"
+
+
+def test_folded_bias_lives_on_its_layers_device(llama):
+    from sponlab.spon import SponBiases, fold_into_model
+
+    model, site_map = llama
+    site = site_map.select([1], ["down_proj"])[0]
+    biases = SponBiases.for_model(model, site_map, [site])  # on the host
+    linear = site_map.linear(model, site)
+    linear.to("meta")  # this layer on another device
+    fold_into_model(model, site_map, biases)
+    assert linear.bias is not None and linear.bias.device.type == "meta"
+
+
+def test_offloaded_layers_are_refused_before_work(llama):
+    import pytest
+
+    from sponlab.models import check_placement
+    from sponlab.paramcheck import ConfigError
+
+    model, _ = llama
+    check_placement(model)  # everything placed: fine
+    model.hf_device_map = {"model.embed_tokens": 0, "model.layers.3": "disk"}
+    with pytest.raises(ConfigError, match=r"base\.device_map.*model\.layers\.3"):
+        check_placement(model)
+    model.hf_device_map = {}
+    model.model.layers[2].mlp.to("meta")  # a spill accelerate leaves on meta
+    with pytest.raises(ConfigError, match=r"layers\.2\.mlp"):
+        check_placement(model)
+
+
+def test_loaded_models_keep_no_kv_cache(llama):
+    from sponlab.models import no_kv_cache
+
+    model, _ = llama
+    ids = torch.zeros(1, 4, dtype=torch.long)
+    assert model(ids).past_key_values is not None  # the probe can fail: transformers' default
+    no_kv_cache(model)
+    assert model(ids).past_key_values is None

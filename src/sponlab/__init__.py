@@ -21,7 +21,7 @@ import os
 # own MKL_CBWR wins.
 os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
 
-import importlib  # noqa: E402
+import importlib
 from typing import TYPE_CHECKING, Any
 
 # public name -> module that defines it

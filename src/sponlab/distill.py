@@ -64,7 +64,11 @@ def top_k_target(logp: torch.Tensor, k: int) -> TeacherTarget:
 
 
 def kl_per_token(target: TeacherTarget, student_logits: torch.Tensor) -> torch.Tensor:
-    """KL(teacher || student) per token ``[...]`` in fp32; coarsened to top-k + rest if top-k."""
+    """KL(teacher || student) per token ``[...]`` in fp32; coarsened to top-k + rest if top-k.
+
+    The target moves to the logits' device: with ``device_map: auto`` the LM head (and so the
+    logits) may sit on another GPU than the embedding, where cached targets are kept."""
+    target = target.map(lambda t: t.to(student_logits.device, non_blocking=True))
     logq = F.log_softmax(student_logits.float(), dim=-1)  # [..., V]
     if target.is_full:
         return F.kl_div(logq, target.logp.float(), log_target=True, reduction="none").sum(-1)

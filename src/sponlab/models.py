@@ -84,6 +84,22 @@ class LoadedModel:
     fingerprint: str  # model_fingerprint: recorded in, and checked against, derived files
 
 
+def check_placement(model: nn.Module) -> None:
+    """Refuse a ``device_map`` that offloaded layers to the CPU, disk or ``meta``: hooks and
+    thresholds would then meet weights accelerate swaps in per call, and the fingerprint and
+    thresholds fail with obscure errors later. Raise before any work, with what to change."""
+    placed = getattr(model, "hf_device_map", {}) or {}
+    offloaded = sorted(k for k, v in placed.items() if str(v) in ("cpu", "disk", "meta"))
+    on_meta = sorted({n.rsplit(".", 1)[0] for n, p in model.named_parameters() if p.is_meta})
+    if offloaded or on_meta:
+        where = (offloaded or on_meta)[:4]
+        raise ConfigError(
+            f"params.yaml: base.device_map: auto offloaded {len(offloaded or on_meta)} modules off the GPUs "
+            f"(e.g. {where}); sponlab needs every layer on a GPU: use more or larger GPUs, "
+            "base.dtype: bfloat16, or a smaller model"
+        )
+
+
 def load_model(
     name: str | Path, device: str = "auto", dtype: str = "auto", device_map: str | None = None
 ) -> LoadedModel:
@@ -114,9 +130,11 @@ def load_model(
     if device_map is None:
         model.to(dev)
     else:
+        check_placement(model)
         dev = model.get_input_embeddings().weight.device
     model.eval()
     freeze(model)
+    no_kv_cache(model)
     log.info("loaded %s (%s, %s) in %.1fs", source, dev, dt, time.perf_counter() - start)
     return LoadedModel(
         model=model,
@@ -155,6 +173,13 @@ def model_fingerprint(model: PreTrainedModel) -> str:
         for tensor in [rows, *norm]:
             digest.update(tensor.detach().to(torch.bfloat16).float().cpu().numpy().tobytes())
     return digest.hexdigest()[:16]
+
+
+def no_kv_cache(model: nn.Module) -> None:
+    """Every forward here scores whole blocks once: no KV cache (1.1 GiB at 8 x 2048 tokens for
+    Llama-3.1-8B, kept alive with the outputs and uncounted by the memory model)."""
+    for config in {id(c): c for c in (model.config, model.config.get_text_config())}.values():
+        config.use_cache = False
 
 
 def freeze(model: nn.Module) -> None:

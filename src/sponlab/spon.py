@@ -116,9 +116,10 @@ def fold_into_model(model: nn.Module, site_map: SiteMap, biases: SponBiases) -> 
     with torch.no_grad():
         for site in biases.sites:
             linear = site_map.linear(model, site)
-            add = biases.output_bias(site, linear)
+            w = linear.weight  # the folded bias lives where the layer does (device_map: auto)
+            add = biases.output_bias(site, linear).to(w.device)  # [out] float32
             if linear.bias is None:
-                linear.bias = nn.Parameter(add.to(linear.weight.dtype), requires_grad=False)
+                linear.bias = nn.Parameter(add.to(w.dtype), requires_grad=False)
             else:
                 linear.bias.copy_((linear.bias.float() + add).to(linear.bias.dtype))
 
