@@ -50,6 +50,9 @@ class CellResult:
     sparsity_gap: float  # achieved - target: thresholds that miss their target are visible
     best_epochs: str  # the kept epoch of each seed (0: initial biases kept)
     final_val_kl: float | None  # mean over seeds of the kept epoch's validation KL
+    training_tokens: int  # distinct training tokens per seed (0: no training)
+    steps: int  # optimizer steps per seed
+    budget: str  # converged | step-limited / still improving (any seed; train.json diagnostics)
 
 
 def cell_result(evaluation: dict, trainings: Sequence[dict], model_parameters: int) -> CellResult:
@@ -88,7 +91,20 @@ def cell_result(evaluation: dict, trainings: Sequence[dict], model_parameters: i
         sparsity_gap=evaluation["achieved_sparsity"]["mean"] - float(evaluation["sparsity"]),
         best_epochs=",".join(str(t.get("best_epoch", 0)) for t in trainings),
         final_val_kl=sum(kept) / len(kept) if kept else None,
+        training_tokens=int(first.get("training_tokens", 0)),
+        steps=int(first.get("steps", 0)),
+        budget=budget_note(trainings),
     )
+
+
+def budget_note(trainings: Sequence[dict]) -> str:
+    """``converged``, or the reasons any seed's training was limited by its budget ('-': none
+    trained)."""
+    notes = [t["diagnostics"] for t in trainings if t.get("diagnostics")]
+    if not notes:
+        return "-"
+    limited = sorted({n["budget_note"] for n in notes if n["budget_limited"]})
+    return "; ".join(limited) if limited else "converged"
 
 
 def seed_values(value: object) -> list[float]:
@@ -213,6 +229,7 @@ DISPLAY = {
     "spon_kl": "SPON KL",
     "achieved_sparsity": "achieved sparsity",
     "best_epochs": "kept epoch",
+    "budget": "training budget",
     "pareto": "Pareto",
 }
 
