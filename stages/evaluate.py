@@ -38,7 +38,7 @@ from sponlab.stages.common import (
     read_params,
     timed,
 )
-from sponlab.stats import damage
+from sponlab.stats import block_bootstrap_se, damage, finite_or_none
 from sponlab.tensorio import read_json, write_rows
 
 
@@ -94,6 +94,12 @@ def main(
     payload |= {"teal_damage": hurt.as_dict(), **same_for_all_seeds(sizes, trained)}
     payload["protocol"] = dense_info.get("protocol")  # the test windows dense was scored on
     payload["achieved_sparsity"] = achieved_summary(rows, sparsity)
+    payload["teal"]["block_nll"] = teal.block_nll
+    payload["damage_recovered_block_se"] = finite_or_none(
+        block_bootstrap_se(
+            dense_info["block_nll"], teal.block_nll, [m.block_nll for m in seeds.values()]
+        )
+    )  # test-block noise of the mean damage recovered (paired bootstrap)
     write_metrics(out / "metrics.json", payload, device, dtype)
     write_rows(out / "shift.csv", shift_rows(teal, list(seeds.values())), SHIFT_FIELDS)
     write_rows(out / "sparsity.csv", rows, SPARSITY_FIELDS)

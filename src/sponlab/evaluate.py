@@ -195,9 +195,10 @@ def cell_metrics(
 ) -> dict:
     """TEAL, per-seed TEAL+SPON and their mean / spread (ppl, KL, damage recovered)."""
     per_seed = [
-        {"seed": k, **m.summary(), "damage_recovered": damage_recovered(dense_ppl, teal.ppl, m.ppl)}
+        {"seed": k, **m.summary(), "damage_recovered": damage_recovered(dense_ppl, teal.ppl, m.ppl),
+         "block_nll": m.block_nll}  # paired with dense's and TEAL's: the block bootstrap
         for k, m in seeds.items()
-    ]
+    ]  # fmt: skip
 
     def over_seeds(key: str) -> dict | None:
         values = [row[key] for row in per_seed if row[key] is not None]

@@ -42,6 +42,7 @@ class CellResult:
     damage_recovered: float | None  # mean over seeds
     damage_recovered_sd: float | None
     damage_recovered_seeds: str  # per seed, ';'-joined (for noise tests downstream)
+    damage_recovered_block_se: float | None  # test-block bootstrap SE of the mean
     ppl_reduction_vs_teal: float  # (TEAL - SPON) / TEAL
     above_dense: float  # (SPON - dense) / dense
     teal_kl: float | None
@@ -83,6 +84,7 @@ def cell_result(evaluation: dict, trainings: Sequence[dict], model_parameters: i
         damage_recovered=dr["mean"] if dr and measurable else None,
         damage_recovered_sd=dr["sd"] if dr and measurable else None,
         damage_recovered_seeds=";".join(f"{v:.6f}" for v in per_seed if v is not None),
+        damage_recovered_block_se=evaluation.get("damage_recovered_block_se"),
         ppl_reduction_vs_teal=(teal["ppl"] - spon_ppl) / teal["ppl"],
         above_dense=(spon_ppl - dense) / dense,
         teal_kl=teal["kl"],

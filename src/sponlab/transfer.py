@@ -34,7 +34,7 @@ from sponlab.evaluate import VariantMetrics, damage_recovered, evaluate_variant
 from sponlab.sites import Site, SiteMap
 from sponlab.sparsify import SparsifySpec, SparsityStats
 from sponlab.spon import SponBiases
-from sponlab.stats import damage, spread
+from sponlab.stats import block_bootstrap_se, damage, spread
 from sponlab.summary import pareto_front
 from sponlab.train import TeacherCache, Teachers, train_spon
 
@@ -174,6 +174,9 @@ def cell_row(
         "damage_recovered": gain.mean if gain else float("nan"),
         "damage_recovered_sd": gain.sd if gain else float("nan"),
         "damage_recovered_seeds": ";".join(f"{v:.6f}" for v in values),
+        "damage_recovered_block_se": block_bootstrap_se(
+            dense.block_nll, teal.block_nll, [m.block_nll for m in spon.values()]
+        ),  # test-block noise of the mean (paired bootstrap over this domain's blocks)
         "achieved_sparsity": spread(achieved).mean,
         "achieved_sparsity_worst_offset": max(abs(a - cell.sparsity) for a in achieved),
         "pareto": False,  # set per domain by the stage (summary.pareto_front)
