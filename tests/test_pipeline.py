@@ -57,13 +57,13 @@ def activated(command: str, cwd: Path, stdout_only: bool = False) -> str:
 def tiny_params(model_dir: Path) -> dict:
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     params["base"] = {"source": "hub", "name": str(model_dir), "device": "cpu", "dtype": "float32"}
-    params["data"].update(block_len=16, calib_blocks=4, train_blocks=4, val_blocks=2, test_blocks=4)
+    params["data"].update(block_len=16, calib_blocks=4, train_blocks=6, val_blocks=2, test_blocks=4)
     params["sweep"] = {"configs": CONFIGS, "ranked": RANKED, "sparsities": [0.5], "sets": SETS}
     greedy = {"modules": "all", "allocation": "greedy", "step": 0.2, "blocks": 2}
     params["sparsify"]["sets"] = {"all": "all", "o_proj": ["o_proj"], "all-greedy": greedy}
     params["configs"] = {k: v for k, v in params["configs"].items() if k != "STUDY-UNIF-ALL"}
     params["configs"]["UNIF-ALL"]["seeds"] = [0, 1]
-    params["train"].update(epochs=1, batch_size=2, warmup_steps=0)
+    params["train"].update(epochs=1, batch_size=2, warmup_steps=0, blocks=4)  # seeds draw 4 of 6
     params["eval"] = {"batch_size": 2, "detail_blocks": 2}
     params["interpret"]["layers"].update(val_blocks=2, batch_size=2)
     return params

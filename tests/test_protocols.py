@@ -72,6 +72,7 @@ def test_prepare_and_dense_state_the_protocol(tmp_path, monkeypatch):
     params = yaml.safe_load(PARAMS.read_text())
     params["base"] = {"source": "hub", "name": str(model), "device": "cpu", "dtype": "float32"}
     params["data"] |= {"calib_blocks": 2, "train_blocks": 2, "val_blocks": 2, "test_blocks": 2}
+    params["train"]["blocks"] = 0
     params["eval"] |= {"protocol": "sliding", "context": 32, "stride": 8, "max_windows": 5,
                        "detail_blocks": 2}  # fmt: skip
     Path("params.yaml").write_text(yaml.safe_dump(params))
