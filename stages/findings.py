@@ -11,6 +11,8 @@ import typer
 from sponlab.analysis.interpret import InterpretParams
 from sponlab.config import analysis_params
 from sponlab.findings import (
+    budget_line,
+    false_positive_line,
     findings_json,
     findings_markdown,
     study_findings,
@@ -55,14 +57,14 @@ def main(
                 pd.read_csv(seed_path(cell, k) / "val.csv")["val_kl"].tolist()
                 for k in cfg.config(config).seeds
             ]
-    found = study_findings(
-        frame, shifts, similarity, sim_sparsity, cfg.summary.noise_sigmas, curves
-    )
+    found = study_findings(frame, shifts, similarity, sim_sparsity, curves)
     moved = []
     if transfer.is_file():
-        moved = transfer_findings(pd.read_csv(transfer), cfg.summary.noise_sigmas)
-    write_metrics(out, findings_json([*found, *moved]))
-    text = findings_markdown(found)
+        moved = transfer_findings(pd.read_csv(transfer))
+    everything = [*found, *moved]
+    write_metrics(out, findings_json(everything))
+    text = "\n\n".join([budget_line(frame), false_positive_line(everything), ""])
+    text += findings_markdown(found)
     if moved:
         text += (
             "\n## Out of domain (stage transfer: text no stage trained, calibrated or tested on)\n\n"

@@ -92,7 +92,8 @@ def main(
 
     names = [n for n, (config, _) in checkpoints.items() if config in ip.similarity]
     owners = {n: p.config(config) for n, (config, _) in checkpoints.items()}
-    table = similarity_table(names, owners, vectors, baseline)
+    seeds = {n: seed for n, (_, seed) in checkpoints.items()}
+    table = similarity_table(names, owners, vectors, baseline, seeds)
     with replace_dir(tables / "similarity") as out, replace_dir(figures / "similarity") as fig:
         write_table(out / "sites.csv", table.site_rows)
         write_table(out / "pairs.csv", table.pair_rows)

@@ -36,7 +36,7 @@ def main(
         for config in cfg.swept
         for s in cfg.sparsities
     ]
-    frame = summary_table(cells, cfg.summary.reference, cfg.summary.noise_sigmas)
+    frame = summary_table(cells, cfg.summary.reference)
     with atomic_path(tables / "summary.csv") as tmp:
         frame.to_csv(tmp, index=False)
     write_text(tables / "summary.md", to_markdown(frame))

@@ -4,14 +4,17 @@ import pandas as pd
 import pytest
 
 from sponlab.findings import (
+    budget_line,
     claim_a,
     claim_b,
     claim_c,
     claim_d,
     closed_form_free,
     closed_form_init,
+    false_positive_line,
     findings_json,
     study_findings,
+    transfer_findings,
 )
 from sponlab.summary import cell_result, seed_values, summary_table, to_markdown
 
@@ -64,7 +67,7 @@ def test_summary_marks_noise_and_relative_parameters():
     ).set_index("config")
     assert table.loc["TOP-50", "relative_parameters"] == 0.5
     assert table.loc["UNIF-ALL", "vs_reference"] == "ref"
-    assert table.loc["TOP-50", "vs_reference"] == "within noise"
+    assert table.loc["TOP-50", "vs_reference"] == "inconclusive"
     assert table.loc["ATTN-ONLY", "vs_reference"] == "better"
     # another TEAL set is not compared; unmeasurable damage gives no ratio
     assert table.loc["STUDY-ATTN-ONLY", "vs_reference"] == ""
@@ -73,8 +76,22 @@ def test_summary_marks_noise_and_relative_parameters():
     assert table.loc["UNIF-ALL", "ppl_reduction_vs_teal"] == pytest.approx(6 / 60)
     assert table.loc["UNIF-ALL", "above_dense"] == pytest.approx(14 / 40)
     text = to_markdown(table.reset_index())
-    assert "30.0 ± 4.0%" in text and "within noise" in text and "% PPL vs TEAL" in text
+    assert "30.0 ± 4.0%" in text and "inconclusive" in text and "% PPL vs TEAL" in text
     assert "0.450 (off by -0.050)" in text and "0.500 |" in text
+
+
+def test_noise_aware_pareto():
+    table = frame(
+        [
+            ("UNIF-ALL", [0.30, 0.31, 0.29], {}),
+            ("TOP-50", [0.29, 0.33, 0.27], {"params": 50}),  # as good within noise, half the size
+            ("TOP-75", [0.40, 0.41, 0.39], {"params": 75}),  # better beyond noise
+            ("BOTTOM-50", [0.10, 0.11, 0.09], {"params": 50}),  # worse than TOP-50
+        ]
+    ).set_index("config")
+    assert table["pareto"].to_dict() == {
+        "BOTTOM-50": False, "TOP-50": True, "TOP-75": True, "UNIF-ALL": False
+    }  # fmt: skip
 
 
 def test_no_noise_estimate_is_said_not_called_within_noise():
@@ -90,47 +107,129 @@ def test_seed_values_survive_a_csv_round_trip(tmp_path):
     assert seed_values(float("nan")) == [] and seed_values("0.1;0.2") == [0.1, 0.2]
 
 
-def test_claim_verdicts():
+def verdicts(findings):
+    return [f.verdict for f in findings]
+
+
+@pytest.mark.parametrize(
+    ("attn", "direction", "size"),
+    [
+        ([0.31, 0.29, 0.33], "inconclusive", "contradicted"),  # gap +1 point, CI straddles 0
+        ([0.70, 0.72, 0.68], "supported", "contradicted"),  # +40 points: right sign, too small
+        ([0.85, 0.86, 0.84], "supported", "supported"),  # +55 points, as the study
+        ([0.10, 0.12, 0.11], "contradicted", "contradicted"),
+    ],
+)
+def test_claim_a_direction_and_size_are_separate_verdicts(attn, direction, size):
+    table = frame([("UNIF-ALL", [0.30, 0.31, 0.29], {}), ("ATTN-ONLY", attn, {})])
+    found = claim_a(table, 0.5, "ATTN-ONLY", "UNIF-ALL")
+    assert verdicts(found) == [direction, size] and "t(" in found[0].test
+
+
+@pytest.mark.parametrize(
+    ("top", "expected"),
+    [
+        ([0.20, 0.22, 0.18], "contradicted"),  # 67% of the benefit
+        ([0.28, 0.30, 0.26], "inconclusive"),  # 93%, but the noise reaches below 85%
+        ([0.33, 0.34, 0.32], "supported"),  # 110%, clearly above 85%
+    ],
+)
+def test_claim_b_is_a_one_sided_test_of_85_percent(top, expected):
+    table = frame([("UNIF-ALL", [0.30, 0.34, 0.26], {}), ("TOP-50", top, {"params": 50})])
+    found = claim_b(table, 0.5)
+    assert found.verdict == expected and "one-sided" in found.test
+    assert "% [" in found.ours  # the share with its interval
+
+
+def test_block_noise_widens_the_interval():
+    table = frame([("UNIF-ALL", [0.30, 0.31, 0.29], {}), ("ATTN-ONLY", [0.70, 0.72, 0.68], {})])
+    assert claim_a(table, 0.5, "ATTN-ONLY", "UNIF-ALL")[0].verdict == "supported"
+    table["damage_recovered_block_se"] = 0.3  # test blocks too few to tell
+    assert claim_a(table, 0.5, "ATTN-ONLY", "UNIF-ALL")[0].verdict == "inconclusive"
+
+
+def test_no_ratio_when_the_denominator_is_within_noise():
+    table = frame([("UNIF-ALL", [0.02, -0.03, 0.01], {}), ("TOP-50", [0.01, 0.0, 0.02], {})])
+    assert "share undefined" in claim_b(table, 0.5).ours
+
+
+def test_claim_c_needs_farther_states_and_a_gain_beyond_noise():
+    table = frame([("UNIF-ALL", [0.30, 0.34, 0.26], {})])
+    row = table.iloc[0]
+    farther = [{"index": i, "teal_rel": 0.1, "spon_rel": 0.2 if i < 4 else 0.05} for i in range(6)]
+    assert claim_c(farther, row, 0.5, "UNIF-ALL").verdict == "supported"
+    closer = [{"index": i, "teal_rel": 0.1, "spon_rel": 0.05} for i in range(6)]
+    assert claim_c(closer, row, 0.5, "UNIF-ALL").verdict == "contradicted"
+    noisy = frame([("UNIF-ALL", [0.30, -0.2, 0.05], {})]).iloc[0]
+    assert claim_c(farther, noisy, 0.5, "UNIF-ALL").verdict == "inconclusive"
+
+
+def similarity(config_cosines, same_seed_cosine=0.99):
+    pairs = {f"A~B{i}": {"kind": "config", "shared_sites": 3, "mean_cos": c, "same_seed": False}
+             for i, c in enumerate(config_cosines)}  # fmt: skip
+    pairs["A~B"] = {"kind": "config", "shared_sites": 3, "mean_cos": same_seed_cosine,
+                    "same_seed": True}  # fmt: skip
+    pairs["A~A@1"] = {"kind": "seed", "shared_sites": 3, "mean_cos": 0.9, "same_seed": False}
+    pairs["A~D"] = {"kind": "config", "shared_sites": 0, "mean_cos": None, "same_seed": False}
+    return pairs
+
+
+@pytest.mark.parametrize(
+    ("cosines", "expected"),
+    [
+        ([0.50, 0.52, 0.48], "contradicted"),
+        ([0.97, 0.975, 0.98], "supported"),
+        ([0.90, 0.99, 0.94], "inconclusive"),
+    ],
+)
+def test_claim_d_uses_cross_seed_pairs_against_the_study(cosines, expected):
+    found = claim_d(similarity(cosines), 0.5)
+    assert found.verdict == expected
+    assert "0.990" not in found.ours  # the same-seed pair is left out
+
+
+def test_study_findings_and_counts():
     table = frame(
         [
             ("UNIF-ALL", [0.30, 0.34, 0.26], {}),
             ("TOP-50", [0.20, 0.22, 0.18], {"params": 50}),
             ("ATTN-ONLY", [0.31, 0.29, 0.33], {}),
-            ("STUDY-UNIF-ALL", [0.2], {"sparsify": "down_proj"}),
-            ("STUDY-ATTN-ONLY", [0.9], {"sparsify": "o_proj", "teal": 40.1, "ok": False}),
+            ("CLOSED-FORM", [0.03], {}),
         ]
     )
-    assert claim_a(table, 0.5, "ATTN-ONLY", "UNIF-ALL", 2.0).verdict == "within noise"
-    study = claim_a(table, 0.5, "STUDY-ATTN-ONLY", "STUDY-UNIF-ALL", 2.0, "a-study")
-    assert study.verdict == "not testable" and "within noise" in study.ours
-    # 0.20 / 0.30 = 67% of the benefit, 85% lies beyond the noise: not reproduced
-    assert claim_b(table, 0.5, 2.0).verdict == "not reproduced"
-    up = frame([("UNIF-ALL", [0.30, 0.34, 0.26], {}), ("TOP-50", [0.28, 0.30, 0.26], {})])
-    assert claim_b(up, 0.5, 2.0).verdict == "reproduced"
-    row = table[table["config"] == "UNIF-ALL"].iloc[0]
-    farther = [{"index": i, "teal_rel": 0.1, "spon_rel": 0.2 if i < 4 else 0.05} for i in range(6)]
-    assert claim_c(farther, row, 0.5, "UNIF-ALL").verdict == "reproduced"
-    closer = [{"index": i, "teal_rel": 0.1, "spon_rel": 0.05} for i in range(6)]
-    assert claim_c(closer, row, 0.5, "UNIF-ALL").verdict == "not reproduced"
-    sims = {
-        "A~B": {"kind": "config", "shared_sites": 3, "mean_cos": 0.50},
-        "A~C": {"kind": "config", "shared_sites": 3, "mean_cos": 0.52},
-        "A~D": {"kind": "config", "shared_sites": 0, "mean_cos": None},
-        "A~A@1": {"kind": "seed", "shared_sites": 3, "mean_cos": 0.90},
-        "B~B@1": {"kind": "seed", "shared_sites": 3, "mean_cos": 0.92},
-    }
-    assert claim_d(sims, 0.5, 2.0).verdict == "not reproduced"
+    farther = [{"index": i, "teal_rel": 0.1, "spon_rel": 0.2} for i in range(6)]
     curves = {"UNIF-ALL": [[0.5, 0.40, 0.38], [0.5, 0.41, 0.37], [0.5, 0.39, 0.36]]}
     curves["UNIF-ALL-CF-INIT"] = [[0.45, 0.30, 0.29]]
-    report = findings_json(study_findings(table, {0.5: farther}, sims, 0.5, 2.0, {0.5: curves}))
-    claims = {"a.s50", "a-study.s50", "b.s50", "c.s50", "d.s50", "cf.s50", "cf-init.s50"}
-    assert set(report["claims"]) == claims
-    assert sum(report["verdicts"].values()) == 7
-    assert report["claims"]["cf.s50"]["verdict"] == "not testable"  # no CLOSED-FORM cell
-    assert report["claims"]["cf-init.s50"]["verdict"] == "epoch 1: lower KL; best epoch: lower KL"
+    found = study_findings(table, {0.5: farther}, similarity([0.5, 0.6]), 0.5, {0.5: curves})
+    report = findings_json(found)
+    assert set(report["claims"]) == {
+        "a.s50", "a-size.s50", "b.s50", "c.s50", "d.s50", "cf.s50", "cf-init.s50"
+    }  # fmt: skip
+    assert report["claims"]["cf.s50"]["verdict"] == "supported"  # training adds to the CF
+    assert report["claims"]["cf-init.s50"]["verdict"] == "supported"  # lower KL after epoch 1
+    assert report["tests"] == 7 and report["expected_false_positives"] == pytest.approx(0.35)
+    assert "7 verdicts at 95%" in false_positive_line(found)
     curves["UNIF-ALL-CF-INIT"] = [[0.45, 0.41, 0.40]]
-    verdict = closed_form_init(curves, 0.5, 2.0).verdict
-    assert verdict == "epoch 1: same (within noise); best epoch: higher KL"
-    with_cf = frame([("UNIF-ALL", [0.30, 0.34, 0.26], {}), ("CLOSED-FORM", [0.03], {})])
-    free = closed_form_free(with_cf, 0.5, 2.0)
-    assert "10% of the benefit" in free.ours and free.verdict == "10% of SPON's benefit"
+    assert closed_form_init(curves, 0.5).verdict == "inconclusive"
+    assert closed_form_free(table, 0.5).verdict == "supported"
+
+
+def test_transfer_claim_per_domain():
+    table = frame(
+        [
+            ("UNIF-ALL", [-0.08, -0.06, -0.07], {}),  # worse than TEAL alone on this domain
+            ("TOP-50", [0.05, -0.04, 0.01], {"params": 50}),
+            ("ATTN-ONLY", [0.10, 0.12, 0.11], {}),
+        ]
+    )
+    table["domain"] = "stories"
+    found = {f.statement.split(":")[0]: f.verdict for f in transfer_findings(table)
+             if f.claim == "transfer@stories"}  # fmt: skip
+    assert found == {"UNIF-ALL": "contradicted", "TOP-50": "inconclusive", "ATTN-ONLY": "supported"}
+
+
+def test_budget_line_flags_limited_cells():
+    table = frame([("UNIF-ALL", [0.30, 0.34, 0.26], {})])
+    table["training_tokens"], table["steps"], table["budget"] = 16384, 64, "still improving"
+    line = budget_line(table)
+    assert "16,384 distinct tokens, 64 steps" in line and "UNIF-ALL s=0.5 (still improving)" in line

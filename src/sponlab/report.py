@@ -16,7 +16,8 @@ from typing import Any
 
 import pandas as pd
 
-from sponlab.summary import sparsity_key, to_markdown
+from sponlab.stats import SUPPORTED, outcome, pooled_floor
+from sponlab.summary import dr_test, seed_values, sparsity_key, to_markdown
 
 
 @dataclass
@@ -82,12 +83,20 @@ def protocol_line(dense: dict) -> str:
 
 
 def _best(frame: pd.DataFrame, sparsity: float) -> str:
+    """Which trained cells recover the most at one sparsity: the top cell alone only if it beats
+    every other beyond noise (seeds and test blocks), else all cells it does not beat."""
     group = frame[(frame["sparsity"] == sparsity) & frame["damage_recovered"].notna()]
     group = group[group["bias_parameters"] > 0]
     if group.empty:
         return "no cell with measurable damage"
-    row = group.loc[group["damage_recovered"].idxmax()]
-    return f"{row['config']} recovers most at s={sparsity:g} ({100 * row['damage_recovered']:.1f}%)"
+    floor = pooled_floor([seed_values(v) for v in group["damage_recovered_seeds"]])
+    rows = sorted(group.itertuples(), key=lambda r: -r.damage_recovered)
+    top = rows[0]
+    tied = [r for r in rows[1:] if outcome(dr_test(top, r, floor)) != SUPPORTED]
+    if not tied:
+        return f"{top.config} recovers most at s={sparsity:g} ({100 * top.damage_recovered:.1f}%)"
+    names = ", ".join(f"{r.config} {100 * r.damage_recovered:.1f}%" for r in [top, *tied])
+    return f"at s={sparsity:g} no cell recovers most beyond noise: {names}"
 
 
 def sweep_figures(run: RunFiles, report_dir: Path) -> list[str]:

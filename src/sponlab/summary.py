@@ -6,13 +6,22 @@ baseline of "SPON on o_proj" is TEAL on the same modules with no bias, never a d
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import pandas as pd
 
-from sponlab.stats import compare, pooled_sd
+from sponlab.stats import (
+    CONTRADICTED,
+    INCONCLUSIVE,
+    SUPPORTED,
+    Test,
+    outcome,
+    pooled_floor,
+    welch,
+)
 
 
 @dataclass(frozen=True)
@@ -132,18 +141,16 @@ def pareto_front(params: Sequence[float], ppl: Sequence[float]) -> list[bool]:
     return flags
 
 
-def summary_table(
-    cells: Sequence[CellResult], reference: str | None = None, sigmas: float = 2.0
-) -> pd.DataFrame:
-    """All cells by sparsity then config, with a per-sparsity Pareto flag and, against the
-    ``reference`` config: relative parameters and whether the damage-recovered difference is
-    within ``sigmas`` standard errors (seed spreads, floored by the sparsity's pooled seed sd)."""
+def summary_table(cells: Sequence[CellResult], reference: str | None = None) -> pd.DataFrame:
+    """All cells by sparsity then config, with a per-sparsity noise-aware Pareto flag and,
+    against the ``reference`` config: relative parameters and whether the damage-recovered
+    difference is beyond noise (95% interval: seed spreads and test blocks)."""
     frame = pd.DataFrame([asdict(c) for c in cells]).sort_values(["sparsity", "config"])
     frame["pareto"] = False
     frame["relative_parameters"] = float("nan")
     frame["vs_reference"] = ""
     for _, group in frame.groupby("sparsity"):
-        frame.loc[group.index, "pareto"] = pareto_front(group["bias_parameters"], group["spon_ppl"])
+        frame.loc[group.index, "pareto"] = noisy_pareto(group)
         ref = group[group["config"] == reference]
         if ref.empty:
             continue
@@ -151,38 +158,78 @@ def summary_table(
         if ref_row["bias_parameters"]:
             rel = group["bias_parameters"] / ref_row["bias_parameters"]
             frame.loc[group.index, "relative_parameters"] = rel
-        frame.loc[group.index, "vs_reference"] = _noise_marks(group, ref_row, sigmas)
+        frame.loc[group.index, "vs_reference"] = _noise_marks(group, ref_row)
     return frame.reset_index(drop=True)
 
 
-def _noise_marks(group: pd.DataFrame, ref: pd.Series, sigmas: float) -> list[str]:
-    """'ref', 'within noise', 'better' / 'worse' than the reference, 'no seed spread' (no noise
+def dr_test(row, other, floor: tuple[float, float]) -> Test:
+    """Damage recovered of ``row`` minus ``other``'s: seed spread (Welch, lone seeds borrow the
+    pooled ``floor``) and each cell's test-block bootstrap SE."""
+    blocks = [_nan(row.damage_recovered_block_se), _nan(other.damage_recovered_block_se)]
+    return welch(
+        seed_values(row.damage_recovered_seeds), seed_values(other.damage_recovered_seeds),
+        floor, blocks,
+    )  # fmt: skip
+
+
+def _nan(value: object) -> float:
+    return math.nan if value is None or pd.isna(value) else float(value)
+
+
+def _noise_marks(group: pd.DataFrame, ref: pd.Series) -> list[str]:
+    """'ref', 'better' / 'worse' than the reference beyond noise (95% interval of the damage-
+    recovered difference: seeds and test blocks), 'inconclusive', 'no seed spread' (no noise
     estimate), or '' (not comparable: no biases, another TEAL set, unmeasurable damage)."""
-    floor = pooled_sd([seed_values(v) for v in group["damage_recovered_seeds"]])
-    ref_values = seed_values(ref["damage_recovered_seeds"])
+    floor = pooled_floor([seed_values(v) for v in group["damage_recovered_seeds"]])
+    ref_row = next(group[group["config"] == ref["config"]].itertuples())
     marks = []
     for row in group.itertuples():
-        values = seed_values(row.damage_recovered_seeds)
         if row.config == ref["config"]:
             marks.append("ref")
-        elif not row.bias_parameters:
-            marks.append("")  # no biases: nothing recovered to compare
-        elif (
-            not values
-            or not ref_values
-            or not row.damage_measurable
-            or row.sparsify != ref["sparsify"]
-        ):
+        elif not _comparable(row, ref_row) or not row.bias_parameters:
             marks.append("")
         else:
-            c = compare(values, ref_values, floor, sigmas)
-            if c["se"] is None:
-                marks.append("no seed spread")  # single seeds everywhere: nothing to compare to
-            elif c["within_noise"]:
-                marks.append("within noise")
-            else:
-                marks.append("better" if c["difference"] > 0 else "worse")
+            test = dr_test(row, ref_row, floor)
+            verdict = outcome(test) if math.isfinite(test.se) else "none"
+            marks.append({SUPPORTED: "better", CONTRADICTED: "worse", INCONCLUSIVE: "inconclusive",
+                          "none": "no seed spread"}[verdict])  # fmt: skip
     return marks
+
+
+def _comparable(row, ref) -> bool:
+    """Both cells recovered measurable damage on the same TEAL set."""
+    return bool(
+        seed_values(row.damage_recovered_seeds)
+        and seed_values(ref.damage_recovered_seeds)
+        and row.damage_measurable
+        and ref.damage_measurable
+        and row.sparsify == ref.sparsify
+    )
+
+
+def noisy_pareto(group: pd.DataFrame) -> list[bool]:
+    """Pareto flags that respect noise: a cell is dominated by one with no more parameters that
+    recovers more beyond noise, or by one with fewer parameters it does not beat beyond noise.
+    Cells without a measurable damage fall back to :func:`pareto_front` on perplexity."""
+    rows = list(group.itertuples())
+    if not all(_comparable(r, rows[0]) or not r.bias_parameters for r in rows):
+        return pareto_front(group["bias_parameters"], group["spon_ppl"])
+    floor = pooled_floor([seed_values(v) for v in group["damage_recovered_seeds"]])
+
+    def beats(j, i) -> str:
+        test = dr_test(j, i, floor)
+        return outcome(test) if math.isfinite(test.se) else INCONCLUSIVE
+
+    flags = []
+    for i in rows:
+        dominated = any(
+            (j.bias_parameters <= i.bias_parameters and beats(j, i) == SUPPORTED)
+            or (j.bias_parameters < i.bias_parameters and beats(i, j) != SUPPORTED)
+            for j in rows
+            if j is not i and seed_values(j.damage_recovered_seeds)
+        )
+        flags.append(not dominated)
+    return flags
 
 
 def sparsity_key(sparsity: float) -> str:

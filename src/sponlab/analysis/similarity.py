@@ -90,13 +90,19 @@ def similarity_table(
     configs: Mapping[str, AllocationConfig],
     vectors: Mapping[str, Mapping[Site, torch.Tensor]],
     baseline: RandomBaseline,
+    seeds: Mapping[str, int] | None = None,
 ) -> SimilarityTable:
-    """Cosine similarity of biases on shared sites for every pair of ``names``."""
+    """Cosine similarity of biases on shared sites for every pair of ``names``; ``seeds`` (the
+    training seed of each name) marks pairs trained with the same seed, whose shared batch
+    order (and, before seeds drew their data, shared blocks) makes them agree more."""
     table = SimilarityTable(list(names), np.eye(len(names)), [], [], {})
     for (i, a), (j, b) in itertools.combinations(enumerate(names), 2):
         rows = similarity_rows(vectors[a], vectors[b], baseline)
         kind = "seed" if same_allocation(configs[a], configs[b]) else "config"
-        stats = {"a": a, "b": b, "kind": kind, **similarity_summary(rows)}
+        stats = {"a": a, "b": b, "kind": kind}
+        if seeds is not None:
+            stats |= {"seed_a": seeds[a], "seed_b": seeds[b], "same_seed": seeds[a] == seeds[b]}
+        stats |= similarity_summary(rows)
         table.matrix[i, j] = table.matrix[j, i] = stats["mean_cos"]
         table.pair_rows.append(stats)
         table.site_rows += [{"a": a, "b": b, **r} for r in rows]
