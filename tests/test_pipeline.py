@@ -66,6 +66,7 @@ def tiny_params(model_dir: Path) -> dict:
     params["train"].update(epochs=1, batch_size=2, warmup_steps=0, blocks=4)  # seeds draw 4 of 6
     params["eval"] = {"batch_size": 2, "detail_blocks": 2}
     params["interpret"]["layers"].update(val_blocks=2, batch_size=2)
+    params["interpret"]["learning_curve"].update(sizes=[2, 4], seeds=[0, 1], domain_blocks=2)
     return params
 
 
@@ -121,6 +122,7 @@ def test_tiny_dvc_pipeline_end_to_end(repo: Path):
     assert summary["teal_ppl"]["STUDY-ATTN-ONLY"]["s50"] != baseline  # its own set: o_proj only
     assert summary["teal_ppl"]["GREEDY-TEAL"]["s50"] != baseline  # per-layer greedy allocation
     check_greedy_allocation(repo)
+    check_learning_curve(repo)
     assert summary["dense_ppl"] > 0 and all(v["s50"] > 0 for v in summary["ppl"].values())
     cell = json.loads((repo / "metrics/eval/UNIF-ALL/s0.5/metrics.json").read_text())
     assert abs(cell["achieved_sparsity"]["mean"] - 0.5) < 0.1
@@ -186,3 +188,22 @@ def check_ranked_cell(repo: Path) -> None:
     train = json.loads((repo / "models/spon/RANKED-90/s0.5/seed0/train.json").read_text())
     assert train["layers"] == "ranked UNIF-ALL coverage 0.9: " + ",".join(map(str, layers))
     assert train["sites"] == len(layers)
+
+
+def check_learning_curve(repo: Path) -> None:
+    """The second sweep runs by hand as documented: every (config, size, seed) row, the default
+    size read from the default train cell (identical biases to a retraining), the others
+    retrained on nested draws; table, figure and metrics written."""
+    activated("sponlab learning-curve --params params.yaml", repo)
+    rows = list(csv.DictReader((repo / "metrics/learning_curve/curve.csv").open()))
+    assert [(r["config"], r["size"], r["seed"]) for r in rows] == [
+        (c, str(n), str(k)) for c in ("UNIF-ALL", "ATTN-ONLY") for n in (2, 4) for k in (0, 1)
+    ]
+    sources = {(r["config"], r["size"]): r["source"] for r in rows}
+    assert sources[("UNIF-ALL", "4")] == "default train cell"  # train.blocks: 4
+    assert sources[("UNIF-ALL", "2")] == sources[("ATTN-ONLY", "4")] == "retrained"
+    assert all(r["test_recovered"] != "" and float(r["val_kl"]) > 0 for r in rows)
+    assert "(default)" in (repo / "metrics/learning_curve/curve.md").read_text()
+    assert (repo / "plots/learning_curve/curve.png").stat().st_size > 1000
+    metrics = json.loads((repo / "metrics/learning_curve.json").read_text())
+    assert set(metrics["UNIF-ALL"]) == {"b2", "b4", "slope_at_default"}

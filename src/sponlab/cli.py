@@ -38,6 +38,7 @@ STAGES: list[str] = [
     "layer_importance",
     "transfer",
     "transfer_training",
+    "learning_curve",
     "report",
 ]
 

@@ -23,7 +23,12 @@ import torch
 from torch import nn
 
 from sponlab.allocations import AllocationConfig
-from sponlab.analysis.transfer_params import TransferParams, parse_transfer
+from sponlab.analysis.transfer_params import (
+    LearningCurveParams,
+    TransferParams,
+    parse_learning_curve,
+    parse_transfer,
+)
 from sponlab.config import ConfigError, Section
 from sponlab.sites import Site, SiteMap, sort_sites
 from sponlab.spon import SponBiases
@@ -74,6 +79,7 @@ class InterpretParams:
     max_prompt_tokens: int = 64
     layers: LayerImportanceParams = field(default_factory=LayerImportanceParams)
     transfer: TransferParams = field(default_factory=TransferParams)
+    learning_curve: LearningCurveParams = field(default_factory=LearningCurveParams)
 
 
 def _names(sec: Section, name: str, default: Any, allow_all: bool = False) -> Any:
@@ -140,6 +146,7 @@ def parse_params(sec: Section) -> InterpretParams:
         ),
         layers=parse_layer_params(sec.section("layers")),
         transfer=parse_transfer(sec.section("transfer")),
+        learning_curve=parse_learning_curve(sec.section("learning_curve")),
     )
     sec.finish()
     if len(params.similarity) < 2:
@@ -163,6 +170,7 @@ def check_config_names(
     ]
     named += [("transfer.configs", n) for n in params.transfer.configs]
     named += [("transfer.training.config", params.transfer.training.config)]
+    named += [("learning_curve.configs", n) for n in params.learning_curve.configs]
     for key, name in named:
         require_defined(name, configs, f"interpret.{key}", source)
 

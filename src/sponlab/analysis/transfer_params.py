@@ -1,5 +1,6 @@
 """``interpret.transfer``: which configs the transfer stage evaluates on which text domains, and
-which training sets the transfer-training stage compares (size and domain mix)."""
+which training sets the transfer-training stage compares (size and domain mix), and the
+learning curve's training sizes (stage learning-curve)."""
 
 from __future__ import annotations
 
@@ -104,6 +105,48 @@ def parse_training(sec: Section) -> TransferTrainingParams:
         sizes=_positive_ints(sec, "sizes", T.sizes, 1),
         mixes={str(name): _mix(mix, f"mixes.{name}", sec) for name, mix in mixes.items()},
         seeds=_positive_ints(sec, "seeds", T.seeds, 0),
+    )
+    sec.finish()
+    return params
+
+
+@dataclass(frozen=True)
+class LearningCurveParams:
+    configs: tuple[str, ...] = ("UNIF-ALL", "ATTN-ONLY")
+    sparsity: float = 0.5
+    sizes: tuple[int, ...] = (16, 32, 64, 128, 256, 512)  # training blocks per seed
+    seeds: tuple[int, ...] = (0, 1, 2)
+    domain: str = "stories"  # the transfer domain scored beside the test blocks
+    domain_blocks: int = 16
+    cache_gib: float = 4.0  # dense targets of a training set kept in memory up to this size
+
+
+def parse_learning_curve(sec: Section) -> LearningCurveParams:
+    """Validate ``interpret.learning_curve`` (config names are checked with the others)."""
+    D = LearningCurveParams
+    sizes = sec.get("sizes", list(D.sizes))
+    seeds = sec.get("seeds", list(D.seeds))
+    configs = sec.get("configs", list(D.configs))
+    for key, values in (("sizes", sizes), ("seeds", seeds)):
+        if (
+            not isinstance(values, list)
+            or not values
+            or not all(
+                isinstance(v, int) and not isinstance(v, bool) and v >= (1 if key == "sizes" else 0)
+                for v in values
+            )
+        ):
+            raise sec.fail(key, f"must be a non-empty list of integers, got {values!r}")
+    if not isinstance(configs, list) or not configs or not all(isinstance(c, str) for c in configs):
+        raise sec.fail("configs", f"must be a non-empty list of config names, got {configs!r}")
+    params = LearningCurveParams(
+        configs=tuple(dict.fromkeys(configs)),
+        sparsity=sec.number("sparsity", D.sparsity, lo=0, hi=1),
+        sizes=tuple(sorted(set(sizes))),
+        seeds=tuple(dict.fromkeys(seeds)),
+        domain=sec.choice("domain", DOMAINS, D.domain),
+        domain_blocks=sec.number("domain_blocks", D.domain_blocks, lo=2, integer=True),
+        cache_gib=sec.number("cache_gib", D.cache_gib, lo=0),
     )
     sec.finish()
     return params

@@ -1,0 +1,124 @@
+"""How SPON's recovery grows with distinct training tokens: the learning curve.
+
+Each config of ``learning_curve.configs`` is retrained at ``learning_curve.sparsity`` on the
+first ``size`` blocks of each seed's permutation of the training pool (so a seed's sets are
+nested: 16 of its 32, 32 of its 64, ...), with the default run's training settings; the size the
+default trains on is read from the default train cells instead of retrained (same blocks, same
+order, same biases). Every variant is scored on the test blocks and on one transfer domain, and
+its kept validation KL is recorded. A result is about the method only where this curve has
+flattened: the slope at the default budget (points of damage recovered per doubling) says how far
+it is from that.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import pandas as pd
+
+from sponlab.analysis.transfer_params import LearningCurveParams
+from sponlab.paramcheck import ConfigError
+from sponlab.stats import spread
+
+
+def check_trained(lc: LearningCurveParams, configs: Mapping[str, Any]) -> None:
+    """Every curve config is trained, with biases on fixed layers (names are checked by
+    ``interpret``'s parser)."""
+    for name in lc.configs:
+        alloc = configs[name]
+        if alloc.bias != "trained" or alloc.ranked or not alloc.has_biases:
+            raise ConfigError(
+                f"params.yaml: interpret.learning_curve.configs: {name!r} must be a trained "
+                "config with biases on fixed layers"
+            )
+
+
+def keep_targets(size: int, block_len: int, vocab: int, cache_gib: float) -> bool:
+    """Do the full dense targets of ``size`` blocks (float32 log-probs) fit in ``cache_gib``?"""
+    return size * block_len * vocab * 4 <= cache_gib * 2**30
+
+
+CURVE_FIELDS = [
+    "config", "size", "tokens", "seed", "steps", "val_kl", "budget",
+    "test_recovered", "test_block_se", "domain_recovered", "domain_block_se", "source",
+]  # fmt: skip
+
+
+def curve_table(rows: Sequence[Mapping[str, Any]]) -> pd.DataFrame:
+    """Mean and seed sd per (config, size) of the curve's quantities."""
+    frame = pd.DataFrame(rows)
+    out = []
+    for (config, size), group in frame.groupby(["config", "size"], sort=False):
+        row: dict[str, Any] = {"config": config, "size": size, "tokens": group["tokens"].iloc[0],
+                               "seeds": len(group)}  # fmt: skip
+        for key in ("test_recovered", "domain_recovered", "val_kl"):
+            values = [float(v) for v in group[key] if v is not None and not pd.isna(v)]
+            s = spread(values) if values else None
+            row[key] = s.mean if s else math.nan
+            row[f"{key}_sd"] = s.sd if s else math.nan
+        row["budget_limited"] = int((group["budget"] != "converged").sum())
+        out.append(row)
+    return pd.DataFrame(out)
+
+
+def slope_per_doubling(table: pd.DataFrame, config: str, size: int, key: str) -> float | None:
+    """Change of ``key`` per doubling of the training blocks around ``size`` (centred difference
+    over the neighbouring sizes, one-sided at the ends); None when fewer than two sizes."""
+    part = table[table["config"] == config].sort_values("size").reset_index(drop=True)
+    if len(part) < 2 or size not in set(part["size"]):
+        return None
+    i = int(part.index[part["size"] == size][0])
+    lo, hi = max(i - 1, 0), min(i + 1, len(part) - 1)
+    doublings = math.log2(part.loc[hi, "size"] / part.loc[lo, "size"])
+    return float((part.loc[hi, key] - part.loc[lo, key]) / doublings)
+
+
+def _pm(mean: float, sd: float, scale: float, digits: int) -> str:
+    if pd.isna(mean):
+        return "n/a"
+    spread_text = "" if pd.isna(sd) else f" ± {scale * sd:.{digits}f}"
+    return f"{scale * mean:.{digits}f}{spread_text}"
+
+
+def curve_markdown(table: pd.DataFrame, default_size: int, domain: str) -> str:
+    """The table the report shows, with the slope at the default budget per config."""
+    head = (
+        f"| config | blocks | tokens | test: damage recovered (%) | {domain}: damage recovered (%)"
+        " | val KL | seeds budget-limited |"
+    )
+    lines = [head, "|---|---|---|---|---|---|---|"]
+    for r in table.itertuples():
+        mark = " (default)" if r.size == default_size else ""
+        lines.append(
+            f"| {r.config} | {r.size}{mark} | {r.tokens:,} | "
+            f"{_pm(r.test_recovered, r.test_recovered_sd, 100, 1)} | "
+            f"{_pm(r.domain_recovered, r.domain_recovered_sd, 100, 1)} | "
+            f"{_pm(r.val_kl, r.val_kl_sd, 1, 4)} | {r.budget_limited}/{r.seeds} |"
+        )
+    lines.append("")
+    for config in dict.fromkeys(table["config"]):
+        test = slope_per_doubling(table, config, default_size, "test_recovered")
+        dom = slope_per_doubling(table, config, default_size, "domain_recovered")
+        if test is not None and dom is not None:
+            lines.append(
+                f"- {config} at the default {default_size} blocks: {100 * test:+.1f} points per "
+                f"doubling on the test text, {100 * dom:+.1f} on {domain}."
+            )
+    return "\n".join(lines) + "\n"
+
+
+def curve_metrics(table: pd.DataFrame, default_size: int) -> dict[str, Any]:
+    """``{config: {"b<size>": {...}, "slope_at_default": {...}}}`` for ``dvc metrics``."""
+    out: dict[str, Any] = {}
+    for r in table.to_dict("records"):
+        cell = {k: (None if pd.isna(r[k]) else float(r[k]))
+                for k in ("test_recovered", "domain_recovered", "val_kl")}  # fmt: skip
+        out.setdefault(r["config"], {})[f"b{r['size']}"] = cell
+    for config in out:
+        out[config]["slope_at_default"] = {
+            k: slope_per_doubling(table, config, default_size, k)
+            for k in ("test_recovered", "domain_recovered", "val_kl")
+        }
+    return out

@@ -1,0 +1,158 @@
+"""Learning curve: damage recovered and validation KL against distinct training tokens.
+
+Each config of ``learning_curve.configs`` is retrained at ``learning_curve.sparsity`` on
+``sizes`` blocks per seed (the first ``size`` of the seed's permutation of the training pool),
+with the run's ``train`` settings; the default size is read from the default train cells. Every
+variant is scored on the test blocks and on one transfer domain. A second sweep (README "Other
+sweeps"): frozen in dvc.yaml, its committed output is what the report shows. Writes
+metrics/learning_curve/{curve.csv,table.csv,curve.md}, plots/learning_curve/curve.png and
+metrics/learning_curve.json.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+from pathlib import Path
+
+import typer
+
+from sponlab.config import analysis_params
+from sponlab.data import BlockSpec, wants_bos
+from sponlab.experiment import bias_sites, cell_spec
+from sponlab.layout import cell_path, seed_path
+from sponlab.learning_curve import (
+    CURVE_FIELDS,
+    LearningCurveParams,
+    check_trained,
+    curve_markdown,
+    curve_metrics,
+    curve_table,
+    keep_targets,
+)
+from sponlab.plots.learning_curve import plot_curve
+from sponlab.provenance import write_metrics
+from sponlab.spon import SponBiases, load_biases
+from sponlab.stages.common import (
+    MODEL_OPTION,
+    PARAMS_OPTION,
+    THRESHOLDS_OPTION,
+    load_base,
+    load_blocks,
+    read_params,
+    timed,
+)
+from sponlab.tensorio import read_json, write_rows, write_table, write_text
+from sponlab.train import TeacherCache, Teachers, train_spon
+from sponlab.transfer import CellModels, domain_blocks, evaluate_cells
+
+
+def main(
+    params: Path = PARAMS_OPTION,
+    model: Path = MODEL_OPTION,
+    data: Path = typer.Option(Path("data/blocks"), "--data", help="Train, val and test blocks."),
+    thresholds: Path = THRESHOLDS_OPTION,
+    spon: Path = typer.Option(Path("models/spon"), "--spon", help="Default train cells."),
+    tables: Path = typer.Option(Path("metrics/learning_curve"), "--tables"),
+    figures: Path = typer.Option(Path("plots/learning_curve"), "--figures"),
+    metrics: Path = typer.Option(Path("metrics/learning_curve.json"), "--metrics"),
+) -> None:
+    p = read_params(params)
+    lc: LearningCurveParams = analysis_params(p, "interpret").learning_curve
+    p.check_sparsity(lc.sparsity)
+    check_trained(lc, p.configs)
+    loaded, site_map = load_base(p, model)
+    pool = load_blocks(data / "train.safetensors")
+    if max(lc.sizes) > len(pool):
+        raise typer.BadParameter(
+            f"interpret.learning_curve.sizes goes to {max(lc.sizes)} blocks; the pool (data.train_blocks) "
+            f"has {len(pool)}"
+        )
+    val = load_blocks(data / "val.safetensors")
+    val_targets = TeacherCache(loaded.model, val, True, p.train.teacher_topk, p.train.kl_chunk)
+    vocab = loaded.model.get_output_embeddings().weight.shape[0]
+    rows, cells, labels = [], [], {}
+    for config in lc.configs:
+        alloc = p.config(config)
+        spec = cell_spec(p, alloc, lc.sparsity, site_map, thresholds, loaded.fingerprint)
+        sites = bias_sites(alloc, site_map)
+        for size in lc.sizes:
+            keep = p.train.teacher_cache and keep_targets(size, pool.shape[1], vocab, lc.cache_gib)
+            seeds = {}
+            for seed in lc.seeds:
+                settings = replace(p.train, seed=seed, blocks=size, loss=alloc.loss)
+                reused = _default_cell(spon, config, lc.sparsity, seed, size, p, loaded)
+                if reused is not None:
+                    biases, info = reused
+                else:
+                    biases = SponBiases.for_model(
+                        loaded.model, site_map, sites, alloc.parametrization
+                    )
+                    teachers = Teachers(
+                        TeacherCache(loaded.model, pool, keep, settings.teacher_topk,
+                                     settings.kl_chunk), val_targets,
+                    )  # fmt: skip
+                    with timed(f"{config} on {size} blocks, seed {seed}"):
+                        result = train_spon(
+                            loaded.model, site_map, spec, biases, pool, val, settings, teachers
+                        )
+                    info = {"epochs": result.epochs, "best_epoch": result.best_epoch,
+                            "steps": len(result.steps), "diagnostics": result.diagnostics}  # fmt: skip
+                seeds[seed] = biases
+                rows.append(_row(config, size, pool.shape[1], seed, info, reused is not None))
+            labels[f"{config} x{size}"] = (config, size)
+            cells.append(CellModels(f"{config} x{size}", lc.sparsity, alloc.sparsify, spec, seeds,
+                                    math.nan))  # fmt: skip
+    _score(p, lc, loaded, site_map, data, cells, labels, rows)
+    table = curve_table(rows)
+    default = p.train.blocks or len(pool)
+    write_rows(tables / "curve.csv", rows, CURVE_FIELDS)
+    write_table(tables / "table.csv", table.to_dict("records"))
+    write_text(tables / "curve.md", curve_markdown(table, default, lc.domain))
+    plot_curve(table, default * pool.shape[1], lc.domain, figures / "curve.png")
+    write_metrics(metrics, curve_metrics(table, default), loaded.device, loaded.dtype)
+
+
+def _default_cell(spon: Path, config, sparsity, seed, size, p, loaded):
+    """The default train cell's biases and train.json when it trained this very variant."""
+    folder = seed_path(cell_path(spon, config, sparsity), seed)
+    if size != p.train.blocks or not (folder / "train.json").is_file():
+        return None
+    info = read_json(folder / "train.json", "train")
+    if info.get("training_blocks") != size:
+        return None
+    biases, _ = load_biases(folder / "biases.safetensors", None, sparsity, loaded.fingerprint)
+    return biases, info
+
+
+def _row(config: str, size: int, block_len: int, seed: int, info: dict, reused: bool) -> dict:
+    kept = info["epochs"][info["best_epoch"]]
+    return {
+        "config": config, "size": size, "tokens": size * block_len, "seed": seed,
+        "steps": info["steps"], "val_kl": kept["val_kl"],
+        "budget": info["diagnostics"].get("budget_note", "-"),
+        "source": "default train cell" if reused else "retrained",
+    }  # fmt: skip
+
+
+def _score(p, lc, loaded, site_map, data: Path, cells, labels, rows) -> None:
+    """Damage recovered of every variant on the test blocks and on the transfer domain."""
+    block = BlockSpec(p.data.block_len, lc.domain_blocks, wants_bos(loaded.tokenizer, p.data.bos),
+                      p.data.seed)  # fmt: skip
+    sets = {
+        "test": load_blocks(data / "test.safetensors"),
+        "domain": domain_blocks(lc.domain, loaded.tokenizer, block),
+    }
+    for name, blocks in sets.items():
+        with timed(f"score {len(cells)} variants on {name} {tuple(blocks.shape)}"):
+            found = evaluate_cells(loaded.model, site_map, blocks, p.eval.batch_size, cells,
+                                   p.summary.min_damage, p.summary.noise_sigmas)  # fmt: skip
+        for cell in found:
+            config, size = labels[cell["config"]]
+            per_seed = [float(v) for v in cell["damage_recovered_seeds"].split(";") if v]
+            measurable = bool(cell["damage_measurable"])
+            for row in rows:
+                if row["config"] == config and row["size"] == size:
+                    k = list(lc.seeds).index(row["seed"])
+                    row[f"{name}_recovered"] = per_seed[k] if measurable else None
+                    row[f"{name}_block_se"] = cell["damage_recovered_block_se"]
