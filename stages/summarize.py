@@ -10,7 +10,14 @@ import typer
 from sponlab.layout import cell_path, seed_path
 from sponlab.provenance import write_metrics
 from sponlab.stages.common import PARAMS_OPTION, read_params
-from sponlab.summary import cell_result, nested_metrics, summary_table, to_latex, to_markdown
+from sponlab.summary import (
+    cell_result,
+    nested_metrics,
+    perplexity_line,
+    summary_table,
+    to_latex,
+    to_markdown,
+)
 from sponlab.tensorio import atomic_path, read_json, write_text
 
 
@@ -39,7 +46,7 @@ def main(
     frame = summary_table(cells, cfg.summary.reference)
     with atomic_path(tables / "summary.csv") as tmp:
         frame.to_csv(tmp, index=False)
-    write_text(tables / "summary.md", to_markdown(frame))
+    write_text(tables / "summary.md", perplexity_line(dense) + "\n\n" + to_markdown(frame))
     write_text(tables / "summary.tex", to_latex(frame))
     write_metrics(metrics, nested_metrics(frame, dense["ppl"]))
     typer.echo(to_markdown(frame))

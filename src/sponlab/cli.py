@@ -72,6 +72,23 @@ def results(
     typer.echo(results_overview(root))
 
 
+@app.command("readme")
+def readme(
+    path: Path = typer.Option(Path("README.md"), "--path", help="The README to refresh."),
+    check: bool = typer.Option(False, "--check", help="Only report stale blocks (exit 1)."),
+) -> None:
+    """Refresh the README's include blocks from the files the run wrote (after `make repro`)."""
+    from sponlab.readme import refreshed, stale_includes
+
+    text = path.read_text()
+    stale = stale_includes(text, path.parent)
+    if check:
+        typer.echo("\n".join(f"stale: {p}" for p in stale) or "README includes are current")
+        raise typer.Exit(1 if stale else 0)
+    path.write_text(refreshed(text, path.parent))
+    typer.echo(f"refreshed {len(stale)} include block(s) in {path}")
+
+
 @app.command("check-repro")
 def check_repro(
     reference: str = typer.Option("HEAD", "--reference", help="Git revision of the reference run."),

@@ -17,7 +17,7 @@ from typing import Any
 import pandas as pd
 
 from sponlab.stats import SUPPORTED, outcome, pooled_floor
-from sponlab.summary import dr_test, seed_values, sparsity_key, to_markdown
+from sponlab.summary import dr_test, protocol_line, seed_values, sparsity_key, to_markdown
 
 
 @dataclass
@@ -69,17 +69,6 @@ def run_section(run: RunFiles) -> list[str]:
         + ", ".join(f"{k} {v}" for k, v in env.items() if k not in ("device", "dtype")),
         "",
     ]
-
-
-def protocol_line(dense: dict) -> str:
-    """The dense metrics' protocol in words: definition, windows x context, scored tokens."""
-    info = dense.get("protocol") or {"definition": "C: independent blocks", "windows": "?",
-                                      "context": "?", "stride": None}  # fmt: skip
-    stride = f", stride {info['stride']}" if info.get("protocol") == "sliding" else ""
-    return (
-        f"{info['definition']} ({info['windows']} windows x {info['context']} tokens{stride}, "
-        f"{dense['tokens']} scored tokens)"
-    )
 
 
 def _best(frame: pd.DataFrame, sparsity: float) -> str:

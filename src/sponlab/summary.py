@@ -325,6 +325,27 @@ def display_table(frame: pd.DataFrame) -> pd.DataFrame:
     return shown.rename(columns=DISPLAY)
 
 
+def protocol_line(dense: dict) -> str:
+    """The dense metrics' protocol in words: definition, windows x context, scored tokens."""
+    info = dense.get("protocol") or {"definition": "C: independent blocks", "windows": "?",
+                                      "context": "?", "stride": None}  # fmt: skip
+    stride = f", stride {info['stride']}" if info.get("protocol") == "sliding" else ""
+    return (
+        f"{info['definition']} ({info['windows']} windows x {info['context']} tokens{stride}, "
+        f"{dense['tokens']} scored tokens)"
+    )
+
+
+def perplexity_line(dense: dict) -> str:
+    """What every perplexity of the table means: protocol, sparsified tokens and dtype."""
+    info = dense.get("protocol") or {}
+    dtype = (dense.get("env") or {}).get("dtype", "?")
+    return (
+        f"Perplexity protocol: {protocol_line(dense)}; sparsified tokens: "
+        f"{info.get('sparsified_tokens', 'all')}; {dtype}."
+    )
+
+
 def to_markdown(frame: pd.DataFrame) -> str:
     """A GitHub Markdown table (no extra dependency)."""
     shown = display_table(frame)
