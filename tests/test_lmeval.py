@@ -100,3 +100,39 @@ def test_local_task_checks_fields_and_task_list_needs_a_task(tmp_path):
     lines = DEMO_TASK.read_text().splitlines()
     answers = [json.loads(line)["answer"] for line in lines]
     assert len(lines) >= 20 and sorted(set(answers)) == [0, 1, 2, 3]  # answer position balanced
+
+
+def with_bos_template(tok):
+    """The tiny tokenizer with a Llama-3-like template that prepends <s> itself."""
+    from tokenizers import processors
+
+    tok.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single="<s> $A", special_tokens=[("<s>", 1)]
+    )
+    return tok
+
+
+def test_lm_eval_bos_follows_the_pipelines_policy(caplog):
+    from sponlab.lmeval import bos_for_lm_eval
+
+    plain = tiny_tokenizer(64)  # no template BOS (as SmolLM2)
+    assert bos_for_lm_eval(plain, "auto") is False and bos_for_lm_eval(plain, False) is False
+    with caplog.at_level("WARNING"):
+        assert bos_for_lm_eval(plain, True) is True
+    assert "lm-eval cannot insert one" in caplog.text  # said, not silently different
+    llama3 = with_bos_template(tiny_tokenizer(64))
+    assert bos_for_lm_eval(llama3, "auto") is True
+    assert bos_for_lm_eval(llama3, False) is False  # lm-eval then drops the template's BOS
+
+
+def test_lm_eval_scores_with_and_without_bos(llama, task):
+    model, site_map = llama
+    tok = with_bos_template(tiny_tokenizer(model.config.vocab_size))
+    with_bos = evaluate_tasks(model, tok, site_map, [task], batch_size=2, add_bos=True)
+    without = evaluate_tasks(model, tok, site_map, [task], batch_size=2, add_bos=False)
+    assert flat(with_bos.loglikelihoods["words"]) == pytest.approx(
+        flat(reference_loglikelihoods(model, tok, site_map=site_map)), abs=1e-4
+    )  # the reference tokenises with the template: BOS first
+    assert flat(without.loglikelihoods["words"]) != pytest.approx(
+        flat(with_bos.loglikelihoods["words"]), abs=1e-3
+    )

@@ -21,6 +21,7 @@ from typing import Any
 
 from torch import nn
 
+from sponlab.data import wants_bos
 from sponlab.sites import SiteMap
 from sponlab.sparsify import SparsifySpec, sparsified
 from sponlab.spon import SponBiases, maybe_attached
@@ -79,6 +80,23 @@ def local_task(jsonl: Path, name: str | None = None) -> dict[str, Any]:
     }
 
 
+def bos_for_lm_eval(tokenizer: Any, policy: str | bool) -> bool:
+    """lm-eval's ``add_bos_token`` that matches the pipeline's ``data.bos`` on this tokenizer.
+
+    lm-eval only forwards it as ``add_special_tokens``, so it can add a BOS only where the
+    tokenizer's own template has one (Llama 3: yes; SmolLM2, GPT-2: no). When the pipeline
+    prepends BOS to a tokenizer whose template lacks it, lm-eval cannot follow: say so."""
+    bos = wants_bos(tokenizer, policy)
+    if bos and not wants_bos(tokenizer, "auto"):
+        log.warning(
+            "data.bos: %s prepends BOS, but this tokenizer adds none itself and lm-eval cannot "
+            "insert one: its task scores are without BOS while the pipeline's perplexities have "
+            "it",
+            policy,
+        )
+    return bos
+
+
 def evaluate_tasks(
     model: nn.Module,
     tokenizer: Any,
@@ -90,14 +108,16 @@ def evaluate_tasks(
     limit: int | None = None,
     num_fewshot: int | None = None,
     seed: int = 0,
+    add_bos: bool | None = None,
 ) -> TaskScores:
     """Run lm-eval ``tasks`` (names or task-config dicts) on ``model`` with ``spec`` / ``biases``
-    attached (dense when both are None); hooks are removed afterwards."""
+    attached (dense when both are None); hooks are removed afterwards. ``add_bos``: lm-eval's
+    ``add_bos_token`` (None: the tokenizer's own default), see :func:`bos_for_lm_eval`."""
     lm_eval = require_lm_eval()
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, add_bos_token=add_bos)
     with sparsified(model, site_map, spec), maybe_attached(biases, model, site_map):
         out = lm_eval.simple_evaluate(
             model=lm,
@@ -210,8 +230,9 @@ def run_cell(
     cell = CellRef(cell.config, cell.sparsity, cell.variant, seed)
     log.info("lm-eval on %s: %d task(s)", cell.label(), len(tasks))
     result = evaluate_tasks(
-        loaded.model, loaded.tokenizer, site_map, tasks, spec, biases, **asdict(options)
-    )
+        loaded.model, loaded.tokenizer, site_map, tasks, spec, biases, **asdict(options),
+        add_bos=bos_for_lm_eval(loaded.tokenizer, params.data.bos),
+    )  # fmt: skip
     name = cell.variant + (f"-seed{seed}" if cell.variant == "spon" else "")
     root = Path("metrics/lmeval")
     where = root / "dense" if spec is None else cell_path(root, cell.config, cell.sparsity)
