@@ -530,3 +530,27 @@ def test_transfer_stage_writes_table_figure_metrics_and_findings_rows(workspace)
     claims = {f.claim for f in transfer_findings(table)}
     assert {"transfer@code", "a@code", "b@code"} <= claims
     assert "damage_recovered_block_se" in table
+
+
+def test_gemma_post_norm_sites_are_not_residual_directions():
+    from sponlab.analysis.interpret import RandomBaseline
+    from sponlab.analysis.residual import post_norm_sites, residual_alignment_rows
+    from sponlab.sites import discover_sites
+    from sponlab.tiny import tiny_model
+
+    gemma = tiny_model("gemma3", seed=0)
+    gemma_map = discover_sites(gemma)
+    sites = gemma_map.select([0, 1], ["o_proj", "down_proj", "q_proj"])
+    assert post_norm_sites(gemma, gemma_map, sites) == {
+        s for s in sites if s.module in ("o_proj", "down_proj")
+    }
+    llama = tiny_model("llama", seed=0)
+    llama_map = discover_sites(llama)
+    assert post_norm_sites(llama, llama_map, llama_map.sites) == set()
+    hidden = gemma.config.get_text_config().hidden_size
+    vectors = {s: torch.randn(hidden) for s in sites if s.module != "q_proj"}
+    comps = {0: torch.eye(hidden)[:2], 1: torch.eye(hidden)[:2]}
+    baseline = RandomBaseline(count=8, seed=0)
+    assert len(residual_alignment_rows(vectors, comps, baseline)) == 4  # without the check
+    skip = post_norm_sites(gemma, gemma_map, vectors)
+    assert residual_alignment_rows(vectors, comps, baseline, skip) == []

@@ -6,11 +6,16 @@ the study asks whether it points along the dominant directions of the hidden sta
 ``|cos(b, PC_k)|`` with the top ``K`` principal components of the dense residual stream after layer
 ``l`` (``hidden_states[l + 1]``), the energy of ``b`` in that subspace (chance ``K / D``) and the
 empirical random-direction chance level.
+
+Gemma-2/3 blocks normalise the ``o_proj`` and ``down_proj`` outputs (``post_attention_layernorm``,
+``post_feedforward_layernorm``) before the residual add, so there the bias is not a residual-stream
+vector: :func:`post_norm_sites` finds those sites and the rows skip them, with a message.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import logging
+from collections.abc import Iterable, Mapping, Set
 from typing import Any
 
 import torch
@@ -19,7 +24,9 @@ from torch import nn
 from sponlab.analysis.alignment import principal_components
 from sponlab.analysis.interpret import RandomBaseline, cosine, expected_abs_cos
 from sponlab.data import device_batches
-from sponlab.sites import Site, sort_sites
+from sponlab.sites import Site, SiteMap, sort_sites
+
+log = logging.getLogger(__name__)
 
 
 def residual_samples(
@@ -54,15 +61,41 @@ def residual_components(samples: Mapping[int, torch.Tensor], count: int) -> dict
     return {layer: principal_components(x, count)[0] for layer, x in samples.items()}
 
 
+def post_norm_sites(model: nn.Module, site_map: SiteMap, sites: Iterable[Site]) -> set[Site]:
+    """The ``o_proj`` / ``down_proj`` sites whose output is normalised before the residual add:
+    blocks with both a pre- and a post-feedforward norm (Gemma-2/3's sandwich norm)."""
+    blocks = model.get_submodule(site_map.layers_path)
+    out = set()
+    for site in sites:
+        block = blocks[site.layer]
+        sandwich = hasattr(block, "pre_feedforward_layernorm") and hasattr(
+            block, "post_feedforward_layernorm"
+        )
+        if sandwich and site.module in ("o_proj", "down_proj"):
+            out.add(site)
+    return out
+
+
 def residual_alignment_rows(
     vectors: Mapping[Site, torch.Tensor],
     components: Mapping[int, torch.Tensor],
     baseline: RandomBaseline,
+    post_norm: Set[Site] = frozenset(),
 ) -> list[dict[str, Any]]:
-    """Per site whose bias lives in the residual space (output width == hidden size): the
-    largest |cos| with a residual PC of its layer, the bias energy in the top-K subspace, chance."""
+    """Per site whose bias lives in the residual space (output width == hidden size and no norm
+    between it and the residual add): the largest |cos| with a residual PC of its layer, the
+    bias energy in the top-K subspace, chance. ``post_norm`` sites are skipped (logged once)."""
     rows = []
+    skipped = sorted(s.key for s in post_norm if s in vectors)
+    if skipped:
+        log.info(
+            "residual alignment skips %d post-norm site(s) (e.g. %s): their bias is normalised "
+            "before the residual add, so it is not a residual-stream direction",
+            len(skipped), skipped[0],
+        )  # fmt: skip
     for site in sort_sites(vectors):
+        if site in post_norm:
+            continue
         comps = components.get(site.layer)
         bias = vectors[site].detach().double().cpu()
         if comps is None or bias.numel() != comps.shape[1]:

@@ -28,6 +28,7 @@ from sponlab.analysis.prompts import (
     prompt_variants,
 )
 from sponlab.analysis.residual import (
+    post_norm_sites,
     residual_alignment_rows,
     residual_components,
     residual_samples,
@@ -128,7 +129,8 @@ def bias_reports(
         rows = alignment_rows(
             vectors[name], dense, teal[spec.sites], model, site_map, components, baseline
         )
-        resid = residual_alignment_rows(vectors[name], resid_pcs, baseline)
+        post_norm = post_norm_sites(model, site_map, vectors[name])
+        resid = residual_alignment_rows(vectors[name], resid_pcs, baseline, post_norm)
         summary = {
             "bias": ia.bias_summary(stats, norms, site_map.num_layers),
             "alignment": alignment_summary(rows),
