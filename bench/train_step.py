@@ -8,6 +8,9 @@ Measured (CPU, fp32, median of ``--repeats`` interleaved runs after a warm-up ro
   :func:`kl_to_teacher`, backward, grad-norm clipping and an AdamW step on the biases.
 * ``spon-cached``: the same without the teacher forward (epochs >= 2 with ``train.teacher_cache``).
 * ``teacher``: the teacher forward alone (for the decomposition).
+* ``spon-bf16`` / ``spon-cached-bf16``: the same steps with the student's matmuls under bfloat16
+  autocast, as ``train.autocast`` runs them on CPUs with AMX / AVX512-BF16 (teacher, KL, biases
+  and optimizer stay float32); ``speedup`` is the fp32 step over it, same round.
 * ``dense`` (the baseline): dense forward + backward with the same frozen weights and the same
   trainable bias set attached (its own copy and AdamW), next-token cross-entropy loss, clipping
   and an AdamW step; no sparsification, no teacher. Gradients flow through the same layers as in
@@ -68,8 +71,12 @@ def make_steps(
     dense_opt = torch.optim.AdamW(dense_biases.parameters(), lr=1e-3)
     cached = dense_logprobs(model, ids)  # [B, T, V]
 
-    def student(target: torch.Tensor) -> None:
-        with sparsified(model, site_map, spec), spon_biases.attached(model, site_map):
+    def student(target: torch.Tensor, bf16: bool = False) -> None:
+        with (
+            sparsified(model, site_map, spec),
+            spon_biases.attached(model, site_map),
+            torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16),
+        ):
             loss = kl_to_teacher(target, model(ids).logits)
         optimizer_step(loss, spon_biases, spon_opt)
 
@@ -88,6 +95,8 @@ def make_steps(
         "dense": dense,
         "spon": lambda: student(dense_logprobs(model, ids)),
         "spon-cached": lambda: student(cached),
+        "spon-bf16": lambda: student(dense_logprobs(model, ids), True),
+        "spon-cached-bf16": lambda: student(cached, True),
         "teacher": teacher,
     }
 
@@ -136,14 +145,18 @@ def main() -> None:
                 "ratio": ratio,
                 "ratio_of_medians": timing.median / dense.median,
                 "ok": ratio <= TARGET if key == "spon" else None,
+                "speedup": (
+                    paired_ratio(timings[key.removesuffix("-bf16")], timing)
+                    if key.endswith("-bf16") else None
+                ),
             }
-        )
-    print_table(rows, ["model", "variant", "median_s", "tokens_per_s", "ratio", "ok"])
+        )  # fmt: skip
+    print_table(rows, ["model", "variant", "median_s", "tokens_per_s", "ratio", "speedup", "ok"])
     save_result(
         args.name,
         {
             "what": "SPON training step vs dense forward+backward (same frozen weights and bias "
-            "set, CE loss, no teacher), fp32, CPU",
+            "set, CE loss, no teacher), fp32, CPU; -bf16: student under bf16 autocast",
             "settings": {**vars(args), "model": name, "threads": threads},
             "bias_sites": sum(1 for s in site_map.sites if s.module in modules),
             "sparsified_sites": len(spec.sites),
