@@ -71,17 +71,17 @@ def _raw(values: Sequence[float]) -> str:
 
 
 def describe_test(
-    test: Test, scale: float = 100, unit: str = " points", one_sided: bool = False
+    test: Test, scale: float = 100, unit: str = " points", one_sided: bool = False, digits: int = 1
 ) -> str:
-    """``Welch t(df) = t, 95% CI [lo, hi]`` (one-sided: the lower 95% bound)."""
+    """``t(df) = t, 95% CI [lo, hi]`` (one-sided: the lower 95% bound)."""
     if not math.isfinite(test.se) or test.se == 0:
         return "no noise estimate (a lone seed and no pooled spread)"
     t = test.difference / test.se
     if one_sided:
-        lo = test.bound(0.95, upper=False)
-        return f"t({test.df:.1f}) = {t:.2f}, one-sided 95% lower bound {scale * lo:+.1f}{unit}"
-    lo, hi = test.interval
-    return f"t({test.df:.1f}) = {t:.2f}, 95% CI [{scale * lo:+.1f}, {scale * hi:+.1f}]{unit}"
+        lo = scale * test.bound(0.95, upper=False)
+        return f"t({test.df:.1f}) = {t:.2f}, one-sided 95% lower bound {lo:+.{digits}f}{unit}"
+    lo, hi = (scale * v for v in test.interval)
+    return f"t({test.df:.1f}) = {t:.2f}, 95% CI [{lo:+.{digits}f}, {hi:+.{digits}f}]{unit}"
 
 
 def _block_se(row: pd.Series) -> float:
@@ -237,8 +237,8 @@ def claim_d(similarity: Mapping[str, Mapping], sparsity: float | None) -> Findin
         f"cross-seed config pairs {_raw(configs)}; seed pairs of one config "
         f"{_raw(seeds) if seeds else 'none'} (pairs share blocks, so df is optimistic)"
     )
-    return Finding("d", statement, sparsity, study, ours, outcome(shifted),
-                   describe_test(shifted, 1, ""), evidence)  # fmt: skip
+    text = describe_test(shifted, 1, f" (cosine minus {STUDY_COSINE})", digits=3)
+    return Finding("d", statement, sparsity, study, ours, outcome(shifted), text, evidence)
 
 
 def closed_form_free(frame: pd.DataFrame, sparsity: float) -> Finding:
@@ -268,7 +268,7 @@ def closed_form_init(curves: Mapping[str, Sequence[Sequence[float]]], sparsity: 
     test = welch(after_zeros, after_init, (s.sd, float(s.n - 1)))
     ours = f"val KL after epoch 1: {_raw(after_init)} vs {_raw(after_zeros)} from zeros"
     return Finding("cf-init", statement, sparsity, "-", ours, outcome(test),
-                   describe_test(test, 1, ""), evidence)  # fmt: skip
+                   describe_test(test, 1, " (val KL)", digits=4), evidence)  # fmt: skip
 
 
 def study_findings(
