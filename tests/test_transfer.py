@@ -98,12 +98,20 @@ def test_claims_are_retested_per_domain_with_the_same_rules():
             _row("stories", "UNIF-ALL", [0.1, 0.1, 0.1]),
         ]
     )
-    found = {f.claim: f for f in transfer_findings(frame, 2.0)}
-    assert set(found) == {"a@code", "b@code", "a@stories", "b@stories"}
-    assert found["a@code"].verdict == "reproduced (direction)"
-    assert found["b@code"].verdict == "not reproduced"  # 20% of UNIF-ALL's benefit
-    assert found["a@stories"].verdict == "not testable"  # TEAL damage within noise there
-    assert found["a@code"].evidence == "metrics/transfer/summary.csv"
+    found = {(f.claim, f.statement.split(":")[0]): f for f in transfer_findings(frame)}
+    claims = {claim for claim, _ in found}
+    assert claims == {"transfer@code", "a@code", "a-size@code", "b@code",
+                      "transfer@stories", "a@stories", "b@stories"}  # fmt: skip
+    a_code = next(f for (c, _), f in found.items() if c == "a@code")
+    assert a_code.verdict == "supported"  # +20 points, beyond the seed noise
+    b_code = next(f for (c, _), f in found.items() if c == "b@code")
+    assert b_code.verdict == "contradicted"  # 20% of UNIF-ALL's benefit
+    assert found[("transfer@code", "TOP-50")].verdict == "inconclusive"  # 2 ± 1%, df 2
+    assert found[("transfer@code", "ATTN-ONLY")].verdict == "supported"
+    assert found[("transfer@stories", "ATTN-ONLY")].verdict == "not testable"  # damage in noise
+    a_stories = next(f for (c, _), f in found.items() if c == "a@stories")
+    assert a_stories.verdict == "not testable"
+    assert a_code.evidence == "metrics/transfer/summary.csv"
     text = tr.transfer_markdown(frame)
     assert "| code | 0.5 | ATTN-ONLY |" in text and "n/a (TEAL +2.00 ppl within noise)" in text
     nested = tr.transfer_metrics(frame)
