@@ -33,7 +33,7 @@ from sponlab.stats import (
     spread,
     welch,
 )
-from sponlab.summary import seed_values
+from sponlab.summary import block_se, dr_test, seed_values
 
 STUDY_BUDGET = "2,048 blocks x 128 tokens = 262,144 tokens, 10 epochs"
 STUDY_GAP = (0.54, 0.57)  # claim (a): o_proj minus down_proj damage recovered
@@ -84,11 +84,6 @@ def describe_test(
     return f"t({test.df:.1f}) = {t:.2f}, 95% CI [{lo:+.{digits}f}, {hi:+.{digits}f}]{unit}"
 
 
-def _block_se(row: pd.Series) -> float:
-    value = row.get("damage_recovered_block_se")
-    return float(value) if value is not None and not pd.isna(value) else math.nan
-
-
 def _testable(*rows: pd.Series | None) -> str | None:
     """Why the cells cannot carry a verdict (None: they can)."""
     for row in rows:
@@ -113,15 +108,14 @@ class _Pair:
 
     def test(self, scale_b: float = 1.0) -> Test:
         """mean(a) - scale_b x mean(b) with seed and test-block noise."""
-        blocks = [_block_se(self.first), scale_b * _block_se(self.second)]
-        return welch(self.a, self.b, self.floor, blocks, scale_b)
+        return dr_test(self.first, self.second, self.floor, scale_b)
 
     def share(self) -> str:
         """The first's mean as a share of the second's, with its interval when defined."""
-        one = [_block_se(self.first)]
+        one = [block_se(self.first)]
         ratio = ratio_interval(
             welch(self.a, None, self.floor, one),
-            welch(self.b, None, self.floor, [_block_se(self.second)]),
+            welch(self.b, None, self.floor, [block_se(self.second)]),
         )
         if ratio is None:
             return "share undefined: the denominator is not above zero beyond noise"
@@ -208,7 +202,7 @@ def claim_c(shift, row: pd.Series | None, sparsity: float, config: str) -> Findi
     middle = [r for r in shift if r["index"] not in (0, len(shift) - 1)]  # embeddings, last layer
     farther = sum(r["spon_rel"] > r["teal_rel"] for r in middle) / len(middle)
     values = seed_values(row["damage_recovered_seeds"])
-    test = welch(values, None, block_se=[_block_se(row)])
+    test = welch(values, None, block_se=[block_se(row)])
     ours = (
         f"farther from dense at {100 * farther:.0f}% of {len(middle)} intermediate layers; "
         f"ppl {row['teal_ppl']:.2f} -> {row['spon_ppl']:.2f} ({_pm(values)} recovered)"
@@ -321,7 +315,7 @@ def _not_worse(part: pd.DataFrame, config: str, sparsity: float, domain: str) ->
     if why or row is None:
         return _untestable(f"transfer@{domain}", statement, sparsity, "-", why, evidence)
     values = seed_values(row["damage_recovered_seeds"])
-    test = welch(values, None, block_se=[_block_se(row)])
+    test = welch(values, None, block_se=[block_se(row)])
     ours = f"{_pm(values)} of TEAL's damage recovered"
     return Finding(f"transfer@{domain}", statement, sparsity, "-", ours, outcome(test),
                    describe_test(test), evidence)  # fmt: skip

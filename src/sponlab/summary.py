@@ -162,17 +162,20 @@ def summary_table(cells: Sequence[CellResult], reference: str | None = None) -> 
     return frame.reset_index(drop=True)
 
 
-def dr_test(row, other, floor: tuple[float, float]) -> Test:
-    """Damage recovered of ``row`` minus ``other``'s: seed spread (Welch, lone seeds borrow the
-    pooled ``floor``) and each cell's test-block bootstrap SE."""
-    blocks = [_nan(row.damage_recovered_block_se), _nan(other.damage_recovered_block_se)]
+def dr_test(row, other, floor: tuple[float, float], scale_b: float = 1.0) -> Test:
+    """Damage recovered of ``row`` minus ``scale_b`` x ``other``'s (rows of the summary or
+    transfer table): seed spread (Welch, lone seeds borrow the pooled ``floor``) and each
+    cell's test-block bootstrap SE."""
+    blocks = [block_se(row), scale_b * block_se(other)]
     return welch(
         seed_values(row.damage_recovered_seeds), seed_values(other.damage_recovered_seeds),
-        floor, blocks,
+        floor, blocks, scale_b,
     )  # fmt: skip
 
 
-def _nan(value: object) -> float:
+def block_se(row) -> float:
+    """A cell's test-block bootstrap SE of its mean damage recovered (nan: none recorded)."""
+    value = getattr(row, "damage_recovered_block_se", None)
     return math.nan if value is None or pd.isna(value) else float(value)
 
 
