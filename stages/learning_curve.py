@@ -27,12 +27,14 @@ from sponlab.learning_curve import (
     check_trained,
     curve_markdown,
     curve_metrics,
+    curve_row,
     curve_table,
     keep_targets,
+    train_variant,
 )
 from sponlab.plots.learning_curve import plot_curve
 from sponlab.provenance import write_metrics
-from sponlab.spon import SponBiases, load_biases
+from sponlab.spon import load_biases
 from sponlab.stages.common import (
     MODEL_OPTION,
     PARAMS_OPTION,
@@ -43,7 +45,7 @@ from sponlab.stages.common import (
     timed,
 )
 from sponlab.tensorio import read_json, write_rows, write_table, write_text
-from sponlab.train import TeacherCache, Teachers, train_spon
+from sponlab.train import TeacherCache
 from sponlab.transfer import CellModels, domain_blocks, evaluate_cells
 
 
@@ -85,21 +87,13 @@ def main(
                 if reused is not None:
                     biases, info = reused
                 else:
-                    biases = SponBiases.for_model(
-                        loaded.model, site_map, sites, alloc.parametrization
-                    )
-                    teachers = Teachers(
-                        TeacherCache(loaded.model, pool, keep, settings.teacher_topk,
-                                     settings.kl_chunk), val_targets,
-                    )  # fmt: skip
                     with timed(f"{config} on {size} blocks, seed {seed}"):
-                        result = train_spon(
-                            loaded.model, site_map, spec, biases, pool, val, settings, teachers
-                        )
-                    info = {"epochs": result.epochs, "best_epoch": result.best_epoch,
-                            "steps": len(result.steps), "diagnostics": result.diagnostics}  # fmt: skip
+                        biases, info = train_variant(
+                            loaded.model, site_map, spec, sites, pool, val_targets, settings,
+                            keep, alloc.parametrization,
+                        )  # fmt: skip
                 seeds[seed] = biases
-                rows.append(_row(config, size, pool.shape[1], seed, info, reused is not None))
+                rows.append(curve_row(config, size, pool.shape[1], seed, info, reused is not None))
             labels[f"{config} x{size}"] = (config, size)
             cells.append(CellModels(f"{config} x{size}", lc.sparsity, alloc.sparsify, spec, seeds,
                                     math.nan))  # fmt: skip
@@ -123,16 +117,6 @@ def _default_cell(spon: Path, config, sparsity, seed, size, p, loaded):
         return None
     biases, _ = load_biases(folder / "biases.safetensors", None, sparsity, loaded.fingerprint)
     return biases, info
-
-
-def _row(config: str, size: int, block_len: int, seed: int, info: dict, reused: bool) -> dict:
-    kept = info["epochs"][info["best_epoch"]]
-    return {
-        "config": config, "size": size, "tokens": size * block_len, "seed": seed,
-        "steps": info["steps"], "val_kl": kept["val_kl"],
-        "budget": info["diagnostics"].get("budget_note", "-"),
-        "source": "default train cell" if reused else "retrained",
-    }  # fmt: skip
 
 
 def _score(p, lc, loaded, site_map, data: Path, cells, labels, rows) -> None:

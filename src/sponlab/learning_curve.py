@@ -17,10 +17,17 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import pandas as pd
+import torch
+from torch import nn
 
 from sponlab.analysis.transfer_params import LearningCurveParams
+from sponlab.config import TrainParams
 from sponlab.paramcheck import ConfigError
+from sponlab.sites import Site, SiteMap
+from sponlab.sparsify import SparsifySpec
+from sponlab.spon import SponBiases
 from sponlab.stats import spread
+from sponlab.train import TeacherCache, Teachers, train_spon
 
 
 def check_trained(lc: LearningCurveParams, configs: Mapping[str, Any]) -> None:
@@ -38,6 +45,40 @@ def check_trained(lc: LearningCurveParams, configs: Mapping[str, Any]) -> None:
 def keep_targets(size: int, block_len: int, vocab: int, cache_gib: float) -> bool:
     """Do the full dense targets of ``size`` blocks (float32 log-probs) fit in ``cache_gib``?"""
     return size * block_len * vocab * 4 <= cache_gib * 2**30
+
+
+def train_variant(
+    model: nn.Module,
+    site_map: SiteMap,
+    spec: SparsifySpec,
+    sites: Sequence[Site],
+    pool: torch.Tensor,
+    val_targets: TeacherCache,
+    settings: TrainParams,
+    keep: bool,
+    parametrization: str = "output",
+) -> tuple[SponBiases, dict[str, Any]]:
+    """Biases trained from zeros on ``settings.blocks`` blocks of ``pool`` [P, T] (the seed's
+    draw), sharing the validation targets; returns them and the train.json fields the curve
+    reads (epochs, kept epoch, steps, diagnostics)."""
+    biases = SponBiases.for_model(model, site_map, sites, parametrization)
+    train = TeacherCache(model, pool, keep, settings.teacher_topk, settings.kl_chunk)
+    result = train_spon(model, site_map, spec, biases, pool, val_targets.blocks, settings,
+                        Teachers(train, val_targets))  # fmt: skip
+    info = {"epochs": result.epochs, "best_epoch": result.best_epoch,
+            "steps": len(result.steps), "diagnostics": result.diagnostics}  # fmt: skip
+    return biases, info
+
+
+def curve_row(config: str, size: int, block_len: int, seed: int, info: dict, reused: bool) -> dict:
+    """One row of curve.csv from a variant's train.json fields (scores are added later)."""
+    kept = info["epochs"][info["best_epoch"]]
+    return {
+        "config": config, "size": size, "tokens": size * block_len, "seed": seed,
+        "steps": info["steps"], "val_kl": kept["val_kl"],
+        "budget": info["diagnostics"].get("budget_note", "-"),
+        "source": "default train cell" if reused else "retrained",
+    }  # fmt: skip
 
 
 CURVE_FIELDS = [
