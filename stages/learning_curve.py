@@ -11,6 +11,7 @@ metrics/learning_curve.json.
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import replace
 from pathlib import Path
@@ -20,7 +21,7 @@ import typer
 from sponlab.config import analysis_params
 from sponlab.data import BlockSpec, wants_bos
 from sponlab.experiment import bias_sites, cell_spec
-from sponlab.layout import cell_path, seed_path
+from sponlab.layout import CURVE_VARIANTS, cell_path, curve_variant_path, seed_path
 from sponlab.learning_curve import (
     CURVE_FIELDS,
     LearningCurveParams,
@@ -30,7 +31,10 @@ from sponlab.learning_curve import (
     curve_row,
     curve_table,
     keep_targets,
+    load_variant,
+    save_variant,
     train_variant,
+    variant_recipe,
 )
 from sponlab.plots.learning_curve import plot_curve
 from sponlab.provenance import write_metrics
@@ -48,6 +52,8 @@ from sponlab.tensorio import read_json, write_rows, write_table, write_text
 from sponlab.train import TeacherCache
 from sponlab.transfer import CellModels, domain_blocks, evaluate_cells
 
+log = logging.getLogger(__name__)
+
 
 def main(
     params: Path = PARAMS_OPTION,
@@ -58,6 +64,9 @@ def main(
     tables: Path = typer.Option(Path("metrics/learning_curve"), "--tables"),
     figures: Path = typer.Option(Path("plots/learning_curve"), "--figures"),
     metrics: Path = typer.Option(Path("metrics/learning_curve.json"), "--metrics"),
+    work: Path = typer.Option(
+        CURVE_VARIANTS, "--work", help="Retrained variants, kept so an interrupted run resumes."
+    ),
 ) -> None:
     p = read_params(params)
     lc: LearningCurveParams = analysis_params(p, "interpret").learning_curve
@@ -87,11 +96,12 @@ def main(
                 if reused is not None:
                     biases, info = reused
                 else:
-                    with timed(f"{config} on {size} blocks, seed {seed}"):
-                        biases, info = train_variant(
-                            loaded.model, site_map, spec, sites, pool, val_targets, settings,
-                            keep, alloc.parametrization,
-                        )  # fmt: skip
+                    folder = curve_variant_path(work, config, lc.sparsity, size, seed)
+                    recipe = variant_recipe(settings, spec, sites, alloc.parametrization, pool, val)
+                    biases, info = _retrained(
+                        folder, recipe, lc.sparsity, loaded, site_map, spec, sites, pool,
+                        val_targets, settings, keep, alloc.parametrization,
+                    )  # fmt: skip
                 seeds[seed] = biases
                 rows.append(curve_row(config, size, pool.shape[1], seed, info, reused is not None))
             labels[f"{config} x{size}"] = (config, size)
@@ -105,6 +115,22 @@ def main(
     write_text(tables / "curve.md", curve_markdown(table, default, lc.domain))
     plot_curve(table, default * pool.shape[1], lc.domain, figures / "curve.png")
     write_metrics(metrics, curve_metrics(table, default), loaded.device, loaded.dtype)
+
+
+def _retrained(folder, recipe, sparsity, loaded, site_map, spec, sites, pool, val_targets,
+               settings, keep, parametrization):  # fmt: skip
+    """A variant trained from zeros, or the one an earlier (interrupted) run saved under the same
+    recipe in ``folder``."""
+    saved = load_variant(folder, recipe, sparsity, loaded.fingerprint)
+    if saved is not None:
+        log.info("reusing the variant saved in %s", folder)
+        return saved
+    with timed(f"training {folder}"):
+        biases, info = train_variant(loaded.model, site_map, spec, sites, pool, val_targets,
+                                     settings, keep, parametrization)  # fmt: skip
+    save_variant(folder, biases, info, recipe,
+                 {"sparsity": sparsity, "model_fingerprint": loaded.fingerprint})  # fmt: skip
+    return biases, info
 
 
 def _default_cell(spon: Path, config, sparsity, seed, size, p, loaded):

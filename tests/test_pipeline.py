@@ -193,9 +193,20 @@ def check_ranked_cell(repo: Path) -> None:
 def check_learning_curve(repo: Path) -> None:
     """The second sweep runs by hand as documented: every (config, size, seed) row, the default
     size read from the default train cell (identical biases to a retraining), the others
-    retrained on nested draws; table, figure and metrics written."""
+    retrained on nested draws; table, figure and metrics written. A second run resumes from the
+    saved variants and writes the same bytes; a variant whose recipe changed is retrained."""
     activated("sponlab learning-curve --params params.yaml", repo)
-    rows = list(csv.DictReader((repo / "metrics/learning_curve/curve.csv").open()))
+    curve = repo / "metrics/learning_curve/curve.csv"
+    first = curve.read_bytes()
+    saved = repo / "models/learning_curve/ATTN-ONLY/s0.5/b2/seed1/variant.json"
+    stale = repo / "models/learning_curve/UNIF-ALL/s0.5/b2/seed0/variant.json"
+    stale.write_text(stale.read_text().replace('"recipe": "', '"recipe": "0'))
+    before = saved.stat().st_mtime_ns
+    activated("sponlab learning-curve --params params.yaml", repo)
+    assert curve.read_bytes() == first
+    assert saved.stat().st_mtime_ns == before  # reused, not retrained
+    assert '"recipe": "0' not in stale.read_text()  # retrained under the current recipe
+    rows = list(csv.DictReader(curve.open()))
     assert [(r["config"], r["size"], r["seed"]) for r in rows] == [
         (c, str(n), str(k)) for c in ("UNIF-ALL", "ATTN-ONLY") for n in (2, 4) for k in (0, 1)
     ]

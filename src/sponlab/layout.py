@@ -12,6 +12,7 @@ THRESHOLDS = Path("models/thresholds")  # s<sparsity>/<set>.safetensors
 SPON = Path("models/spon")  # <config>/s<sparsity>/seed<k>/{biases.safetensors,train.json,...}
 BASELINES = Path("data/baseline")  # s<sparsity>/<set>.json (TEAL-only, shared by the cells)
 EVALS = Path("metrics/eval")  # <config>/s<sparsity>/{metrics.json,shift.csv,sparsity.csv}
+CURVE_VARIANTS = Path("models/learning_curve")  # <config>/s<sparsity>/b<size>/seed<k>/...
 
 
 def threshold_path(root: Path, sparsity: float, sparsified: str) -> Path:
@@ -33,3 +34,8 @@ def cell_path(root: Path, config: str, sparsity: float) -> Path:
 def seed_path(cell: Path, seed: int) -> Path:
     """One training seed's folder inside a train cell: ``cell/seed0``."""
     return Path(cell) / f"seed{seed}"
+
+
+def curve_variant_path(root: Path, config: str, sparsity: float, size: int, seed: int) -> Path:
+    """One learning-curve variant's folder: ``root/CONFIG/s0.5/b64/seed1``."""
+    return seed_path(cell_path(root, config, sparsity) / f"b{size}", seed)

@@ -12,8 +12,12 @@ it is from that.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 from collections.abc import Mapping, Sequence
+from dataclasses import asdict
+from pathlib import Path
 from typing import Any
 
 import pandas as pd
@@ -25,8 +29,9 @@ from sponlab.config import TrainParams
 from sponlab.paramcheck import ConfigError
 from sponlab.sites import Site, SiteMap
 from sponlab.sparsify import SparsifySpec
-from sponlab.spon import SponBiases
+from sponlab.spon import SponBiases, load_biases, save_biases
 from sponlab.stats import spread
+from sponlab.tensorio import read_json, write_json
 from sponlab.train import TeacherCache, Teachers, train_spon
 
 
@@ -67,6 +72,53 @@ def train_variant(
                         Teachers(train, val_targets))  # fmt: skip
     info = {"epochs": result.epochs, "best_epoch": result.best_epoch,
             "steps": len(result.steps), "diagnostics": result.diagnostics}  # fmt: skip
+    return biases, info
+
+
+def variant_recipe(
+    settings: TrainParams,
+    spec: SparsifySpec,
+    sites: Sequence[Site],
+    parametrization: str,
+    pool: torch.Tensor,
+    val: torch.Tensor,
+) -> str:
+    """SHA-256 of everything a variant's training reads: settings (seed and size included),
+    thresholds, bias sites, the token pool and validation blocks. A saved variant is reused only
+    under the same recipe, so an interrupted curve resumes and a changed one retrains."""
+    h = hashlib.sha256()
+    thresholds = {s.key: repr(float(v)) for s, v in (spec.thresholds or {}).items()}
+    head = {"train": asdict(settings), "method": spec.method, "sparsity": spec.sparsity,
+            "dense_prefix": spec.dense_prefix, "sparsified": [s.key for s in spec.sites],
+            "thresholds": thresholds, "bias_sites": [s.key for s in sites],
+            "parametrization": parametrization}  # fmt: skip
+    h.update(json.dumps(head, sort_keys=True).encode())
+    for blocks in (pool, val):
+        h.update(blocks.to(device="cpu", dtype=torch.int64).contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def save_variant(
+    folder: Path, biases: SponBiases, info: Mapping[str, Any], recipe: str, meta: Mapping[str, Any]
+) -> None:
+    """A retrained variant's biases and curve fields, keyed by its recipe (atomic writes)."""
+    save_biases(folder / "biases.safetensors", biases, {**meta, "recipe": recipe})
+    write_json(folder / "variant.json", {**info, "recipe": recipe})
+
+
+def load_variant(
+    folder: Path, recipe: str, sparsity: float, fingerprint: str
+) -> tuple[SponBiases, dict[str, Any]] | None:
+    """The variant saved in ``folder`` under this very recipe, or None (absent or stale)."""
+    info_file, bias_file = folder / "variant.json", folder / "biases.safetensors"
+    if not (info_file.is_file() and bias_file.is_file()):
+        return None
+    info = read_json(info_file, "learning-curve")
+    if info.get("recipe") != recipe:
+        return None
+    biases, meta = load_biases(bias_file, None, sparsity, fingerprint)
+    if meta.get("recipe") != recipe:
+        return None
     return biases, info
 
 
