@@ -75,6 +75,10 @@ def stage_terms(m: Shapes, w: Workload) -> dict[str, dict[str, dict[str, float]]
     # autograd keeps per layer about 10 hidden-wide and 4 intermediate-wide tensors per token
     saved = m.layers * w.train_batch * t * (10 * m.hidden + 4 * m.intermediate) * wb
     hidden_states = (m.layers + 1) * w.eval_batch * t * m.hidden * (wb + 4)  # HF tuple + fp32 stack
+    # the dense stage copies one layer at a time into its preallocated host reference
+    dense_hidden = (
+        m.layers + 1
+    ) * w.eval_batch * t * m.hidden * wb + w.eval_batch * t * m.hidden * 4
     eval_logits = w.eval_batch * t * m.vocab * wb + t * m.vocab * 4  # logits + one fp32 row
     # detail KL, one block at a time in chunks of <= 512 tokens: reference and logits in fp32,
     # log-softmax, and kl_div's exp(target), difference and product: six [<=512, V] fp32 tensors
@@ -99,7 +103,7 @@ def stage_terms(m: Shapes, w: Workload) -> dict[str, dict[str, dict[str, float]]
             "host": {"|x| samples": samples},
         },
         "dense": {
-            "device": {"weights": weights, "logits": eval_logits, "hidden states": hidden_states},
+            "device": {"weights": weights, "logits": eval_logits, "hidden states": dense_hidden},
             "host": {"dense reference": reference},
         },
         "train": {

@@ -3,7 +3,8 @@
 Every evaluate cell reads the TEAL-only numbers of its sparsified set from one file per (set,
 sparsity); it must get exactly what evaluating TEAL-only itself gives, and refuse a baseline made
 for another sparsity, set or model. BASELINE-TEAL (no biases) trains and evaluates without
-loading the model.
+loading the model. The dense reference every cell's KL and shift are measured against is the
+model's own output.
 """
 
 from __future__ import annotations
@@ -12,12 +13,14 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from sponlab.cli import app
 from sponlab.evaluate import (
     achieved_summary,
     baseline_payload,
+    capture_dense,
     evaluate_variant,
     read_baseline,
     sparsity_rows,
@@ -85,3 +88,16 @@ def test_baseline_teal_cell_needs_no_model(tmp_path, llama, blocks):
     assert cell["teal"]["ppl"] == teal.ppl == cell["spon_seeds"][0]["ppl"]
     assert cell["env"]["device"] == "cpu" and cell["env"]["dtype"] == "float32"
     assert (out / "sparsity.csv").read_text().count("\n") == len(site_map.sites) + 1
+
+
+def test_dense_reference_is_the_models_own_output(llama, blocks):
+    # batch 4 over 6 blocks: a full and a partial batch written into the preallocated tensors
+    model, _ = llama
+    ref = capture_dense(model, blocks, batch_size=4)
+    with torch.no_grad():
+        out = model(blocks, output_hidden_states=True)
+    expect = torch.log_softmax(out.logits.float(), dim=-1).half()
+    assert ref.logp.dtype == torch.float16 and torch.equal(ref.logp, expect)
+    assert ref.hidden.shape == (6, len(out.hidden_states), 16, out.hidden_states[0].shape[-1])
+    for layer, h in enumerate(out.hidden_states):
+        torch.testing.assert_close(ref.hidden[:, layer], h.float(), rtol=1e-5, atol=1e-5)

@@ -94,3 +94,29 @@ def test_loaded_models_keep_no_kv_cache(llama):
     assert model(ids).past_key_values is not None  # the probe can fail: transformers' default
     no_kv_cache(model)
     assert model(ids).past_key_values is None
+
+
+def test_histogram_calibration_counts_where_the_values_are(monkeypatch):
+    # a GPU calibration must bucketise on the GPU: update may not copy a batch to the host
+    from sponlab.sparsify import HistogramQuantiles, quantile_threshold
+
+    values = torch.randn(20_000, generator=torch.Generator().manual_seed(0)).abs()
+    hist = HistogramQuantiles()
+
+    def host_copy(self, *args, **kwargs):
+        raise AssertionError("HistogramQuantiles.update copied a batch to the host")
+
+    monkeypatch.setattr(torch.Tensor, "cpu", host_copy)
+    hist.update(values[:10_000])
+    hist.update(values[10_000:].to(torch.bfloat16))
+    monkeypatch.undo()
+    assert hist.counts.dtype == torch.int64 and int(hist.counts.sum()) == 20_000
+    assert hist.counts.device == hist.edges.device == values.device
+    assert abs(hist.quantile(0.5) / quantile_threshold(values, 0.5) - 1) < 0.01
+    edges = torch.zeros(3, device="meta")  # counts already placed: a batch elsewhere is refused
+    try:
+        hist.update(edges)
+    except ValueError as err:
+        assert "histogram counts live on cpu" in str(err)
+    else:
+        raise AssertionError("values on a second device were counted")

@@ -6,6 +6,7 @@ blocks) is captured once by the dense stage and reused by every evaluated config
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
@@ -21,6 +22,8 @@ from sponlab.sparsify import SparsifySpec, SparsityStats, sparsified
 from sponlab.spon import SponBiases, maybe_attached
 from sponlab.stats import spread
 from sponlab.tensorio import check_made_for, input_error, load_tensors, read_json
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -85,16 +88,31 @@ def hidden_stack(hidden_states: tuple[torch.Tensor, ...]) -> torch.Tensor:
 
 
 def capture_dense(model: nn.Module, blocks: torch.Tensor, batch_size: int) -> DenseReference:
-    """Dense log-probs and hidden states for ``blocks`` ([N, T])."""
+    """Dense log-probs and hidden states for ``blocks`` ([N, T]), written into host tensors
+    allocated once (no list-then-stack copy at the peak) one block and one layer at a time, so
+    the device holds one [T, V] fp32 log-softmax and one layer's [B, T, D] fp32 copy at most."""
     device = next(model.parameters()).device
-    logps, hiddens = [], []
+    logp = hidden = None
     with torch.no_grad():
-        for _, ids in device_batches(blocks, batch_size, device, "dense capture"):
+        for start, ids in device_batches(blocks, batch_size, device, "dense capture"):
             out = model(ids, output_hidden_states=True)
-            # one block at a time: the fp32 log-softmax is [T, V], not [B, T, V]
-            logps += [F.log_softmax(row.float(), dim=-1).half().cpu() for row in out.logits]
-            hiddens.append(hidden_stack(out.hidden_states).cpu())
-    return DenseReference(logp=torch.stack(logps), hidden=torch.cat(hiddens))
+            if logp is None or hidden is None:
+                n, t = blocks.shape
+                layers, dim = len(out.hidden_states), out.hidden_states[0].shape[-1]
+                logp = torch.empty(n, t, out.logits.shape[-1], dtype=torch.float16)  # [N, T, V]
+                hidden = torch.empty(n, layers, t, dim, dtype=torch.float32)  # [N, L+1, T, D]
+                log.info("dense reference: %.2f GiB on the host", _gib(logp) + _gib(hidden))
+            end = start + len(ids)
+            for i, row in enumerate(out.logits):
+                logp[start + i] = F.log_softmax(row.float(), dim=-1).half()
+            for layer, h in enumerate(out.hidden_states):
+                hidden[start:end, layer] = h.float()
+    assert logp is not None and hidden is not None, "capture_dense needs at least one block"
+    return DenseReference(logp=logp, hidden=hidden)
+
+
+def _gib(t: torch.Tensor) -> float:
+    return t.numel() * t.element_size() / 2**30
 
 
 KL_CHUNK_TOKENS = 512  # detail KL: at most [512, V] fp32 temporaries at once

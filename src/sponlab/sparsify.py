@@ -160,29 +160,43 @@ def group_representatives(sites: Iterable[Site]) -> dict[Site, list[Site]]:
 
 
 class HistogramQuantiles:
-    """Streaming |x| histogram on log-spaced bins: memory O(bins) per site, for large models."""
+    """Streaming |x| histogram on log-spaced bins: memory O(bins) per site, for large models.
+
+    Edges and counts live on the device of the values (the first :meth:`update` places them), so
+    a GPU calibration bucketises on the GPU and never copies a batch to the host; counts are int64
+    (exact at any token count). Only :meth:`quantile` reads a host copy of the ``bins + 2`` counts.
+    """
 
     def __init__(self, bins: int = 8192, lo: float = 1e-8, hi: float = 1e4) -> None:
         self.edges = torch.logspace(
             torch.log10(torch.tensor(lo)), torch.log10(torch.tensor(hi)), bins + 1
-        )
-        self.counts = torch.zeros(bins + 2, dtype=torch.float64)  # underflow, bins, overflow
+        )  # [bins+1] float32; moved to the values' device at the first update
+        self.counts = torch.zeros(bins + 2, dtype=torch.int64)  # underflow, bins, overflow
 
     def update(self, values: torch.Tensor) -> None:
-        index = torch.bucketize(values.float().flatten().cpu(), self.edges)  # 0 .. bins+1
-        self.counts += torch.bincount(index, minlength=len(self.counts)).double()
+        """Count ``values`` (any shape) on their own device."""
+        if self.edges.device != values.device:
+            if self.counts.any():
+                raise ValueError(
+                    f"histogram counts live on {self.counts.device}; got values on {values.device}"
+                )
+            self.edges, self.counts = self.edges.to(values.device), self.counts.to(values.device)
+        index = torch.bucketize(values.detach().flatten().float(), self.edges)  # 0 .. bins+1
+        self.counts += torch.bincount(index, minlength=len(self.counts))
 
     def quantile(self, q: float) -> float:
         """Value below which a fraction ``q`` of entries lie (linear inside a bin)."""
-        cdf = self.counts.cumsum(0) / self.counts.sum()
+        counts = self.counts.to("cpu", torch.float64)  # [bins+2]: the one host copy
+        edges = self.edges.to("cpu")
+        cdf = counts.cumsum(0) / counts.sum()
         index = int(torch.searchsorted(cdf, torch.tensor(q, dtype=torch.float64)))
         if index == 0:
-            return float(self.edges[0])
-        if index >= len(self.edges):
-            return float(self.edges[-1])
+            return float(edges[0])
+        if index >= len(edges):
+            return float(edges[-1])
         lo_cdf = float(cdf[index - 1])
-        frac = (q - lo_cdf) / max(float(self.counts[index] / self.counts.sum()), 1e-300)
-        lo, hi = float(self.edges[index - 1]), float(self.edges[index])
+        frac = (q - lo_cdf) / max(float(counts[index] / counts.sum()), 1e-300)
+        lo, hi = float(edges[index - 1]), float(edges[index])
         return lo + min(max(frac, 0.0), 1.0) * (hi - lo)
 
 
