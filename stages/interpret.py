@@ -18,6 +18,7 @@ import typer
 from sponlab.analysis import interpret as ia
 from sponlab.analysis import shift as sh
 from sponlab.analysis import study
+from sponlab.analysis.directions import RandomBaseline
 from sponlab.analysis.prompts import load_prompt_sets, select_prompts
 from sponlab.analysis.similarity import similarity_table
 from sponlab.config import analysis_params
@@ -69,7 +70,7 @@ def main(
         n: cell_spec(p, p.config(n), s, site_map, thresholds, loaded.fingerprint)
         for n in ip.configs
     }
-    baseline = ia.RandomBaseline(ip.random_vectors, ip.seed)
+    baseline = RandomBaseline(ip.random_vectors, ip.seed)
     ids = ia.first_blocks(load_blocks(blocks), ip.blocks, "interpret.blocks")
     seconds: dict[str, float] = {}
 

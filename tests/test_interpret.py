@@ -12,6 +12,7 @@ import torch
 from sklearn.decomposition import PCA
 
 from sponlab.allocations import AllocationConfig
+from sponlab.analysis import directions as dr
 from sponlab.analysis import interpret as ia
 from sponlab.analysis import layers as la
 from sponlab.analysis import shift as sh
@@ -100,10 +101,10 @@ def test_vector_stats_known_values():
 
 def test_random_baseline_matches_sqrt_2_over_pi_d():
     for dim in (16, 64, 576):
-        exact = ia.expected_abs_cos(dim)
+        exact = dr.expected_abs_cos(dim)
         assert exact == pytest.approx(math.sqrt(2 / (math.pi * dim)), rel=0.07)
-        assert ia.RandomBaseline(4000, seed=1)(dim) == pytest.approx(exact, rel=0.05)
-    assert ia.expected_abs_cos(2) == pytest.approx(2 / math.pi)  # E|cos θ|, θ uniform
+        assert dr.RandomBaseline(4000, seed=1)(dim) == pytest.approx(exact, rel=0.05)
+    assert dr.expected_abs_cos(2) == pytest.approx(2 / math.pi)  # E|cos θ|, θ uniform
 
 
 def test_layer_norm_rows_rank_layers():
@@ -128,7 +129,7 @@ def test_shift_rows_drift_reduction():
 def test_similarity_identical_negated_and_seed_pairs():
     gen = torch.Generator().manual_seed(0)
     a = {Site(i, "o_proj"): torch.randn(32, generator=gen) for i in range(3)}
-    base = ia.RandomBaseline(50)
+    base = dr.RandomBaseline(50)
     same = sim.similarity_summary(
         sim.similarity_rows(a, {k: v.clone() for k, v in a.items()}, base)
     )
@@ -137,7 +138,7 @@ def test_similarity_identical_negated_and_seed_pairs():
     assert neg["mean_cos"] == pytest.approx(-1.0) and neg["mean_abs_cos"] == pytest.approx(1.0)
     partial = sim.similarity_rows(a, {Site(1, "o_proj"): a[Site(1, "o_proj")]}, base)
     assert len(partial) == 1
-    assert same["chance_abs_cos"] == pytest.approx(ia.expected_abs_cos(32))
+    assert same["chance_abs_cos"] == pytest.approx(dr.expected_abs_cos(32))
     x = AllocationConfig("X", LayerSelection("all"), ("o_proj",), sparsify_modules=("o_proj",))
     assert sim.same_allocation(x, replace(x, name="Y", seeds=(1,)))
     assert not sim.same_allocation(x, replace(x, name="Z", modules=("q_proj",)))
@@ -158,7 +159,7 @@ def test_similarity_table_marks_seed_pairs_and_is_symmetric():
         "Z": replace(x, name="Z", modules=("o_proj",)),
     }
     table = sim.similarity_table(
-        ["X", "X1", "Z"], configs, {"X": v, "X1": dict(v), "Z": w}, ia.RandomBaseline(20)
+        ["X", "X1", "Z"], configs, {"X": v, "X1": dict(v), "Z": w}, dr.RandomBaseline(20)
     )
     kinds = {(r["a"], r["b"]): r["kind"] for r in table.pair_rows}
     assert kinds == {("X", "X1"): "seed", ("X", "Z"): "config", ("X1", "Z"): "config"}
@@ -179,7 +180,7 @@ def test_bias_equal_to_mean_error_has_cosine_one(llama, blocks):
     sparse = collect_moments(model, site_map, sites, blocks, 4, spec)
     assert no_hooks(model, site_map)
     errors = {s: (dense.mean(s) - sparse.mean(s)).float() for s in sites}
-    rows = alignment_rows(errors, dense, sparse, model, site_map, {}, ia.RandomBaseline(20))
+    rows = alignment_rows(errors, dense, sparse, model, site_map, {}, dr.RandomBaseline(20))
     assert all(r["cos_global"] == pytest.approx(1.0) for r in rows)
     assert all(r["error_explained"] == pytest.approx(1.0, abs=1e-6) for r in rows)
     # without sparsification the layer's own-mask error is exactly zero
@@ -218,7 +219,7 @@ def test_pca_matches_sklearn_and_centring_hides_the_mean():
     cos = np.abs(np.sum(comps.numpy() * ref.components_, axis=1))
     np.testing.assert_allclose(cos, 1.0, atol=1e-6)
     np.testing.assert_allclose(ratio.numpy(), ref.explained_variance_ratio_, rtol=1e-6)
-    row = alignment_row(mean, mean, mean, data.mean(0), comps, ia.RandomBaseline(20))
+    row = alignment_row(mean, mean, mean, data.mean(0), comps, dr.RandomBaseline(20))
     assert row["cos_dense_mean"] == pytest.approx(1.0, abs=1e-3)
     assert row["max_abs_cos_pc"] < 0.05  # the mean direction is invisible to centred PCA
 
@@ -460,7 +461,7 @@ def test_stages_write_all_outputs(workspace):
 
 
 def test_residual_alignment_against_known_components(llama):
-    from sponlab.analysis.interpret import RandomBaseline
+    from sponlab.analysis.directions import RandomBaseline
     from sponlab.analysis.residual import (
         residual_alignment_rows,
         residual_components,
@@ -533,7 +534,7 @@ def test_transfer_stage_writes_table_figure_metrics_and_findings_rows(workspace)
 
 
 def test_gemma_post_norm_sites_are_not_residual_directions():
-    from sponlab.analysis.interpret import RandomBaseline
+    from sponlab.analysis.directions import RandomBaseline
     from sponlab.analysis.residual import post_norm_sites, residual_alignment_rows
     from sponlab.sites import discover_sites
     from sponlab.tiny import tiny_model

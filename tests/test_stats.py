@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from sponlab.stats import compare, damage, paired_se, pooled_sd, spread
+from sponlab.stats import damage, paired_se, pooled_sd, spread
 
 
 def test_spread_matches_hand_computed_values():
@@ -42,17 +42,6 @@ def test_damage_rules():
     # large enough relative damage, but inconsistent over blocks: within the paired noise
     noisy = damage(40.0, 44.0, dense, [3.0 + 1.0, 3.5 - 0.8, 4.0 + 0.9, 3.2 - 0.6], 0.02, 2.0)
     assert not noisy.measurable and "paired SE" in noisy.reason
-
-
-def test_compare_uses_seed_spread_and_the_pooled_floor():
-    a, b = [0.40, 0.42, 0.44], [0.30, 0.31, 0.29]
-    assert not compare(a, b, math.nan, 2.0)["within_noise"]
-    assert compare(a, b, math.nan, 2.0)["difference"] == pytest.approx(0.12)
-    # a single replicate borrows the pooled sd; a large pool makes the same gap noise
-    assert compare([0.40], b, 0.01, 2.0)["within_noise"] is False
-    assert compare([0.40], b, 0.2, 2.0)["within_noise"] is True
-    # no spread at all: nothing to compare against, reported as within noise
-    assert compare([0.4], [0.3], math.nan, 2.0)["within_noise"] is True
 
 
 def test_welch_df_and_interval_match_the_textbook():

@@ -97,25 +97,6 @@ def damage(
     return Damage(teal_ppl - dense_ppl, relative, se, reason == "measurable", reason)
 
 
-def compare(a: Sequence[float], b: Sequence[float], floor_sd: float, sigmas: float) -> dict:
-    """Difference of means ``a - b`` against its noise: ``sigmas`` standard errors.
-
-    The standard error uses each side's own seed spread, and ``floor_sd`` (e.g. the pooled seed
-    sd of the sweep) where a side has a single replicate or a smaller spread than the pool.
-    """
-    sa, sb = spread(a), spread(b)
-
-    def var(s: Spread) -> float:
-        sd = s.sd if not math.isnan(s.sd) else floor_sd
-        sd = max(sd, floor_sd) if not math.isnan(floor_sd) else sd
-        return (sd**2) / s.n if not math.isnan(sd) else math.nan
-
-    se = math.sqrt(var(sa) + var(sb))
-    diff = sa.mean - sb.mean
-    within = math.isnan(se) or abs(diff) <= sigmas * se
-    return {"difference": diff, "se": None if math.isnan(se) else se, "within_noise": within}
-
-
 @dataclass(frozen=True)
 class Test:
     """A difference of means with its standard error, degrees of freedom and 95% interval.

@@ -5,7 +5,8 @@ once without grad (and, with ``teacher_cache``, kept in memory for later epochs)
 student with biases attached is trained to match them with AdamW. ``train.loss`` ablates the
 objective: ``kl`` (default), ``ce`` (next-token cross-entropy on the text, no teacher) or
 ``kl+logit_l2`` (KL plus ``logit_l2`` x the mean squared centred logit difference). Whatever the
-loss, the kept epoch is the one with the lowest validation KL to the dense model.
+loss, an epoch replaces the kept biases only if its per-block validation KL to the dense model is
+lower by more than the paired standard error (:func:`sponlab.convergence.replaces`).
 """
 
 from __future__ import annotations
@@ -342,7 +343,10 @@ def train_spon(
     if result.best_epoch == 0:
         log.warning("no epoch lowered the validation KL beyond its SE: keeping the initial biases")
     else:
-        log.info("kept the biases of epoch %d (lowest validation KL)", result.best_epoch)
+        log.info(
+            "kept the biases of epoch %d (the last validation KL gain beyond its SE)",
+            result.best_epoch,
+        )
     log.info("convergence: %s", result.diagnostics["budget_note"])
     result.seconds = time.perf_counter() - start
     return result

@@ -29,7 +29,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 from tqdm.auto import tqdm
 
-from sponlab.analysis.interpret import RandomBaseline, cosine, expected_abs_cos
+from sponlab.analysis.directions import RandomBaseline, cosine, expected_abs_cos
 from sponlab.data import device_batches
 from sponlab.hooks import installed
 from sponlab.sites import Site, SiteMap, sort_sites

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from sponlab.analysis.alignment import principal_components
-from sponlab.analysis.interpret import RandomBaseline, cosine, expected_abs_cos
+from sponlab.analysis.directions import RandomBaseline, cosine, expected_abs_cos
 from sponlab.data import device_batches
 from sponlab.sites import Site, SiteMap, sort_sites
 

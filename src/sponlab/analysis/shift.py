@@ -12,7 +12,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from sponlab.analysis.interpret import nanmean
+from sponlab.analysis.directions import nanmean
 
 
 def shift_rows(

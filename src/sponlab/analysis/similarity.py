@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from sponlab.allocations import AllocationConfig
-from sponlab.analysis.interpret import RandomBaseline, cosine, expected_abs_cos, nanmean
+from sponlab.analysis.directions import RandomBaseline, cosine, expected_abs_cos, nanmean
 from sponlab.sites import Site, sort_sites
 
 

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from sponlab.analysis import directions as dr
 from sponlab.analysis import interpret as ia
 from sponlab.analysis import shift as sh
 from sponlab.analysis.alignment import alignment_rows, collect_moments, site_components
@@ -89,7 +90,7 @@ def alignment_summary(rows: Sequence[Mapping[str, Any]]) -> dict[str, float]:
     over = [abs(r["cos_global"]) > 3 * r["chance_abs_cos"] for r in rows]
     return {
         **ia.summarize(rows, ALIGN_KEYS),
-        "frac_abs_cos_global_over_3x_chance": ia.nanmean(over),
+        "frac_abs_cos_global_over_3x_chance": dr.nanmean(over),
     }
 
 
@@ -100,7 +101,7 @@ def bias_reports(
     params: ia.InterpretParams,
     vectors: Mapping[str, Mapping[Site, torch.Tensor]],
     specs: Mapping[str, SparsifySpec],
-    baseline: ia.RandomBaseline,
+    baseline: dr.RandomBaseline,
 ) -> dict[str, BiasReport]:
     """Bias statistics and alignment of every config in ``specs`` on token blocks ``ids`` [N, T]:
     one dense pass (with samples for PCA) and one TEAL-only pass per distinct sparsified set."""
