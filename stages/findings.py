@@ -12,6 +12,7 @@ from sponlab.analysis.interpret import InterpretParams
 from sponlab.config import analysis_params
 from sponlab.findings import (
     budget_line,
+    curve_line,
     false_positive_line,
     findings_json,
     findings_markdown,
@@ -35,6 +36,9 @@ def main(
     transfer: Path = typer.Option(
         Path("metrics/transfer/summary.csv"), "--transfer", help="Transfer table (optional)."
     ),
+    curve: Path = typer.Option(
+        Path("metrics/learning_curve.json"), "--curve", help="Learning-curve metrics (optional)."
+    ),
 ) -> None:
     cfg = read_params(params)
     frame = pd.read_csv(summary)
@@ -44,8 +48,8 @@ def main(
             file = cell_path(evals, "UNIF-ALL", s) / "shift.csv"
             shifts[s] = pd.read_csv(file).to_dict("records")
     similarity, sim_sparsity = None, None
+    ip: InterpretParams = analysis_params(cfg, "interpret")
     if interpret.is_file():
-        ip: InterpretParams = analysis_params(cfg, "interpret")
         similarity, sim_sparsity = read_json(interpret, "interpret")["similarity"], ip.sparsity
     curves: dict[float, dict[str, list[list[float]]]] = {s: {} for s in cfg.sparsities}
     for config in ("UNIF-ALL", "UNIF-ALL-CF-INIT"):
@@ -63,7 +67,9 @@ def main(
         moved = transfer_findings(pd.read_csv(transfer))
     everything = [*found, *moved]
     write_metrics(out, findings_json(everything))
-    text = "\n\n".join([budget_line(frame), false_positive_line(everything), ""])
+    lc = read_json(curve, "learning-curve") if curve.is_file() else None
+    lines = [budget_line(frame), curve_line(lc, cfg.train.blocks, ip.learning_curve.sparsity)]
+    text = "\n\n".join([*lines, false_positive_line(everything), ""])
     text += findings_markdown(found)
     if moved:
         text += (

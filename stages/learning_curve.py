@@ -16,8 +16,10 @@ import math
 from dataclasses import replace
 from pathlib import Path
 
+import pandas as pd
 import typer
 
+from sponlab.analysis.interpret import InterpretParams
 from sponlab.config import analysis_params
 from sponlab.data import BlockSpec, wants_bos
 from sponlab.experiment import bias_sites, cell_spec
@@ -69,7 +71,8 @@ def main(
     ),
 ) -> None:
     p = read_params(params)
-    lc: LearningCurveParams = analysis_params(p, "interpret").learning_curve
+    ip: InterpretParams = analysis_params(p, "interpret")
+    lc: LearningCurveParams = ip.learning_curve
     p.check_sparsity(lc.sparsity)
     check_trained(lc, p.configs)
     loaded, site_map = load_base(p, model)
@@ -108,13 +111,13 @@ def main(
             cells.append(CellModels(f"{config} x{size}", lc.sparsity, alloc.sparsify, spec, seeds,
                                     math.nan))  # fmt: skip
     _score(p, lc, loaded, site_map, data, cells, labels, rows)
-    table = curve_table(rows)
+    table, frame = curve_table(rows), pd.DataFrame(rows)
     default = p.train.blocks or len(pool)
     write_rows(tables / "curve.csv", rows, CURVE_FIELDS)
     write_table(tables / "table.csv", table.to_dict("records"))
-    write_text(tables / "curve.md", curve_markdown(table, default, lc.domain))
+    write_text(tables / "curve.md", curve_markdown(table, frame, default, lc.domain))
     plot_curve(table, default * pool.shape[1], lc.domain, figures / "curve.png")
-    write_metrics(metrics, curve_metrics(table, default), loaded.device, loaded.dtype)
+    write_metrics(metrics, curve_metrics(table, frame, default), loaded.device, loaded.dtype)
 
 
 def _retrained(folder, recipe, sparsity, loaded, site_map, spec, sites, pool, val_targets,

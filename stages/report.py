@@ -46,6 +46,7 @@ def main(
         figures=figures,
         transfer_md=_optional_text(metrics / "transfer/summary.md"),
         training_md=_optional_text(metrics / "transfer_training/training.md"),
+        curve_md=_optional_text(metrics / "learning_curve/curve.md"),
     )
     write_text(out, build_report(run, out.parent))
     typer.echo(f"report: {out}")

@@ -233,3 +233,18 @@ def test_budget_line_flags_limited_cells():
     table["training_tokens"], table["steps"], table["budget"] = 16384, 64, "still improving"
     line = budget_line(table)
     assert "16,384 distinct tokens, 64 steps" in line and "UNIF-ALL s=0.5 (still improving)" in line
+
+
+def test_curve_line_reads_the_learning_curves_verdict():
+    from sponlab.findings import curve_line
+
+    slope = {"slope": 0.062, "se": 0.011, "df": 2.0}
+    curve = {"UNIF-ALL": {"slope_at_default": {"test_recovered": slope}, "data_limited": "supported"},
+             "env": {"torch": "2.13"}}  # fmt: skip
+    line = curve_line(curve, 128, 0.5)
+    assert "at the default 128 training blocks" in line and "s=0.5" in line
+    assert (
+        "UNIF-ALL +6.2 ± 1.1 points per doubling (t(2), more data helps: supported; data-limited)"
+        in line
+    )
+    assert "not run" in curve_line(None, 128, 0.5)

@@ -41,6 +41,7 @@ def test_report_carries_the_runs_numbers_and_relative_figure_links(tmp_path):
         importance=None,
         spectrum=None,
         figures={"damage": png, "ppl": tmp_path / "missing.png"},
+        curve_md="| config | blocks |\n|---|---|\n| UNIF-ALL | 128 (default) |\n",
     )
     text = build_report(run, tmp_path / "metrics")
     assert "](../plots/sweep/damage_recovered.png)" in text
@@ -50,3 +51,4 @@ def test_report_carries_the_runs_numbers_and_relative_figure_links(tmp_path):
     assert "80%: 4" in text and "early / middle / late: 60% / 30% / 10%" in text
     assert "## The study's claims, re-tested" in text and "| (a) |" in text
     assert "| config | sparsity |" in text
+    assert "## How recovery grows with training tokens" in text and "128 (default)" in text

@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
+from typing import Any
 
 import pandas as pd
 
@@ -332,6 +333,34 @@ def budget_line(frame: pd.DataFrame) -> str:
     return (
         f"Training budget per seed: {tokens:,} distinct tokens, {steps} steps (study: "
         f"{STUDY_BUDGET}). Budget-limited cells: {flags or 'none'}."
+    )
+
+
+CURVE_READING = {SUPPORTED: "data-limited", CONTRADICTED: "saturated", INCONCLUSIVE: "inconclusive"}
+
+
+def curve_line(curve: Mapping[str, Any] | None, blocks: int, sparsity: float) -> str:
+    """Is the default's recovery limited by its training data? The learning curve's per-seed slope
+    at the default size, tested one-sided against zero (metrics/learning_curve.json)."""
+    if not curve:
+        return "Learning curve: not run (README *Other sweeps*); data limitation untested."
+    parts = []
+    for config, cell in curve.items():
+        slope = (
+            cell.get("slope_at_default", {}).get("test_recovered")
+            if isinstance(cell, dict)
+            else None
+        )
+        if not slope:
+            continue
+        verdict = cell.get("data_limited")
+        parts.append(
+            f"{config} {100 * slope['slope']:+.1f} ± {100 * slope['se']:.1f} points per doubling "
+            f"(t({slope['df']:.0f}), more data helps: {verdict}; {CURVE_READING.get(verdict, verdict)})"
+        )
+    return (
+        f"Learning curve (s={sparsity:g}, test text) at the default {blocks} training blocks per "
+        f"seed: {'; '.join(parts) or 'no slope at this size'}."
     )
 
 

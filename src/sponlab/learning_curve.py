@@ -30,7 +30,7 @@ from sponlab.paramcheck import ConfigError
 from sponlab.sites import Site, SiteMap
 from sponlab.sparsify import SparsifySpec
 from sponlab.spon import SponBiases, load_biases, save_biases
-from sponlab.stats import spread
+from sponlab.stats import Test, outcome, spread, welch
 from sponlab.tensorio import read_json, write_json
 from sponlab.train import TeacherCache, Teachers, train_spon
 
@@ -156,16 +156,43 @@ def curve_table(rows: Sequence[Mapping[str, Any]]) -> pd.DataFrame:
     return pd.DataFrame(out)
 
 
-def slope_per_doubling(table: pd.DataFrame, config: str, size: int, key: str) -> float | None:
-    """Change of ``key`` per doubling of the training blocks around ``size`` (centred difference
-    over the neighbouring sizes, one-sided at the ends); None when fewer than two sizes."""
-    part = table[table["config"] == config].sort_values("size").reset_index(drop=True)
-    if len(part) < 2 or size not in set(part["size"]):
-        return None
-    i = int(part.index[part["size"] == size][0])
-    lo, hi = max(i - 1, 0), min(i + 1, len(part) - 1)
-    doublings = math.log2(part.loc[hi, "size"] / part.loc[lo, "size"])
-    return float((part.loc[hi, key] - part.loc[lo, key]) / doublings)
+def seed_slopes(rows: pd.DataFrame, config: str, size: int, key: str) -> list[float]:
+    """Per-seed change of ``key`` per doubling of training blocks around ``size`` (between the
+    neighbouring sizes, one-sided at the ends). A seed's training sets are nested, so each slope
+    pairs one seed's own variants; empty when ``size`` is not on the curve."""
+    part = rows[rows["config"] == config]
+    sizes = sorted({int(v) for v in part["size"]})
+    if len(sizes) < 2 or size not in sizes:
+        return []
+    i = sizes.index(size)
+    lo, hi = sizes[max(i - 1, 0)], sizes[min(i + 1, len(sizes) - 1)]
+    slopes = []
+    for _, seed in part.groupby("seed", sort=True):
+        value = {int(r["size"]): r[key] for r in seed.to_dict("records")}
+        ends = [value.get(lo), value.get(hi)]
+        if all(v is not None and not pd.isna(v) for v in ends):
+            slopes.append((float(ends[1]) - float(ends[0])) / math.log2(hi / lo))
+    return slopes
+
+
+def slope_test(rows: pd.DataFrame, config: str, size: int, key: str) -> Test | None:
+    """Mean per-seed slope against zero (t with seeds - 1 df); None without two seeds."""
+    slopes = seed_slopes(rows, config, size, key)
+    return welch(slopes, None) if len(slopes) > 1 else None
+
+
+def _slope_value(test: Test | None, scale: float, digits: int) -> str:
+    if test is None:
+        return "n/a"
+    return f"{scale * test.difference:+.{digits}f} ± {scale * test.se:.{digits}f}"
+
+
+def _slope_text(test: Test | None, scale: float, digits: int) -> str:
+    """``+x ± se (t(df); more data helps: verdict)``: the one-sided test of a positive slope."""
+    if test is None:
+        return "n/a"
+    verdict = outcome(test, one_sided=True)
+    return f"{_slope_value(test, scale, digits)} (t({test.df:.0f}); more data helps: {verdict})"
 
 
 def _pm(mean: float, sd: float, scale: float, digits: int) -> str:
@@ -175,8 +202,9 @@ def _pm(mean: float, sd: float, scale: float, digits: int) -> str:
     return f"{scale * mean:.{digits}f}{spread_text}"
 
 
-def curve_markdown(table: pd.DataFrame, default_size: int, domain: str) -> str:
-    """The table the report shows, with the slope at the default budget per config."""
+def curve_markdown(table: pd.DataFrame, rows: pd.DataFrame, default_size: int, domain: str) -> str:
+    """The table the report shows, and per config the slope at the default budget: mean ± SE of
+    the per-seed slopes, tested one-sided against zero (a positive slope: data-limited)."""
     head = (
         f"| config | blocks | tokens | test: damage recovered (%) | {domain}: damage recovered (%)"
         " | val KL | seeds budget-limited |"
@@ -190,28 +218,34 @@ def curve_markdown(table: pd.DataFrame, default_size: int, domain: str) -> str:
             f"{_pm(r.domain_recovered, r.domain_recovered_sd, 100, 1)} | "
             f"{_pm(r.val_kl, r.val_kl_sd, 1, 4)} | {r.budget_limited}/{r.seeds} |"
         )
-    lines.append("")
+    lines += ["", f"Slope at the default {default_size} blocks per seed, between the neighbouring "
+              "sizes (points of damage recovered, or val KL, per doubling of training tokens):", ""]  # fmt: skip
     for config in dict.fromkeys(table["config"]):
-        test = slope_per_doubling(table, config, default_size, "test_recovered")
-        dom = slope_per_doubling(table, config, default_size, "domain_recovered")
-        if test is not None and dom is not None:
-            lines.append(
-                f"- {config} at the default {default_size} blocks: {100 * test:+.1f} points per "
-                f"doubling on the test text, {100 * dom:+.1f} on {domain}."
-            )
+        test = slope_test(rows, config, default_size, "test_recovered")
+        dom = slope_test(rows, config, default_size, "domain_recovered")
+        kl = slope_test(rows, config, default_size, "val_kl")
+        lines.append(
+            f"- {config}: test text {_slope_text(test, 100, 1)}; {domain} {_slope_text(dom, 100, 1)}; "
+            f"val KL {_slope_value(kl, 1, 4)}."
+        )
     return "\n".join(lines) + "\n"
 
 
-def curve_metrics(table: pd.DataFrame, default_size: int) -> dict[str, Any]:
-    """``{config: {"b<size>": {...}, "slope_at_default": {...}}}`` for ``dvc metrics``."""
+def curve_metrics(table: pd.DataFrame, rows: pd.DataFrame, default_size: int) -> dict[str, Any]:
+    """``{config: {"b<size>": {...}, "slope_at_default": {...}, "data_limited": ...}}`` for
+    ``dvc metrics``; ``data_limited``: the test-text slope's one-sided verdict against zero."""
     out: dict[str, Any] = {}
     for r in table.to_dict("records"):
         cell = {k: (None if pd.isna(r[k]) else float(r[k]))
                 for k in ("test_recovered", "domain_recovered", "val_kl")}  # fmt: skip
         out.setdefault(r["config"], {})[f"b{r['size']}"] = cell
     for config in out:
+        tests = {k: slope_test(rows, config, default_size, k)
+                 for k in ("test_recovered", "domain_recovered", "val_kl")}  # fmt: skip
         out[config]["slope_at_default"] = {
-            k: slope_per_doubling(table, config, default_size, k)
-            for k in ("test_recovered", "domain_recovered", "val_kl")
+            k: None if t is None else {"slope": t.difference, "se": t.se, "df": t.df}
+            for k, t in tests.items()
         }
+        test = tests["test_recovered"]
+        out[config]["data_limited"] = None if test is None else outcome(test, one_sided=True)
     return out

@@ -36,6 +36,7 @@ class RunFiles:
     figures: Mapping[str, Path]  # figure key -> file
     transfer_md: str | None = None  # the transfer stage's table (unseen text domains)
     training_md: str | None = None  # transfer-training: damage recovered per training set
+    curve_md: str | None = None  # learning-curve (a second sweep): recovery against training tokens
 
 
 def _figure(report_dir: Path, path: Path | None, caption: str) -> list[str]:
@@ -178,9 +179,29 @@ def analysis_sections(run: RunFiles, report_dir: Path) -> list[str]:
         lines += _figure(
             report_dir, run.figures.get("training"), "Damage recovered against training blocks."
         )
+    if run.curve_md:
+        lines += curve_section(run, report_dir)
     if run.spectrum:
         lines += spectrum_section(run.spectrum, run.figures, report_dir)
     return lines
+
+
+def curve_section(run: RunFiles, report_dir: Path) -> list[str]:
+    """The learning curve: is the default's recovery a result about SPON or about its budget?"""
+    lines = [
+        "## How recovery grows with training tokens",
+        "",
+        "The learning-curve stage (a second sweep, frozen in `dvc.yaml`; its committed output is "
+        "what this section shows: `metrics/learning_curve/curve.md`) retrains configs from zeros "
+        "on nested draws of 16 to 512 training blocks per seed, with the run's training settings, "
+        "and scores each on the test blocks and on a transfer domain (mean ± seed sd).",
+        "",
+        str(run.curve_md).strip(),
+        "",
+    ]
+    return lines + _figure(
+        report_dir, run.figures.get("curve"), "Damage recovered against distinct training tokens."
+    )
 
 
 def interpret_section(
@@ -269,4 +290,5 @@ FIGURES: Sequence[tuple[str, str]] = (
     ("erank", "plots/spectrum/erank_ratio_by_layer.png"),
     ("transfer", "plots/transfer/damage_by_domain.png"),
     ("training", "plots/transfer_training/training.png"),
+    ("curve", "plots/learning_curve/curve.png"),
 )
