@@ -346,11 +346,7 @@ def curve_line(curve: Mapping[str, Any] | None, blocks: int, sparsity: float) ->
         return "Learning curve: not run (README *Other sweeps*); data limitation untested."
     parts = []
     for config, cell in curve.items():
-        slope = (
-            cell.get("slope_at_default", {}).get("test_recovered")
-            if isinstance(cell, dict)
-            else None
-        )
+        slope = cell.get("slope_at_default", {}).get("test_recovered") if config != "env" else None
         if not slope:
             continue
         verdict = cell.get("data_limited")
