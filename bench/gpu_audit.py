@@ -36,7 +36,7 @@ from sponlab.analysis.residual import residual_samples
 from sponlab.analysis.sae import train_sae
 from sponlab.models import freeze, load_model, no_kv_cache, resolve_device, resolve_dtype
 from sponlab.sites import discover_sites
-from sponlab.smoke import SmokeError, run_smoke
+from sponlab.smoke import SmokeError, run_smoke, timed_on
 from sponlab.sparsify import SparsifySpec, calibrate_thresholds
 from sponlab.spon import SponBiases
 from sponlab.tiny import save_tiny
@@ -126,17 +126,11 @@ def timed_rows(model, stages: dict, label: str) -> list[dict]:
     device = next(model.parameters()).device
     rows = []
     for stage, fn in stages.items():
-        cuda = device.type == "cuda"
-        if cuda:
-            torch.cuda.synchronize(device)
-            torch.cuda.reset_peak_memory_stats(device)
-        start = time.perf_counter()
-        checked = fn()
-        if cuda:
-            torch.cuda.synchronize(device)
-        peak = torch.cuda.max_memory_allocated(device) / 2**20 if cuda else None
-        rows.append({"model": label, "stage": stage, "seconds": time.perf_counter() - start,
-                     "peak_mib": peak, "checked": checked})  # fmt: skip
+        timing: dict[str, float | None] = {}
+        with timed_on(device, timing):
+            checked = fn()
+        rows.append({"model": label, "stage": stage, "seconds": timing["seconds"],
+                     "peak_mib": timing["peak"], "checked": checked})  # fmt: skip
     return rows
 
 

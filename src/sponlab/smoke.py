@@ -46,7 +46,8 @@ class SmokeError(AssertionError):
 
 
 @contextmanager
-def _timed(device: torch.device, out: dict[str, float | None]) -> Iterator[None]:
+def timed_on(device: torch.device, out: dict[str, float | None]) -> Iterator[None]:
+    """Wall seconds and (CUDA) peak device MiB of the block, into ``out["seconds"]``, ``out["peak"]``."""
     cuda = device.type == "cuda"
     if cuda:
         torch.cuda.synchronize(device)
@@ -189,7 +190,7 @@ def run_smoke(
         ("evaluate (sliding windows)", smoke.sliding),
     ]:
         timing: dict[str, float | None] = {}
-        with _timed(smoke.device, timing):
+        with timed_on(smoke.device, timing):
             checked = fn()
         runs.append(StageRun(name, float(timing["seconds"]), timing["peak"], checked))
     return runs
