@@ -8,9 +8,11 @@ Measured (CPU, fp32, median of ``--repeats`` interleaved runs after a warm-up ro
   :func:`kl_to_teacher`, backward, grad-norm clipping and an AdamW step on the biases.
 * ``spon-cached``: the same without the teacher forward (epochs >= 2 with ``train.teacher_cache``).
 * ``teacher``: the teacher forward alone (for the decomposition).
-* ``spon-bf16`` / ``spon-cached-bf16``: the same steps with the student's matmuls under bfloat16
-  autocast, as ``train.autocast`` runs them on CPUs with AMX / AVX512-BF16 (teacher, KL, biases
-  and optimizer stay float32); ``speedup`` is the fp32 step over it, same round.
+* ``spon-bf16`` / ``spon-cached-bf16``: the same steps with the student's matmuls in bfloat16,
+  as ``train.autocast`` runs them on CPUs with AMX / AVX512-BF16 (:class:`Bf16Student`: weights
+  cast once, autocast; teacher, KL, biases and optimizer stay float32); ``speedup`` is the fp32
+  step over it, same round. ``spon-cached-autocast``: plain autocast (re-casts every weight each
+  step; what training did before the cached copies), for the ratio between the two.
 * ``dense`` (the baseline): dense forward + backward with the same frozen weights and the same
   trainable bias set attached (its own copy and AdamW), next-token cross-entropy loss, clipping
   and an AdamW step; no sparsification, no teacher. Gradients flow through the same layers as in
@@ -25,6 +27,7 @@ from __future__ import annotations
 import argparse
 import logging
 from collections.abc import Callable
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -44,6 +47,7 @@ from benchlib import (
 from torch import nn
 
 from sponlab.distill import dense_logprobs
+from sponlab.precision import Bf16Student
 from sponlab.sites import PROJECTIONS, SiteMap, discover_sites
 from sponlab.sparsify import SparsifySpec, calibrate_thresholds, sparsified
 from sponlab.spon import SponBiases
@@ -63,7 +67,7 @@ def optimizer_step(loss: torch.Tensor, biases: SponBiases, optimizer: torch.opti
 def make_steps(
     model: nn.Module, site_map: SiteMap, spec: SparsifySpec, ids: torch.Tensor, modules
 ) -> dict[str, Callable[[], None]]:
-    """The timed callables: spon, spon-cached, teacher, dense."""
+    """The timed callables: spon, spon-cached (fp32, bf16, plain autocast), teacher, dense."""
     bias_sites = [s for s in site_map.sites if s.module in modules]
     spon_biases = SponBiases.for_model(model, site_map, bias_sites)
     dense_biases = SponBiases.for_model(model, site_map, bias_sites)
@@ -71,11 +75,18 @@ def make_steps(
     dense_opt = torch.optim.AdamW(dense_biases.parameters(), lr=1e-3)
     cached = dense_logprobs(model, ids)  # [B, T, V]
 
-    def student(target: torch.Tensor, bf16: bool = False) -> None:
+    bf16_student = Bf16Student(model)
+    precisions = {
+        "fp32": nullcontext,
+        "bf16": bf16_student.active,
+        "autocast": lambda: torch.autocast("cpu", dtype=torch.bfloat16),
+    }
+
+    def student(target: torch.Tensor, precision: str = "fp32") -> None:
         with (
             sparsified(model, site_map, spec),
             spon_biases.attached(model, site_map),
-            torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16),
+            precisions[precision](),
         ):
             loss = kl_to_teacher(target, model(ids).logits)
         optimizer_step(loss, spon_biases, spon_opt)
@@ -95,8 +106,9 @@ def make_steps(
         "dense": dense,
         "spon": lambda: student(dense_logprobs(model, ids)),
         "spon-cached": lambda: student(cached),
-        "spon-bf16": lambda: student(dense_logprobs(model, ids), True),
-        "spon-cached-bf16": lambda: student(cached, True),
+        "spon-bf16": lambda: student(dense_logprobs(model, ids), "bf16"),
+        "spon-cached-bf16": lambda: student(cached, "bf16"),
+        "spon-cached-autocast": lambda: student(cached, "autocast"),
         "teacher": teacher,
     }
 
@@ -146,8 +158,8 @@ def main() -> None:
                 "ratio_of_medians": timing.median / dense.median,
                 "ok": ratio <= TARGET if key == "spon" else None,
                 "speedup": (
-                    paired_ratio(timings[key.removesuffix("-bf16")], timing)
-                    if key.endswith("-bf16") else None
+                    paired_ratio(timings[key.rsplit("-", 1)[0]], timing)
+                    if key.endswith(("-bf16", "-autocast")) else None
                 ),
             }
         )  # fmt: skip

@@ -1,4 +1,4 @@
-"""Epoch selection, convergence diagnostics, per-seed block draws and the autocast switch."""
+"""Epoch selection, convergence diagnostics, per-seed block draws and the student's bf16 path."""
 
 from __future__ import annotations
 
@@ -8,7 +8,10 @@ import pytest
 import torch
 
 from sponlab.convergence import diagnostics, fraction_at_bound, mean_se, paired_gain, replaces
-from sponlab.train import draw_blocks, uses_autocast
+from sponlab.precision import Bf16Student, uses_autocast
+from sponlab.sparsify import SparsifySpec, calibrate_thresholds, sparsified
+from sponlab.spon import SponBiases
+from sponlab.train import draw_blocks, kl_to_teacher
 
 
 def test_mean_se_matches_the_textbook_formula():
@@ -59,3 +62,37 @@ def test_autocast_auto_is_off_for_a_bf16_model_and_explicit_settings_win(llama):
     model, _ = llama
     assert uses_autocast("bfloat16", model) and not uses_autocast("off", model)
     assert not uses_autocast("auto", model.to(torch.bfloat16))
+
+
+def _bf16_loss_and_grads(model, site_map, blocks, precision):
+    """KL loss and bias gradients of one sparsified student step under ``precision``."""
+    thresholds = calibrate_thresholds(model, site_map, blocks[:2], [0.5])[0.5]
+    spec = SparsifySpec("teal", 0.5, tuple(site_map.sites), thresholds)
+    sites = [s for s in site_map.sites if s.module == "down_proj"]
+    biases = SponBiases.for_model(model, site_map, sites)
+    with torch.no_grad():
+        for v in biases.vectors:
+            v.copy_(torch.randn(v.shape, generator=torch.Generator().manual_seed(3)) * 0.1)
+        teacher = torch.log_softmax(model(blocks).logits.float(), dim=-1)
+    with sparsified(model, site_map, spec), biases.attached(model, site_map), precision:
+        loss = kl_to_teacher(teacher, model(blocks).logits)
+    loss.backward()
+    return loss.detach(), [v.grad.clone() for v in biases.vectors]
+
+
+def test_bf16_student_matches_plain_autocast_bit_for_bit_and_restores_the_weights(llama, blocks):
+    model, site_map = llama
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    plain = _bf16_loss_and_grads(model, site_map, blocks, torch.autocast("cpu", torch.bfloat16))
+    student = Bf16Student(model)
+    assert student.copies and all(c.dtype == torch.bfloat16 for c in student.copies.values())
+    cached = _bf16_loss_and_grads(model, site_map, blocks, student.active())
+    fp32 = _bf16_loss_and_grads(model, site_map, blocks, torch.autocast("cpu", enabled=False))
+    assert torch.equal(plain[0], cached[0]) and not torch.equal(plain[0], fp32[0])
+    assert all(torch.equal(a, b) for a, b in zip(plain[1], cached[1], strict=True))
+    with pytest.raises(RuntimeError), student.active():
+        raise RuntimeError("inside the step")
+    after = model.state_dict()
+    assert all(
+        after[k].dtype == torch.float32 and torch.equal(after[k], v) for k, v in before.items()
+    )

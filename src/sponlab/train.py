@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -25,6 +26,7 @@ from sponlab.config import TrainParams
 from sponlab.convergence import diagnostics, fraction_at_bound, mean_se, replaces
 from sponlab.distill import TeacherTarget, chunked_kl, dense_target, kl_per_token
 from sponlab.models import freeze
+from sponlab.precision import Bf16Student, uses_autocast
 from sponlab.sites import SiteMap
 from sponlab.sparsify import SparsifySpec, sparsified
 from sponlab.spon import SponBiases, maybe_attached
@@ -214,16 +216,6 @@ def draw_blocks(pool: int, count: int, seed: int) -> torch.Tensor:
     return torch.randperm(pool, generator=generator)[:count].sort().values
 
 
-def uses_autocast(setting: str, model: nn.Module) -> bool:
-    """``train.autocast`` resolved for this model: ``auto`` is on for a float32 model on a CPU
-    with AMX or AVX512-BF16 (bfloat16 matmuls in hardware), off elsewhere."""
-    if setting != "auto":
-        return setting == "bfloat16"
-    param = next(model.parameters())
-    bf16_cpu = torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported()
-    return param.device.type == "cpu" and param.dtype == torch.float32 and bf16_cpu
-
-
 @dataclass
 class Teachers:
     """Dense targets of the train and validation blocks, shareable by several trainings."""
@@ -293,11 +285,11 @@ def train_spon(
         model, train_blocks, val_blocks, settings.teacher_cache,
         settings.teacher_topk, settings.kl_chunk,
     )  # fmt: skip
-    autocast = uses_autocast(settings.autocast, model)
+    student = Bf16Student(model) if uses_autocast(settings.autocast, model) else None
     result = TrainResult(
         blocks=drawn.tolist(),
         tokens=len(drawn) * train_blocks.shape[1],
-        autocast="bfloat16" if autocast else None,
+        autocast="bfloat16" if student else None,
     )
     initial = [v.detach().clone() for v in biases.vectors]
     per_epoch: list[torch.Tensor] = []  # per-block validation KL [N] of each epoch
@@ -327,7 +319,7 @@ def train_spon(
         for batch_start in range(0, len(order), settings.batch_size):
             index = order[batch_start : batch_start + settings.batch_size]
             row = _step(
-                model, site_map, spec, biases, train_blocks, index, teachers, settings, autocast
+                model, site_map, spec, biases, train_blocks, index, teachers, settings, student
             )
             _update(biases, optimizer, scheduler, settings, row, epoch, len(result.steps) + 1)
             result.steps.append(row)
@@ -352,11 +344,11 @@ def train_spon(
     return result
 
 
-def _step(model, site_map, spec, biases, blocks, index, teachers, settings, autocast) -> dict:
+def _step(model, site_map, spec, biases, blocks, index, teachers, settings, student) -> dict:
     """Forward and backward of one batch; the row's ``loss`` (gradients left in the biases).
 
-    The teacher runs in the model's dtype; with ``autocast`` only the student's matmuls run in
-    bfloat16, as on a bf16 GPU (inputs after a bf16 matmul reach the hooks in bf16 and are
+    The teacher runs in the model's dtype; with a :class:`Bf16Student` only the student's matmuls
+    run in bfloat16, as on a bf16 GPU (inputs after a bf16 matmul reach the hooks in bf16 and are
     compared with the float32 thresholds; biases, loss and KL stay float32)."""
     device = next(model.parameters()).device
     target = None  # dense targets of the batch, computed with no hooks active
@@ -366,7 +358,7 @@ def _step(model, site_map, spec, biases, blocks, index, teachers, settings, auto
     with (
         sparsified(model, site_map, spec),
         biases.attached(model, site_map),
-        torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast),
+        student.active() if student else nullcontext(),
     ):
         if settings.loss == "kl":  # the only loss the bounded targets allow (config check)
             loss = student_kl(model, ids, target, settings.kl_chunk)
