@@ -35,6 +35,7 @@ from sponlab.stats import (
     welch,
 )
 from sponlab.summary import block_se, dr_test, seed_values
+from sponlab.tables import markdown_table, pm
 
 STUDY_BUDGET = "2,048 blocks x 128 tokens = 262,144 tokens, 10 epochs"
 STUDY_GAP = (0.54, 0.57)  # claim (a): o_proj minus down_proj damage recovered
@@ -62,8 +63,7 @@ def _row(frame: pd.DataFrame, config: str, sparsity: float) -> pd.Series | None:
 
 def _pm(values: Sequence[float], scale: float = 100, unit: str = "%", digits: int = 1) -> str:
     s = spread(values)
-    sd = "" if math.isnan(s.sd) else f" ± {scale * s.sd:.{digits}f}"
-    return f"{scale * s.mean:.{digits}f}{sd}{unit} (n={s.n})"
+    return f"{pm(s.mean, s.sd, scale, digits, unit)} (n={s.n})"
 
 
 def _raw(values: Sequence[float]) -> str:
@@ -371,14 +371,13 @@ def false_positive_line(findings: Sequence[Finding]) -> str:
 
 def findings_markdown(findings: Sequence[Finding]) -> str:
     """One row per claim and sparsity."""
-    head = "| claim | sparsity | statement | study | ours (mean ± seed sd) | test | verdict |"
-    rule = "|---|---|---|---|---|---|---|"
+    head = ["claim", "sparsity", "statement", "study", "ours (mean ± seed sd)", "test", "verdict"]
     rows = [
-        f"| ({f.claim}) | {'' if f.sparsity is None else f'{f.sparsity:g}'} | {f.statement} | "
-        f"{f.study} | {f.ours} | {f.test} | **{f.verdict}** |"
+        [f"({f.claim})", "" if f.sparsity is None else f"{f.sparsity:g}", f.statement, f.study,
+         f.ours, f.test, f"**{f.verdict}**"]
         for f in findings
-    ]
-    return "\n".join([head, rule, *rows]) + "\n"
+    ]  # fmt: skip
+    return markdown_table(head, rows) + "\n"
 
 
 def findings_json(findings: Sequence[Finding]) -> dict:

@@ -31,6 +31,7 @@ from sponlab.sites import Site, SiteMap
 from sponlab.sparsify import SparsifySpec
 from sponlab.spon import SponBiases, load_biases, save_biases
 from sponlab.stats import Test, outcome, spread, welch
+from sponlab.tables import pm
 from sponlab.tensorio import read_json, write_json
 from sponlab.train import TeacherCache, Teachers, train_spon
 
@@ -195,13 +196,6 @@ def _slope_text(test: Test | None, scale: float, digits: int) -> str:
     return f"{_slope_value(test, scale, digits)} (t({test.df:.0f}); more data helps: {verdict})"
 
 
-def _pm(mean: float, sd: float, scale: float, digits: int) -> str:
-    if pd.isna(mean):
-        return "n/a"
-    spread_text = "" if pd.isna(sd) else f" ± {scale * sd:.{digits}f}"
-    return f"{scale * mean:.{digits}f}{spread_text}"
-
-
 def curve_markdown(table: pd.DataFrame, rows: pd.DataFrame, default_size: int, domain: str) -> str:
     """The table the report shows, and per config the slope at the default budget: mean ± SE of
     the per-seed slopes, tested one-sided against zero (a positive slope: data-limited)."""
@@ -214,9 +208,9 @@ def curve_markdown(table: pd.DataFrame, rows: pd.DataFrame, default_size: int, d
         mark = " (default)" if r.size == default_size else ""
         lines.append(
             f"| {r.config} | {r.size}{mark} | {r.tokens:,} | "
-            f"{_pm(r.test_recovered, r.test_recovered_sd, 100, 1)} | "
-            f"{_pm(r.domain_recovered, r.domain_recovered_sd, 100, 1)} | "
-            f"{_pm(r.val_kl, r.val_kl_sd, 1, 4)} | {r.budget_limited}/{r.seeds} |"
+            f"{pm(r.test_recovered, r.test_recovered_sd, 100, 1)} | "
+            f"{pm(r.domain_recovered, r.domain_recovered_sd, 100, 1)} | "
+            f"{pm(r.val_kl, r.val_kl_sd, 1, 4)} | {r.budget_limited}/{r.seeds} |"
         )
     lines += ["", f"Slope at the default {default_size} blocks per seed, between the neighbouring "
               "sizes (points of damage recovered, or val KL, per doubling of training tokens):", ""]  # fmt: skip

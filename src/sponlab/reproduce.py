@@ -17,6 +17,8 @@ from typing import Any
 
 import yaml
 
+from sponlab.tables import markdown_table
+
 # Wall-clock measurements (and their ratios) that results files carry next to the numbers.
 IGNORED_KEYS = ("seconds", "tokens_per_s", "gradients_over_values", "env")
 # Outputs that hold wall-clock timings next to their results (never bit-identical by design).
@@ -116,11 +118,9 @@ def report(outputs: list[OutputComparison], metrics: list[MetricComparison], rto
         f"metrics compared: {len(metrics)}; beyond rtol={rtol:g}: {len(off)}",
     ]
     if differ:
-        lines.append("\n| output differs | note |\n|---|---|")
-        lines += [f"| {o.path} | {'holds timings' if o.timed else ''} |" for o in differ]
+        rows = [[o.path, "holds timings" if o.timed else ""] for o in differ]
+        lines.append("\n" + markdown_table(["output differs", "note"], rows))
     if off:
-        lines.append("\n| metric | reference | current | rel. diff |\n|---|---|---|---|")
-        lines += [
-            f"| {m.file}: {m.key} | {m.reference} | {m.current} | {m.relative:.2e} |" for m in off
-        ]
+        rows = [[f"{m.file}: {m.key}", m.reference, m.current, f"{m.relative:.2e}"] for m in off]
+        lines.append("\n" + markdown_table(["metric", "reference", "current", "rel. diff"], rows))
     return "\n".join(lines) + "\n"

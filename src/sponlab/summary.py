@@ -22,6 +22,7 @@ from sponlab.stats import (
     pooled_floor,
     welch,
 )
+from sponlab.tables import markdown_table, pm
 
 
 @dataclass(frozen=True)
@@ -286,15 +287,6 @@ DISPLAY = {
 }
 
 
-def _pm(mean: object, sd: object, scale: float, digits: int, unit: str = "") -> str:
-    if mean is None or pd.isna(mean):
-        return "n/a"
-    text = f"{scale * float(mean):.{digits}f}"
-    if sd is not None and not pd.isna(sd):
-        text += f" ± {scale * float(sd):.{digits}f}"
-    return text + unit
-
-
 def display_table(frame: pd.DataFrame) -> pd.DataFrame:
     """The columns a reader wants, rounded, with readable headers (mean ± seed sd)."""
     shown = frame[list(DISPLAY)].copy()
@@ -302,10 +294,10 @@ def display_table(frame: pd.DataFrame) -> pd.DataFrame:
         lambda v: "n/a" if pd.isna(v) else f"{v:.2f}x"
     )
     shown["spon_ppl"] = [
-        _pm(m, s, 1, 2) for m, s in zip(frame["spon_ppl"], frame["spon_ppl_sd"], strict=True)
+        pm(m, s, 1, 2) for m, s in zip(frame["spon_ppl"], frame["spon_ppl_sd"], strict=True)
     ]
     shown["damage_recovered"] = [
-        _pm(m, s, 100, 1, "%") if ok else f"n/a (TEAL +{d:.2f} ppl: within noise)"
+        pm(m, s, 100, 1, "%") if ok else f"n/a (TEAL +{d:.2f} ppl: within noise)"
         for m, s, ok, d in zip(
             frame["damage_recovered"],
             frame["damage_recovered_sd"],
@@ -352,10 +344,7 @@ def perplexity_line(dense: dict) -> str:
 def to_markdown(frame: pd.DataFrame) -> str:
     """A GitHub Markdown table (no extra dependency)."""
     shown = display_table(frame)
-    header = "| " + " | ".join(shown.columns) + " |"
-    rule = "|" + "|".join("---" for _ in shown.columns) + "|"
-    rows = ["| " + " | ".join(str(v) for v in row) + " |" for row in shown.itertuples(index=False)]
-    return "\n".join([header, rule, *rows]) + "\n"
+    return markdown_table(list(shown.columns), shown.itertuples(index=False)) + "\n"
 
 
 def to_latex(frame: pd.DataFrame) -> str:

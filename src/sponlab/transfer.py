@@ -36,6 +36,7 @@ from sponlab.sparsify import SparsifySpec, SparsityStats
 from sponlab.spon import SponBiases
 from sponlab.stats import block_bootstrap_se, damage, spread
 from sponlab.summary import pareto_front
+from sponlab.tables import is_missing, markdown_table, pm
 from sponlab.train import TeacherCache, Teachers, train_spon
 
 log = logging.getLogger(__name__)
@@ -199,29 +200,25 @@ def with_pareto(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
 def _recovered(row: Mapping[str, Any]) -> str:
     if not row["damage_measurable"]:
         return f"n/a (TEAL +{row['teal_damage']:.2f} ppl within noise)"
-    sd = row["damage_recovered_sd"]
-    spread_text = "" if pd.isna(sd) else f" ± {100 * sd:.1f}"
-    return f"{100 * row['damage_recovered']:.1f}{spread_text}%"
+    return pm(row["damage_recovered"], row["damage_recovered_sd"], 100, 1, "%")
 
 
 def transfer_markdown(frame: pd.DataFrame) -> str:
     """One row per (domain, sparsity, config): perplexities, damage recovered, sparsity hit."""
-    head = (
-        "| domain | sparsity | config | dense ppl | TEAL ppl | SPON ppl | damage recovered "
-        "| achieved sparsity (worst site offset) |"
-    )
-    lines = [head, "|---|---|---|---|---|---|---|---|"]
+    head = ["domain", "sparsity", "config", "dense ppl", "TEAL ppl", "SPON ppl",
+            "damage recovered", "achieved sparsity (worst site offset)"]  # fmt: skip
+    rows = []
     for row in frame.sort_values(["domain", "sparsity", "config"], kind="stable").to_dict(
         "records"
     ):
         worst = row.get("achieved_sparsity_worst_offset")
-        offset = "" if worst is None or pd.isna(worst) else f" ({100 * worst:.1f} pts)"
-        lines.append(
-            f"| {row['domain']} | {row['sparsity']:g} | {row['config']} | {row['dense_ppl']:.2f} "
-            f"| {row['teal_ppl']:.2f} | {row['spon_ppl']:.2f} | {_recovered(row)} "
-            f"| {row['achieved_sparsity']:.3f}{offset} |"
-        )
-    return "\n".join(lines) + "\n"
+        offset = "" if is_missing(worst) else f" ({100 * worst:.1f} pts)"
+        rows.append(
+            [row["domain"], f"{row['sparsity']:g}", row["config"], f"{row['dense_ppl']:.2f}",
+             f"{row['teal_ppl']:.2f}", f"{row['spon_ppl']:.2f}", _recovered(row),
+             f"{row['achieved_sparsity']:.3f}{offset}"]
+        )  # fmt: skip
+    return markdown_table(head, rows) + "\n"
 
 
 def transfer_metrics(frame: pd.DataFrame) -> dict[str, Any]:
@@ -280,13 +277,11 @@ def train_variants(
 def training_markdown(frame: pd.DataFrame) -> str:
     """Damage recovered per training set (mix, blocks) and domain, mean ± sd over seeds."""
     domains = list(dict.fromkeys(frame["domain"]))
-    lines = ["| mix | blocks | " + " | ".join(domains) + " |", "|---|---|" + "---|" * len(domains)]
+    rows = []
     for (mix, size), group in frame.groupby(["mix", "size"], sort=False):
         cells = group.set_index("domain")
-        lines.append(
-            f"| {mix} | {size} | " + " | ".join(_recovered(cells.loc[d]) for d in domains) + " |"
-        )
-    return "\n".join(lines) + "\n"
+        rows.append([mix, size, *(_recovered(cells.loc[d]) for d in domains)])
+    return markdown_table(["mix", "blocks", *domains], rows) + "\n"
 
 
 def training_metrics(frame: pd.DataFrame) -> dict[str, Any]:

@@ -12,6 +12,7 @@ import numpy as np
 
 from sponlab.analysis.spectrum import KERNEL_TYPE, SpectrumResult
 from sponlab.analysis.spectrum_stats import span, statistics
+from sponlab.tables import markdown_table
 
 ERANK_HEADERS = (
     "weight type",
@@ -57,9 +58,7 @@ def _cell(text: str) -> str:
 def md_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     """A GitHub-flavoured Markdown table (cells formatted with :func:`_num` unless strings)."""
     cells = [[_cell(c) if isinstance(c, str) else _num(c) for c in row] for row in rows]
-    lines = ["| " + " | ".join(map(_cell, headers)) + " |", "|" + "---|" * len(headers)]
-    lines += ["| " + " | ".join(row) + " |" for row in cells]
-    return "\n".join(lines)
+    return markdown_table([_cell(h) for h in headers], cells)
 
 
 def _step(step: list | None) -> tuple[str, float | None]:
