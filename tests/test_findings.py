@@ -248,3 +248,7 @@ def test_curve_line_reads_the_learning_curves_verdict():
         in line
     )
     assert "not run" in curve_line(None, 128, 0.5)
+    curve["UNIF-ALL"]["default_blocks"] = 128
+    assert curve_line(curve, 128, 0.5) == line
+    stale = curve_line(curve, 256, 0.5)  # the default budget moved after the curve ran
+    assert "default of 128" in stale and "trains 256" in stale and "+6.2" not in stale

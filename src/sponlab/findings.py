@@ -341,9 +341,17 @@ CURVE_READING = {SUPPORTED: "data-limited", CONTRADICTED: "saturated", INCONCLUS
 
 def curve_line(curve: Mapping[str, Any] | None, blocks: int, sparsity: float) -> str:
     """Is the default's recovery limited by its training data? The learning curve's per-seed slope
-    at the default size, tested one-sided against zero (metrics/learning_curve.json)."""
+    at the default size, tested one-sided against zero (metrics/learning_curve.json); a curve
+    whose default was another ``train.blocks`` says so instead of lending its slope to this one."""
     if not curve:
         return "Learning curve: not run (README *Other sweeps*); data limitation untested."
+    ran_at = {c.get("default_blocks", blocks) for k, c in curve.items() if k != "env"}
+    if ran_at != {blocks}:
+        return (
+            f"Learning curve: measured with a default of {', '.join(map(str, sorted(ran_at)))} "
+            f"training blocks per seed, this run trains {blocks}; re-run the learning-curve stage "
+            "(README *Other sweeps*) to test the slope at this budget."
+        )
     parts = []
     for config, cell in curve.items():
         slope = cell.get("slope_at_default", {}).get("test_recovered") if config != "env" else None

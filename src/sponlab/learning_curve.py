@@ -226,8 +226,9 @@ def curve_markdown(table: pd.DataFrame, rows: pd.DataFrame, default_size: int, d
 
 
 def curve_metrics(table: pd.DataFrame, rows: pd.DataFrame, default_size: int) -> dict[str, Any]:
-    """``{config: {"b<size>": {...}, "slope_at_default": {...}, "data_limited": ...}}`` for
-    ``dvc metrics``; ``data_limited``: the test-text slope's one-sided verdict against zero."""
+    """``{config: {"b<size>": {...}, "default_blocks": n, "slope_at_default": {...},
+    "data_limited": ...}}`` for ``dvc metrics``; ``data_limited``: the test-text slope's one-sided
+    verdict against zero at ``default_blocks`` (``train.blocks`` when the curve ran)."""
     out: dict[str, Any] = {}
     for r in table.to_dict("records"):
         cell = {k: (None if pd.isna(r[k]) else float(r[k]))
@@ -236,6 +237,7 @@ def curve_metrics(table: pd.DataFrame, rows: pd.DataFrame, default_size: int) ->
     for config in out:
         tests = {k: slope_test(rows, config, default_size, k)
                  for k in ("test_recovered", "domain_recovered", "val_kl")}  # fmt: skip
+        out[config]["default_blocks"] = default_size
         out[config]["slope_at_default"] = {
             k: None if t is None else {"slope": t.difference, "se": t.se, "df": t.df}
             for k, t in tests.items()
