@@ -17,6 +17,7 @@ from sponlab.analysis.capture import (
     identity,
     mlp_input_module,
     next_token_loss_sum,
+    post_norm,
     resolve_layers,
     run_importance,
     sae_targets,
@@ -410,3 +411,35 @@ def test_stages_end_to_end(tmp_path, monkeypatch):
         "values",
         "gradients",
     }
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_mlp_out_is_what_the_mlp_adds_to_the_residual_stream(arch):
+    """resid_post(l) == resid_in(l) + attention's contribution + mlp_out(l), exactly as the
+    block adds them; on Gemma that needs the post-feedforward norm's output, not the MLP's."""
+    model = tiny_model(arch, layers=2, hidden=32).double()
+    sitemap = discover_sites(model)
+    block = model.get_submodule(f"{sitemap.layers_path}.1")
+    attn_out = post_norm(block, "o_proj") or block.self_attn  # what attention adds
+    seen = {}
+
+    def keep(name):
+        def hook(_m, args, out):
+            seen[name + "_in"] = args[0] if args else None
+            seen[name] = out[0] if isinstance(out, tuple) else out
+
+        return hook
+
+    modules = {"block": block, "attn": attn_out, "mlp": site_module(model, sitemap, 1, "mlp_out")}
+    handles = [m.register_forward_hook(keep(k)) for k, m in modules.items()]
+    try:
+        with torch.no_grad():
+            model(torch.randint(0, 512, (2, 7), generator=torch.Generator().manual_seed(0)))
+    finally:
+        for h in handles:
+            h.remove()
+    resid_in = seen["block_in"]
+    added = resid_in + seen["attn"] + seen["mlp"]
+    assert torch.allclose(added, seen["block"], atol=1e-10), arch
+    assert (post_norm(block, "down_proj") is not None) == (arch == "gemma3")
+    assert resid_in.shape[-1] == site_dim(model, sitemap, 1, "mlp_out")

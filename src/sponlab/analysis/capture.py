@@ -91,12 +91,31 @@ def mlp_input_module(model: nn.Module, sitemap: SiteMap, layer: int) -> nn.Linea
     return sitemap.linear(model, sitemap.require([Site(layer, "down_proj")])[0])
 
 
+def post_norm(block: nn.Module, module: str) -> nn.Module | None:
+    """The norm applied to ``module``'s (``o_proj`` / ``down_proj``) output before the residual
+    add, in a sandwich-norm block (Gemma-2/3: ``post_attention_layernorm`` after attention,
+    ``post_feedforward_layernorm`` after the MLP); None in pre-norm blocks (Llama, Qwen, Mistral,
+    whose ``post_attention_layernorm`` is the MLP's *input* norm)."""
+    if not hasattr(block, "pre_feedforward_layernorm"):
+        return None
+    name = {"o_proj": "post_attention_layernorm", "down_proj": "post_feedforward_layernorm"}
+    return getattr(block, name[module], None) if module in name else None
+
+
 def site_module(model: nn.Module, sitemap: SiteMap, layer: int, site: str) -> nn.Module:
-    """The module whose input (``mlp_act``: down_proj) or output (``mlp_out``: the MLP block that
-    holds down_proj; ``resid_post``: the decoder layer) is the activation at ``site``."""
+    """The module whose input (``mlp_act``: down_proj) or output (``mlp_out``, ``resid_post``) is
+    the activation at ``site``.
+
+    ``mlp_out`` is what the MLP adds to the residual stream, as TransformerLens' ``hook_mlp_out``
+    (the hook SAELens SAEs name): the MLP block's output in pre-norm models, the output of
+    ``post_feedforward_layernorm`` in sandwich-norm ones (Gemma-2/3). ``resid_post``: the decoder
+    layer's output."""
     if site == "mlp_act":
         return mlp_input_module(model, sitemap, layer)
     if site == "mlp_out":
+        normed = post_norm(model.get_submodule(f"{sitemap.layers_path}.{layer}"), "down_proj")
+        if normed is not None:
+            return normed
         path = sitemap.paths[sitemap.require([Site(layer, "down_proj")])[0]]
         return model.get_submodule(path.rsplit(".", 1)[0])
     if site == "resid_post":

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from sponlab.analysis.alignment import principal_components
+from sponlab.analysis.capture import post_norm
 from sponlab.analysis.directions import RandomBaseline, cosine, expected_abs_cos
 from sponlab.data import device_batches
 from sponlab.sites import Site, SiteMap, sort_sites
@@ -65,15 +66,7 @@ def post_norm_sites(model: nn.Module, site_map: SiteMap, sites: Iterable[Site]) 
     """The ``o_proj`` / ``down_proj`` sites whose output is normalised before the residual add:
     blocks with both a pre- and a post-feedforward norm (Gemma-2/3's sandwich norm)."""
     blocks = model.get_submodule(site_map.layers_path)
-    out = set()
-    for site in sites:
-        block = blocks[site.layer]
-        sandwich = hasattr(block, "pre_feedforward_layernorm") and hasattr(
-            block, "post_feedforward_layernorm"
-        )
-        if sandwich and site.module in ("o_proj", "down_proj"):
-            out.add(site)
-    return out
+    return {site for site in sites if post_norm(blocks[site.layer], site.module) is not None}
 
 
 def residual_alignment_rows(
