@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from sponlab.tensorio import load_tensors, write_json
+from sponlab.io.tensorio import load_tensors, write_json
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
@@ -132,7 +132,7 @@ def large_llama(seed: int = 0) -> nn.Module:
     """The random-init larger Llama (``LARGE_LLAMA``), fp32, eval mode, frozen."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from sponlab.models import freeze
+    from sponlab.model.loading import freeze
 
     torch.manual_seed(seed)
     model = LlamaForCausalLM(LlamaConfig(**LARGE_LLAMA)).eval()
@@ -142,7 +142,7 @@ def large_llama(seed: int = 0) -> nn.Module:
 
 def load_default(path: Path) -> nn.Module:
     """The real default model (``models/base``) on CPU in fp32, frozen."""
-    from sponlab.models import load_model
+    from sponlab.model.loading import load_model
 
     if not (path / "config.json").is_file():
         raise SystemExit(f"no model at {path}: run `sponlab base` (or `dvc repro base`) first")

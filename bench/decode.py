@@ -14,7 +14,7 @@ are random vectors with exactly ``s`` of their entries zeroed, for s in 0/25/50/
 * ``bag``: ``F.embedding_bag(nz, Wt, per_sample_weights=x[nz], mode='sum')`` per projection, with
   ``Wt = W.T`` contiguous [in, out]: sums the k rows of the nonzero inputs without copying them
   (the kernel of earlier versions).
-* ``compiled``: ``sponlab.kernels.SparseGemv`` per input group on the concatenated ``Wt``: a small
+* ``compiled``: ``sponlab.tools.sparse_gemv.SparseGemv`` per input group on the concatenated ``Wt``: a small
   C kernel (compiled on first use) that streams only the nonzero rows, split over the threads.
 
 Finding the nonzero inputs is included in the sparse kernels' time. Reported: tokens/s (median
@@ -45,8 +45,8 @@ from benchlib import (
 )
 from torch import nn
 
-from sponlab.kernels import SparseGemv, transposed_group
-from sponlab.sites import INPUT_GROUP, discover_sites
+from sponlab.model.sites import INPUT_GROUP, discover_sites
+from sponlab.tools.sparse_gemv import SparseGemv, transposed_group
 
 SPARSITIES = (0.0, 0.25, 0.5, 0.7)
 SPARSE_KERNELS = ("bag", "compiled")

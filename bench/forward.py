@@ -39,8 +39,8 @@ from benchlib import (
 )
 from torch import nn
 
-from sponlab.sites import Site, SiteMap, discover_sites
-from sponlab.sparsify import SparsifySpec, SparsityStats, calibrate_thresholds, sparsified
+from sponlab.method.sparsify import SparsifySpec, SparsityStats, calibrate_thresholds, sparsified
+from sponlab.model.sites import Site, SiteMap, discover_sites
 
 TARGET_TEAL = 1.10
 SCOPES: dict[str, tuple[str, ...] | None] = {"all": None, "down_proj": ("down_proj",)}

@@ -3,7 +3,7 @@ memory model.
 
 ``python bench/gpu_audit.py`` builds random-init Llama models with the shapes of Llama-3.2-1B and
 Llama-3.1-8B (``--shapes``; on CPU the default is a tiny shape) in ``--dtype`` on ``--device`` and
-runs, per model: :func:`sponlab.smoke.run_smoke` (calibration, greedy allocation, dense reference,
+runs, per model: :func:`sponlab.tools.smoke.run_smoke` (calibration, greedy allocation, dense reference,
 TEAL-only baseline, closed-form and trained biases, top-k/chunked KL training, evaluation, sliding
 windows), histogram calibration, SAE activation capture and training, importance (values and
 gradients, with SAE features), the interpret captures (input moments, residual samples, prompt
@@ -28,18 +28,18 @@ from benchlib import RESULTS, fix_threads, print_table, save_result
 from memory_model import MODELS, Shapes, Workload, stage_terms
 from transformers import AutoModelForCausalLM, LlamaConfig
 
-from sponlab.analysis.alignment import collect_moments
-from sponlab.analysis.batches import TokenBatch
-from sponlab.analysis.capture import collect_activations, feature_targets, run_importance
-from sponlab.analysis.prompts import prompt_effects, prompt_variants
-from sponlab.analysis.residual import residual_samples
-from sponlab.analysis.sae import train_sae
-from sponlab.models import freeze, load_model, no_kv_cache, resolve_device, resolve_dtype
-from sponlab.sites import discover_sites
-from sponlab.smoke import SmokeError, run_smoke, timed_on
-from sponlab.sparsify import SparsifySpec, calibrate_thresholds
-from sponlab.spon import SponBiases
-from sponlab.tiny import save_tiny
+from sponlab.io.batches import TokenBatch
+from sponlab.method.sparsify import SparsifySpec, calibrate_thresholds
+from sponlab.method.spon import SponBiases
+from sponlab.model.capture import collect_activations, feature_targets, run_importance
+from sponlab.model.loading import freeze, load_model, no_kv_cache, resolve_device, resolve_dtype
+from sponlab.model.sites import discover_sites
+from sponlab.model.tiny import save_tiny
+from sponlab.studies.importance.sae import train_sae
+from sponlab.studies.interpret.alignment import collect_moments
+from sponlab.studies.interpret.prompts import prompt_effects, prompt_variants
+from sponlab.studies.interpret.residual import residual_samples
+from sponlab.tools.smoke import SmokeError, run_smoke, timed_on
 
 TINY = Shapes("tiny Llama", 4, 128, 256, 4, 2, 1024, False)
 SHAPES = {"tiny": TINY, "llama-1b": MODELS["llama-1b"], "llama-8b": MODELS["llama-8b"]}

@@ -3,7 +3,7 @@
 ``python bench/gpu_smoke.py`` loads a model on ``--device`` (default ``cuda``) in ``--dtype``
 (default ``bfloat16``): the tiny random-init Llama (default), the tiny configs of the other
 architectures (``--arch``), or a local model directory / hub id (``--model``; offline machines
-need it in the hub cache). It runs :func:`sponlab.smoke.run_smoke` (calibration, greedy
+need it in the hub cache). It runs :func:`sponlab.tools.smoke.run_smoke` (calibration, greedy
 allocation, dense reference, TEAL-only baseline, closed-form and trained biases, training with the
 memory-bounded KL (top-64 teacher, chunked), TEAL+SPON evaluation, sliding-window evaluation) on
 random token blocks and prints seconds and peak CUDA memory per stage; a stage that
@@ -19,9 +19,9 @@ from dataclasses import asdict
 import torch
 from benchlib import fix_threads, print_table, save_result
 
-from sponlab.models import freeze, load_model, resolve_device, resolve_dtype
-from sponlab.smoke import run_smoke
-from sponlab.tiny import tiny_model
+from sponlab.model.loading import freeze, load_model, resolve_device, resolve_dtype
+from sponlab.model.tiny import tiny_model
+from sponlab.tools.smoke import run_smoke
 
 
 def main() -> None:

@@ -157,7 +157,7 @@ def commit(dest: Path, message: str) -> None:
 
 def tiny_overlay(workdir: Path) -> dict:
     """bench/tiny_params.yaml with ``base.name`` pointing at a freshly saved tiny Llama."""
-    from sponlab.tiny import save_tiny
+    from sponlab.model.tiny import save_tiny
 
     model_dir = save_tiny(workdir / "tiny-model", "llama")
     overlay = yaml.safe_load(TINY_OVERLAY.read_text())

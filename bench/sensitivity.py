@@ -20,11 +20,11 @@ from pathlib import Path
 import torch
 from benchlib import ROOT, fix_threads, print_table, save_result
 
-from sponlab.calibration import calibrate_sequential
-from sponlab.evaluate import evaluate_variant
-from sponlab.models import load_model
-from sponlab.sites import discover_sites
-from sponlab.sparsify import SparsifySpec, load_thresholds
+from sponlab.method.calibration import calibrate_sequential
+from sponlab.method.evaluate import evaluate_variant
+from sponlab.method.sparsify import SparsifySpec, load_thresholds
+from sponlab.model.loading import load_model
+from sponlab.model.sites import discover_sites
 from sponlab.stages.common import load_blocks
 
 

@@ -2,8 +2,8 @@
 
 Measured (CPU, fp32, median of ``--repeats`` interleaved runs after a warm-up round):
 
-* ``spon``: one step exactly as :func:`sponlab.train.train_spon` does it in epoch 1: dense teacher
-  log-probs (:func:`sponlab.distill.dense_logprobs`, no grad), the TEAL-sparsified student (all seven projections
+* ``spon``: one step exactly as :func:`sponlab.method.train.train_spon` does it in epoch 1: dense teacher
+  log-probs (:func:`sponlab.method.distill.dense_logprobs`, no grad), the TEAL-sparsified student (all seven projections
   at ``--sparsity``) with :class:`SponBiases` attached on every site of ``--bias-modules``,
   :func:`kl_to_teacher`, backward, grad-norm clipping and an AdamW step on the biases.
 * ``spon-cached``: the same without the teacher forward (epochs >= 2 with ``train.teacher_cache``).
@@ -46,12 +46,12 @@ from benchlib import (
 )
 from torch import nn
 
-from sponlab.distill import dense_logprobs
-from sponlab.precision import Bf16Student
-from sponlab.sites import PROJECTIONS, SiteMap, discover_sites
-from sponlab.sparsify import SparsifySpec, calibrate_thresholds, sparsified
-from sponlab.spon import SponBiases
-from sponlab.train import kl_to_teacher
+from sponlab.method.distill import dense_logprobs
+from sponlab.method.precision import Bf16Student
+from sponlab.method.sparsify import SparsifySpec, calibrate_thresholds, sparsified
+from sponlab.method.spon import SponBiases
+from sponlab.method.train import kl_to_teacher
+from sponlab.model.sites import PROJECTIONS, SiteMap, discover_sites
 
 TARGET = 1.6
 

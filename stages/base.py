@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from sponlab.models import build_base
+from sponlab.model.loading import build_base
 from sponlab.stages.common import PARAMS_OPTION, read_params, replace_dir, timed
 
 

@@ -12,11 +12,11 @@ from pathlib import Path
 
 import typer
 
-from sponlab.evaluate import baseline_payload, evaluate_variant, load_reference
-from sponlab.experiment import set_spec
-from sponlab.layout import baseline_path
-from sponlab.provenance import write_metrics
-from sponlab.sparsify import SparsityStats
+from sponlab.io.layout import baseline_path
+from sponlab.io.provenance import write_metrics
+from sponlab.method.evaluate import baseline_payload, evaluate_variant, load_reference
+from sponlab.method.experiment import set_spec
+from sponlab.method.sparsify import SparsityStats
 from sponlab.stages.common import (
     MODEL_OPTION,
     PARAMS_OPTION,

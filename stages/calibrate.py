@@ -13,10 +13,11 @@ from pathlib import Path
 
 import typer
 
-from sponlab.calibration import calibrate_sequential
-from sponlab.greedy import ALLOCATION_FIELDS, PATH_FIELDS, allocation_rows, greedy_allocation
-from sponlab.layout import threshold_path
-from sponlab.sparsify import calibrate_thresholds, thresholds_to_tensors
+from sponlab.io.layout import threshold_path
+from sponlab.io.tensorio import save_tensors, write_rows
+from sponlab.method.calibration import calibrate_sequential
+from sponlab.method.greedy import ALLOCATION_FIELDS, PATH_FIELDS, allocation_rows, greedy_allocation
+from sponlab.method.sparsify import calibrate_thresholds, thresholds_to_tensors
 from sponlab.stages.common import (
     MODEL_OPTION,
     PARAMS_OPTION,
@@ -25,7 +26,6 @@ from sponlab.stages.common import (
     read_params,
     timed,
 )
-from sponlab.tensorio import save_tensors, write_rows
 
 
 def main(

@@ -62,8 +62,8 @@ def replace_dir(out: Path) -> Iterator[Path]:
 
 def load_base(params: Params, model_dir: Path):
     """Load the base model once per process, frozen, with its discovered sites."""
-    from sponlab.models import load_model
-    from sponlab.sites import discover_sites
+    from sponlab.model.loading import load_model
+    from sponlab.model.sites import discover_sites
 
     base = params.base
     loaded = load_model(model_dir, base.device, base.dtype, base.device_map)
@@ -72,7 +72,7 @@ def load_base(params: Params, model_dir: Path):
 
 def _read_blocks(path: Path):
     """A prepare stage token file: its tensors (with ``input_ids``) and metadata."""
-    from sponlab.tensorio import input_error, load_tensors
+    from sponlab.io.tensorio import input_error, load_tensors
 
     tensors, meta = load_tensors(path, producer="prepare")
     if "input_ids" not in tensors:
@@ -88,7 +88,7 @@ def load_blocks(path: Path):
 def load_test_set(path: Path, sparsify):
     """Test token windows [N, T] with their first scored positions [N] (None: blocks, every
     predicted token scored) and the protocol description metrics state next to a perplexity."""
-    from sponlab.data import describe_protocol
+    from sponlab.io.data import describe_protocol
 
     tensors, meta = _read_blocks(path)
     ids = tensors["input_ids"]

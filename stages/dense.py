@@ -6,8 +6,9 @@ from pathlib import Path
 
 import typer
 
-from sponlab.evaluate import capture_dense, evaluate_variant
-from sponlab.provenance import write_metrics
+from sponlab.io.provenance import write_metrics
+from sponlab.io.tensorio import save_tensors
+from sponlab.method.evaluate import capture_dense, evaluate_variant
 from sponlab.stages.common import (
     MODEL_OPTION,
     PARAMS_OPTION,
@@ -16,7 +17,6 @@ from sponlab.stages.common import (
     read_params,
     timed,
 )
-from sponlab.tensorio import save_tensors
 
 
 def main(

@@ -13,7 +13,10 @@ from pathlib import Path
 
 import typer
 
-from sponlab.evaluate import (
+from sponlab.io.layout import BASELINES, EVALS, SPON, baseline_path, cell_path, seed_path
+from sponlab.io.provenance import write_metrics
+from sponlab.io.tensorio import read_json, write_rows
+from sponlab.method.evaluate import (
     SHIFT_FIELDS,
     SPARSITY_FIELDS,
     VariantMetrics,
@@ -25,10 +28,8 @@ from sponlab.evaluate import (
     same_for_all_seeds,
     shift_rows,
 )
-from sponlab.experiment import cell_spec
-from sponlab.layout import BASELINES, EVALS, SPON, baseline_path, cell_path, seed_path
-from sponlab.provenance import write_metrics
-from sponlab.spon import load_biases
+from sponlab.method.experiment import cell_spec
+from sponlab.method.spon import load_biases
 from sponlab.stages.common import (
     MODEL_OPTION,
     PARAMS_OPTION,
@@ -39,7 +40,6 @@ from sponlab.stages.common import (
     timed,
 )
 from sponlab.stats import block_bootstrap_se, damage, finite_or_none
-from sponlab.tensorio import read_json, write_rows
 
 
 def main(

@@ -8,9 +8,13 @@ from pathlib import Path
 import pandas as pd
 import typer
 
-from sponlab.analysis.interpret import InterpretParams
 from sponlab.config import analysis_params
-from sponlab.findings import (
+from sponlab.io.layout import cell_path, seed_path
+from sponlab.io.provenance import write_metrics
+from sponlab.io.tensorio import read_json, write_text
+from sponlab.stages.common import PARAMS_OPTION, read_params
+from sponlab.studies.interpret.params import InterpretParams
+from sponlab.sweep.findings import (
     budget_line,
     curve_line,
     false_positive_line,
@@ -19,10 +23,6 @@ from sponlab.findings import (
     study_findings,
     transfer_findings,
 )
-from sponlab.layout import cell_path, seed_path
-from sponlab.provenance import write_metrics
-from sponlab.stages.common import PARAMS_OPTION, read_params
-from sponlab.tensorio import read_json, write_text
 
 
 def main(

@@ -7,15 +7,21 @@ from typing import Any
 
 import typer
 
-from sponlab.analysis.batches import build_batches
-from sponlab.analysis.capture import (
+from sponlab.config import analysis_params
+from sponlab.io.batches import build_batches
+from sponlab.io.data import load_corpus, wants_bos
+from sponlab.io.provenance import write_metrics
+from sponlab.io.tensorio import write_json
+from sponlab.model.capture import (
     feature_targets,
     resolve_layers,
     run_importance,
     site_dim,
 )
-from sponlab.analysis.importance import ImportanceParams, finalize
-from sponlab.analysis.importance_files import (
+from sponlab.model.loading import load_model
+from sponlab.model.sites import discover_sites
+from sponlab.stages.common import MODEL_OPTION, PARAMS_OPTION, read_params, replace_dir, timed
+from sponlab.studies.importance.files import (
     LOADING,
     importance_headline,
     params_dict,
@@ -23,15 +29,9 @@ from sponlab.analysis.importance_files import (
     write_timing,
     write_variants,
 )
-from sponlab.analysis.sae_files import find_saes, load_saes
-from sponlab.config import analysis_params
-from sponlab.data import load_corpus, wants_bos
-from sponlab.models import load_model
-from sponlab.plots.importance import plot_variants
-from sponlab.provenance import write_metrics
-from sponlab.sites import discover_sites
-from sponlab.stages.common import MODEL_OPTION, PARAMS_OPTION, read_params, replace_dir, timed
-from sponlab.tensorio import write_json
+from sponlab.studies.importance.importance import ImportanceParams, finalize
+from sponlab.studies.importance.plots import plot_variants
+from sponlab.studies.importance.sae_files import find_saes, load_saes
 
 
 def main(

@@ -15,19 +15,13 @@ from typing import Any
 
 import typer
 
-from sponlab.analysis import interpret as ia
-from sponlab.analysis import shift as sh
-from sponlab.analysis import study
-from sponlab.analysis.directions import RandomBaseline
-from sponlab.analysis.prompts import load_prompt_sets, select_prompts
-from sponlab.analysis.similarity import similarity_table
 from sponlab.config import analysis_params
-from sponlab.data import wants_bos
-from sponlab.experiment import cell_spec
-from sponlab.layout import cell_path, seed_path
-from sponlab.plots import interpret as plots
-from sponlab.provenance import write_metrics
-from sponlab.spon import load_biases
+from sponlab.io.data import wants_bos
+from sponlab.io.layout import cell_path, seed_path
+from sponlab.io.provenance import write_metrics
+from sponlab.io.tensorio import write_table
+from sponlab.method.experiment import cell_spec
+from sponlab.method.spon import load_biases
 from sponlab.stages.common import (
     MODEL_OPTION,
     PARAMS_OPTION,
@@ -39,7 +33,12 @@ from sponlab.stages.common import (
     replace_dir,
     timed,
 )
-from sponlab.tensorio import write_table
+from sponlab.studies.interpret import params as ia
+from sponlab.studies.interpret import plots, study
+from sponlab.studies.interpret import shift as sh
+from sponlab.studies.interpret.directions import RandomBaseline
+from sponlab.studies.interpret.prompts import load_prompt_sets, select_prompts
+from sponlab.studies.interpret.similarity import similarity_table
 
 
 def main(

@@ -14,17 +14,12 @@ from pathlib import Path
 
 import typer
 
-from sponlab.analysis import drift_layers as dl
-from sponlab.analysis import interpret as ia
-from sponlab.analysis import layers as la
-from sponlab.analysis import shift as sh
 from sponlab.config import analysis_params
-from sponlab.experiment import cell_spec
-from sponlab.layout import cell_path, seed_path
-from sponlab.plots.interpret import plot_layer_importance
-from sponlab.plots.layers import plot_bias_stats, plot_drift_importance, plot_top_bottom
-from sponlab.provenance import write_metrics
-from sponlab.spon import load_biases
+from sponlab.io.layout import cell_path, seed_path
+from sponlab.io.provenance import write_metrics
+from sponlab.io.tensorio import write_table
+from sponlab.method.experiment import cell_spec
+from sponlab.method.spon import load_biases
 from sponlab.stages.common import (
     MODEL_OPTION,
     PARAMS_OPTION,
@@ -36,7 +31,12 @@ from sponlab.stages.common import (
     replace_dir,
     timed,
 )
-from sponlab.tensorio import write_table
+from sponlab.studies.interpret import params as ia
+from sponlab.studies.interpret import shift as sh
+from sponlab.studies.interpret.plots import plot_layer_importance
+from sponlab.studies.layers import drift as dl
+from sponlab.studies.layers import leave_one_out as la
+from sponlab.studies.layers.plots import plot_bias_stats, plot_drift_importance, plot_top_bottom
 
 
 def main(

@@ -19,12 +19,26 @@ from pathlib import Path
 import pandas as pd
 import typer
 
-from sponlab.analysis.interpret import InterpretParams
 from sponlab.config import analysis_params
-from sponlab.data import BlockSpec, wants_bos
-from sponlab.experiment import bias_sites, cell_spec
-from sponlab.layout import CURVE_VARIANTS, cell_path, curve_variant_path, seed_path
-from sponlab.learning_curve import (
+from sponlab.io.data import BlockSpec, wants_bos
+from sponlab.io.layout import CURVE_VARIANTS, cell_path, curve_variant_path, seed_path
+from sponlab.io.provenance import write_metrics
+from sponlab.io.tensorio import read_json, write_rows, write_table, write_text
+from sponlab.method.experiment import bias_sites, cell_spec
+from sponlab.method.spon import load_biases
+from sponlab.method.train import TeacherCache
+from sponlab.stages.common import (
+    MODEL_OPTION,
+    PARAMS_OPTION,
+    THRESHOLDS_OPTION,
+    load_base,
+    load_blocks,
+    read_params,
+    timed,
+)
+from sponlab.studies.interpret.params import InterpretParams
+from sponlab.studies.transfer.curve_plots import plot_curve
+from sponlab.studies.transfer.learning_curve import (
     CURVE_FIELDS,
     LearningCurveParams,
     check_trained,
@@ -38,21 +52,7 @@ from sponlab.learning_curve import (
     train_variant,
     variant_recipe,
 )
-from sponlab.plots.learning_curve import plot_curve
-from sponlab.provenance import write_metrics
-from sponlab.spon import load_biases
-from sponlab.stages.common import (
-    MODEL_OPTION,
-    PARAMS_OPTION,
-    THRESHOLDS_OPTION,
-    load_base,
-    load_blocks,
-    read_params,
-    timed,
-)
-from sponlab.tensorio import read_json, write_rows, write_table, write_text
-from sponlab.train import TeacherCache
-from sponlab.transfer import CellModels, domain_blocks, evaluate_cells
+from sponlab.studies.transfer.transfer import CellModels, domain_blocks, evaluate_cells
 
 log = logging.getLogger(__name__)
 

@@ -7,11 +7,11 @@ from pathlib import Path
 import pandas as pd
 import typer
 
-from sponlab.layout import cell_path, seed_path
-from sponlab.plots import pipeline as figures
+from sponlab.io.layout import cell_path, seed_path
+from sponlab.io.tensorio import atomic_path, read_json
 from sponlab.stages.common import PARAMS_OPTION, read_params
-from sponlab.summary import sparsity_key
-from sponlab.tensorio import atomic_path, read_json
+from sponlab.sweep import plots as figures
+from sponlab.sweep.summary import sparsity_key
 
 
 def main(

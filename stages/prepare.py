@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from sponlab.data import (
+from sponlab.io.data import (
     SPLITS,
     BlockSpec,
     joined_test_text,
@@ -15,9 +15,9 @@ from sponlab.data import (
     text_windows,
     wants_bos,
 )
-from sponlab.models import load_tokenizer
+from sponlab.io.tensorio import save_tensors
+from sponlab.model.loading import load_tokenizer
 from sponlab.stages.common import MODEL_OPTION, PARAMS_OPTION, read_params, timed
-from sponlab.tensorio import save_tensors
 
 
 def main(

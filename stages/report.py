@@ -7,10 +7,10 @@ from pathlib import Path
 import pandas as pd
 import typer
 
-from sponlab.report import FIGURES, RunFiles, build_report
+from sponlab.io.tensorio import read_json, write_text
 from sponlab.stages.common import PARAMS_OPTION, read_params
-from sponlab.summary import sparsity_key
-from sponlab.tensorio import read_json, write_text
+from sponlab.sweep.report import FIGURES, RunFiles, build_report
+from sponlab.sweep.summary import sparsity_key
 
 
 def _optional_text(path: Path) -> str | None:

@@ -7,18 +7,18 @@ from pathlib import Path
 
 import typer
 
-from sponlab.analysis.batches import build_batches
-from sponlab.analysis.capture import collect_activations, resolve_layers
-from sponlab.analysis.sae import train_sae
-from sponlab.analysis.sae_files import save_sae
 from sponlab.config import analysis_params
-from sponlab.data import load_corpus, wants_bos
-from sponlab.models import load_model
-from sponlab.plots.importance import plot_sae_training
-from sponlab.provenance import write_metrics
-from sponlab.sites import discover_sites
+from sponlab.io.batches import build_batches
+from sponlab.io.data import load_corpus, wants_bos
+from sponlab.io.provenance import write_metrics
+from sponlab.io.tensorio import write_json
+from sponlab.model.capture import collect_activations, resolve_layers
+from sponlab.model.loading import load_model
+from sponlab.model.sites import discover_sites
 from sponlab.stages.common import MODEL_OPTION, PARAMS_OPTION, read_params, replace_dir, timed
-from sponlab.tensorio import write_json
+from sponlab.studies.importance.plots import plot_sae_training
+from sponlab.studies.importance.sae import train_sae
+from sponlab.studies.importance.sae_files import save_sae
 
 
 def main(

@@ -6,14 +6,14 @@ from pathlib import Path
 
 import typer
 
-from sponlab.analysis.spectrum import analyse, headline_metrics, load_weights
-from sponlab.analysis.spectrum_report import relative_link, render_report
-from sponlab.analysis.spectrum_stats import write_statistics, write_tables
 from sponlab.config import analysis_params
-from sponlab.plots.spectrum import plot_all
-from sponlab.provenance import write_metrics
+from sponlab.io.provenance import write_metrics
+from sponlab.io.tensorio import write_text
 from sponlab.stages.common import MODEL_OPTION, PARAMS_OPTION, read_params, replace_dir, timed
-from sponlab.tensorio import write_text
+from sponlab.studies.spectrum.plots import plot_all
+from sponlab.studies.spectrum.report import relative_link, render_report
+from sponlab.studies.spectrum.spectrum import analyse, headline_metrics, load_weights
+from sponlab.studies.spectrum.stats import write_statistics, write_tables
 
 
 def main(

@@ -7,10 +7,11 @@ from pathlib import Path
 
 import typer
 
-from sponlab.layout import cell_path, seed_path
-from sponlab.provenance import write_metrics
+from sponlab.io.layout import cell_path, seed_path
+from sponlab.io.provenance import write_metrics
+from sponlab.io.tensorio import atomic_path, read_json, write_text
 from sponlab.stages.common import PARAMS_OPTION, read_params
-from sponlab.summary import (
+from sponlab.sweep.summary import (
     cell_result,
     nested_metrics,
     perplexity_line,
@@ -18,7 +19,6 @@ from sponlab.summary import (
     to_latex,
     to_markdown,
 )
-from sponlab.tensorio import atomic_path, read_json, write_text
 
 
 def main(

@@ -14,12 +14,14 @@ from pathlib import Path
 
 import typer
 
-from sponlab.closed_form import closed_form_biases
-from sponlab.experiment import bias_sites, cell_spec
-from sponlab.layout import cell_path, seed_path, threshold_path
-from sponlab.ranked import ranked_layers, read_ranking
-from sponlab.sites import LayerSelection
-from sponlab.spon import SponBiases, save_biases
+from sponlab.io.layout import cell_path, seed_path, threshold_path
+from sponlab.io.tensorio import load_tensors, write_json, write_rows
+from sponlab.method.closed_form import closed_form_biases
+from sponlab.method.experiment import bias_sites, cell_spec
+from sponlab.method.ranked import ranked_layers, read_ranking
+from sponlab.method.spon import SponBiases, save_biases
+from sponlab.method.train import Teachers, TrainResult, train_spon
+from sponlab.model.sites import LayerSelection
 from sponlab.stages.common import (
     MODEL_OPTION,
     PARAMS_OPTION,
@@ -29,8 +31,6 @@ from sponlab.stages.common import (
     read_params,
     timed,
 )
-from sponlab.tensorio import load_tensors, write_json, write_rows
-from sponlab.train import Teachers, TrainResult, train_spon
 
 
 def main(

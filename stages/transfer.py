@@ -14,14 +14,13 @@ from pathlib import Path
 import pandas as pd
 import typer
 
-from sponlab.analysis import interpret as ia
 from sponlab.config import analysis_params
-from sponlab.data import BlockSpec, wants_bos
-from sponlab.experiment import cell_spec
-from sponlab.layout import cell_path, seed_path
-from sponlab.plots.transfer import plot_transfer
-from sponlab.provenance import write_metrics
-from sponlab.spon import load_biases
+from sponlab.io.data import BlockSpec, wants_bos
+from sponlab.io.layout import cell_path, seed_path
+from sponlab.io.provenance import write_metrics
+from sponlab.io.tensorio import write_table, write_text
+from sponlab.method.experiment import cell_spec
+from sponlab.method.spon import load_biases
 from sponlab.stages.common import (
     MODEL_OPTION,
     PARAMS_OPTION,
@@ -31,8 +30,9 @@ from sponlab.stages.common import (
     read_params,
     timed,
 )
-from sponlab.tensorio import write_table, write_text
-from sponlab.transfer import (
+from sponlab.studies.interpret import params as ia
+from sponlab.studies.transfer.plots import plot_transfer
+from sponlab.studies.transfer.transfer import (
     CellModels,
     domain_blocks,
     evaluate_cells,

@@ -19,12 +19,11 @@ import pandas as pd
 import torch
 import typer
 
-from sponlab.analysis.interpret import InterpretParams
 from sponlab.config import ConfigError, analysis_params
-from sponlab.data import BlockSpec, load_corpus, wants_bos
-from sponlab.experiment import bias_sites, cell_spec
-from sponlab.plots.transfer import plot_training
-from sponlab.provenance import write_metrics
+from sponlab.io.data import BlockSpec, load_corpus, wants_bos
+from sponlab.io.provenance import write_metrics
+from sponlab.io.tensorio import write_table, write_text
+from sponlab.method.experiment import bias_sites, cell_spec
 from sponlab.stages.common import (
     MODEL_OPTION,
     PARAMS_OPTION,
@@ -34,8 +33,9 @@ from sponlab.stages.common import (
     read_params,
     timed,
 )
-from sponlab.tensorio import write_table, write_text
-from sponlab.transfer import (
+from sponlab.studies.interpret.params import InterpretParams
+from sponlab.studies.transfer.plots import plot_training
+from sponlab.studies.transfer.transfer import (
     CellModels,
     domain_blocks,
     domain_documents,

@@ -9,8 +9,8 @@ os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")  # as sponlab sets it, before t
 import pytest
 import torch
 
-from sponlab.sites import discover_sites
-from sponlab.tiny import tiny_model
+from sponlab.model.sites import discover_sites
+from sponlab.model.tiny import tiny_model
 
 torch.set_num_threads(2)
 

@@ -17,7 +17,8 @@ import torch
 from typer.testing import CliRunner
 
 from sponlab.cli import app
-from sponlab.evaluate import (
+from sponlab.io.tensorio import InputFileError, save_tensors, write_json
+from sponlab.method.evaluate import (
     achieved_summary,
     baseline_payload,
     capture_dense,
@@ -25,14 +26,13 @@ from sponlab.evaluate import (
     read_baseline,
     sparsity_rows,
 )
-from sponlab.models import model_fingerprint
-from sponlab.sparsify import (
+from sponlab.method.sparsify import (
     SparsifySpec,
     SparsityStats,
     calibrate_thresholds,
     thresholds_to_tensors,
 )
-from sponlab.tensorio import InputFileError, save_tensors, write_json
+from sponlab.model.loading import model_fingerprint
 
 PARAMS = Path(__file__).resolve().parents[1] / "params.yaml"
 

@@ -13,10 +13,10 @@ import pytest
 import torch
 from transformers import GPT2Config
 
-from sponlab.basemodel import MANIFEST, check_dtype_runs, inspect_architecture, read_manifest
 from sponlab.config import BaseModelParams, ConfigError
-from sponlab.models import load_model, plan_base, resolve_device
-from sponlab.tiny import save_tiny
+from sponlab.model.base import MANIFEST, check_dtype_runs, inspect_architecture, read_manifest
+from sponlab.model.loading import load_model, plan_base, resolve_device
+from sponlab.model.tiny import save_tiny
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
@@ -49,7 +49,7 @@ def test_hub_model_is_pinned_to_a_commit_not_copied(tmp_path):
         "from pathlib import Path\n"
         "import torch\n"
         "from sponlab.config import BaseModelParams\n"
-        "from sponlab.models import build_base, load_model\n"
+        "from sponlab.model.loading import build_base, load_model\n"
         "cfg = BaseModelParams(source='hub', name='acme/tiny-llama', device='cpu', dtype='auto')\n"
         "build_base(cfg, Path('base'))\n"
         "ref = load_model('acme/tiny-llama', 'cpu', 'float32').model\n"
@@ -71,7 +71,7 @@ def test_copy_weights_keeps_the_checkpoint_dtype(tmp_path):
     run_offline(
         "from pathlib import Path\n"
         "from sponlab.config import BaseModelParams\n"
-        "from sponlab.models import build_base\n"
+        "from sponlab.model.loading import build_base\n"
         "cfg = BaseModelParams(source='hub', name='acme/tiny-llama', device='cpu',\n"
         "                      copy_weights=True, revision='main')\n"
         "build_base(cfg, Path('base'))\n",

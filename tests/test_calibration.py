@@ -3,10 +3,10 @@
 import pytest
 import torch
 
-from sponlab.calibration import calibrate_sequential
-from sponlab.sites import discover_sites
-from sponlab.sparsify import SparsifySpec, SparsityStats, calibrate_thresholds, sparsified
-from sponlab.tiny import tiny_model
+from sponlab.method.calibration import calibrate_sequential
+from sponlab.method.sparsify import SparsifySpec, SparsityStats, calibrate_thresholds, sparsified
+from sponlab.model.sites import discover_sites
+from sponlab.model.tiny import tiny_model
 
 
 def achieved(model, site_map, blocks, thresholds, sparsity, sites):

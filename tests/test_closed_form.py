@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from sponlab.closed_form import closed_form_biases
-from sponlab.sparsify import SparsifySpec, calibrate_thresholds, capture_inputs, sparsified
+from sponlab.method.closed_form import closed_form_biases
+from sponlab.method.sparsify import SparsifySpec, calibrate_thresholds, capture_inputs, sparsified
 
 
 def spec_for(model, site_map, blocks, sparsity, modules=None):

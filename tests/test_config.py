@@ -3,8 +3,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from sponlab.analysis import importance, sae
 from sponlab.config import ConfigError, Section, load_params, parse_params
+from sponlab.studies.importance import importance, sae
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -149,8 +149,9 @@ def test_defaults_live_once_on_the_dataclasses():
     of a default in the parser that could drift)."""
     from dataclasses import fields
 
-    from sponlab.analysis import interpret, spectrum
     from sponlab.config import BaseModelParams, DataParams, EvalParams, SparsifyParams, TrainParams
+    from sponlab.studies.interpret import params as interpret
+    from sponlab.studies.spectrum import spectrum
 
     minimal = {
         "configs": {"UNIF-ALL": {"layers": "all", "modules": ["down_proj"]}},

@@ -7,11 +7,17 @@ import math
 import pytest
 import torch
 
-from sponlab.convergence import diagnostics, fraction_at_bound, mean_se, paired_gain, replaces
-from sponlab.precision import Bf16Student, uses_autocast
-from sponlab.sparsify import SparsifySpec, calibrate_thresholds, sparsified
-from sponlab.spon import SponBiases
-from sponlab.train import draw_blocks, kl_to_teacher
+from sponlab.method.convergence import (
+    diagnostics,
+    fraction_at_bound,
+    mean_se,
+    paired_gain,
+    replaces,
+)
+from sponlab.method.precision import Bf16Student, uses_autocast
+from sponlab.method.sparsify import SparsifySpec, calibrate_thresholds, sparsified
+from sponlab.method.spon import SponBiases
+from sponlab.method.train import draw_blocks, kl_to_teacher
 
 
 def test_mean_se_matches_the_textbook_formula():

@@ -1,7 +1,7 @@
 import torch
 
-from sponlab.data import BlockSpec, builtin_corpus, make_blocks, wants_bos
-from sponlab.tiny import tiny_tokenizer
+from sponlab.io.data import BlockSpec, builtin_corpus, make_blocks, wants_bos
+from sponlab.model.tiny import tiny_tokenizer
 
 
 def test_builtin_corpus_splits_are_disjoint_real_text():

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import torch
 
-from sponlab.analysis.capture import LayerAggregate, sae_targets
-from sponlab.analysis.sae import SparseAutoencoder
+from sponlab.model.capture import LayerAggregate, sae_targets
+from sponlab.studies.importance.sae import SparseAutoencoder
 
 
 def test_sae_features_run_on_the_device_of_their_layer():
@@ -45,8 +45,8 @@ def test_padding_mask_follows_the_activations_device():
 
 def test_kl_targets_follow_the_logits_device():
     # cached targets live on the embedding's device; the LM head may be on the last GPU
-    from sponlab.distill import TeacherTarget, kl_per_token, top_k_target
-    from sponlab.train import centred_logit_l2, kl_to_teacher, next_token_ce
+    from sponlab.method.distill import TeacherTarget, kl_per_token, top_k_target
+    from sponlab.method.train import centred_logit_l2, kl_to_teacher, next_token_ce
 
     logp = torch.log_softmax(torch.randn(2, 3, 11), -1)  # host
     logits = torch.zeros(2, 3, 11, device="meta")  # "another GPU"
@@ -58,7 +58,7 @@ def test_kl_targets_follow_the_logits_device():
 
 
 def test_folded_bias_lives_on_its_layers_device(llama):
-    from sponlab.spon import SponBiases, fold_into_model
+    from sponlab.method.spon import SponBiases, fold_into_model
 
     model, site_map = llama
     site = site_map.select([1], ["down_proj"])[0]
@@ -72,7 +72,7 @@ def test_folded_bias_lives_on_its_layers_device(llama):
 def test_offloaded_layers_are_refused_before_work(llama):
     import pytest
 
-    from sponlab.models import check_placement
+    from sponlab.model.loading import check_placement
     from sponlab.paramcheck import ConfigError
 
     model, _ = llama
@@ -87,7 +87,7 @@ def test_offloaded_layers_are_refused_before_work(llama):
 
 
 def test_loaded_models_keep_no_kv_cache(llama):
-    from sponlab.models import no_kv_cache
+    from sponlab.model.loading import no_kv_cache
 
     model, _ = llama
     ids = torch.zeros(1, 4, dtype=torch.long)
@@ -98,7 +98,7 @@ def test_loaded_models_keep_no_kv_cache(llama):
 
 def test_histogram_calibration_counts_where_the_values_are(monkeypatch):
     # a GPU calibration must bucketise on the GPU: update may not copy a batch to the host
-    from sponlab.sparsify import HistogramQuantiles, quantile_threshold
+    from sponlab.method.sparsify import HistogramQuantiles, quantile_threshold
 
     values = torch.randn(20_000, generator=torch.Generator().manual_seed(0)).abs()
     hist = HistogramQuantiles()

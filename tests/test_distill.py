@@ -11,12 +11,12 @@ import torch.nn.functional as F
 import yaml
 
 from sponlab.config import ConfigError, TrainParams, parse_params
-from sponlab.distill import chunked_kl, dense_target, kl_per_token, top_k_target
-from sponlab.sites import Site, discover_sites
-from sponlab.sparsify import SparsifySpec, sparsified
-from sponlab.spon import SponBiases
-from sponlab.tiny import tiny_model
-from sponlab.train import Teachers, kl_to_teacher, train_spon
+from sponlab.method.distill import chunked_kl, dense_target, kl_per_token, top_k_target
+from sponlab.method.sparsify import SparsifySpec, sparsified
+from sponlab.method.spon import SponBiases
+from sponlab.method.train import Teachers, kl_to_teacher, train_spon
+from sponlab.model.sites import Site, discover_sites
+from sponlab.model.tiny import tiny_model
 
 
 def test_top_k_kl_is_the_coarsened_kl_and_exact_with_the_whole_vocabulary():

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from sponlab.analysis import drift_layers as dl
-from sponlab.sites import Site
+from sponlab.model.sites import Site
+from sponlab.studies.layers import drift as dl
 
 
 def shift(teal, spon):

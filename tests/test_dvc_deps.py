@@ -121,8 +121,12 @@ def test_stage_source_deps_exist_and_are_imported(stage: str):
 
 
 def test_the_closure_finds_lazy_and_transitive_imports():
-    # evaluate imports sponlab.evaluate, which imports sponlab.spon (transitive); the stage
-    # helpers import sponlab.models inside a function (lazy): both must be found.
+    # evaluate imports sponlab.method.evaluate, which imports sponlab.method.spon (transitive); the stage
+    # helpers import sponlab.model.loading inside a function (lazy): both must be found.
     closure = {p.relative_to(ROOT).as_posix() for p in source_closure("sponlab.stages.evaluate")}
-    assert {"src/sponlab/spon.py", "src/sponlab/models.py", "stages/common.py"} <= closure
+    assert {
+        "src/sponlab/method/spon.py",
+        "src/sponlab/model/loading.py",
+        "stages/common.py",
+    } <= closure
     assert "stages/train.py" not in closure  # a stage entry never imports another

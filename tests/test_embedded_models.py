@@ -12,10 +12,10 @@ from dataclasses import replace
 import pytest
 import torch
 
-from sponlab import basemodel
-from sponlab.basemodel import EMBEDDED, EmbeddedModel, parse_base
 from sponlab.config import ConfigError
-from sponlab.models import embedded_gguf
+from sponlab.model import base as basemodel
+from sponlab.model.base import EMBEDDED, EmbeddedModel, parse_base
+from sponlab.model.loading import embedded_gguf
 from sponlab.paramcheck import Section
 
 
@@ -68,8 +68,8 @@ GEMMA = importlib.util.find_spec(EMBEDDED["gemma3-270m"].packages[0]) is not Non
 @pytest.mark.slow
 @pytest.mark.skipif(not GEMMA, reason="Gemma-3-270M wheels not installed (make install-gemma)")
 def test_gemma_exports_exactly_and_predicts_text(tmp_path):
-    from sponlab.models import export_embedded_model, load_model
-    from sponlab.sites import discover_sites
+    from sponlab.model.loading import export_embedded_model, load_model
+    from sponlab.model.sites import discover_sites
 
     export_embedded_model("gemma3-270m", tmp_path / "base")  # raises if a row differs from gguf's
     loaded = load_model(tmp_path / "base", "cpu", "float32")

@@ -3,7 +3,7 @@
 import pandas as pd
 import pytest
 
-from sponlab.findings import (
+from sponlab.sweep.findings import (
     budget_line,
     claim_a,
     claim_b,
@@ -16,7 +16,7 @@ from sponlab.findings import (
     study_findings,
     transfer_findings,
 )
-from sponlab.summary import cell_result, seed_values, summary_table, to_markdown
+from sponlab.sweep.summary import cell_result, seed_values, summary_table, to_markdown
 
 
 def evaluation(config, values, teal=60.0, dense=40.0, params=100, sparsify="all", ok=True):
@@ -236,7 +236,7 @@ def test_budget_line_flags_limited_cells():
 
 
 def test_curve_line_reads_the_learning_curves_verdict():
-    from sponlab.findings import curve_line
+    from sponlab.sweep.findings import curve_line
 
     slope = {"slope": 0.062, "se": 0.011, "df": 2.0}
     curve = {"UNIF-ALL": {"slope_at_default": {"test_recovered": slope}, "data_limited": "supported"},

@@ -1,4 +1,4 @@
-"""TEAL's greedy per-layer sparsity allocation (sponlab.greedy) and per-site calibration targets."""
+"""TEAL's greedy per-layer sparsity allocation (sponlab.method.greedy) and per-site calibration targets."""
 
 from __future__ import annotations
 
@@ -7,14 +7,14 @@ import itertools
 import pytest
 import torch
 
-from sponlab.calibration import calibrate_sequential, decoder_layers, record_layer_calls
-from sponlab.greedy import (
+from sponlab.method.calibration import calibrate_sequential, decoder_layers, record_layer_calls
+from sponlab.method.greedy import (
     LayerSearch,
     greedy_allocation,
     group_parameters,
     search_layer,
 )
-from sponlab.sparsify import SparsifySpec, SparsityStats, sparsified
+from sponlab.method.sparsify import SparsifySpec, SparsityStats, sparsified
 
 
 def test_each_layer_reaches_the_target_in_equal_weighted_steps(llama, blocks):

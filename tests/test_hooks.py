@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from sponlab.data import device_batches
-from sponlab.hooks import installed
+from sponlab.io.data import device_batches
+from sponlab.model.hooks import installed
 
 
 def _hook_count(module: nn.Module) -> int:

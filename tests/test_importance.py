@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from sponlab.analysis.batches import BatchError, build_batches, ensure_pad_token, pad_batches
-from sponlab.analysis.capture import (
+from sponlab.config import ConfigError, Section
+from sponlab.io.batches import BatchError, build_batches, ensure_pad_token, pad_batches
+from sponlab.model.capture import (
     ImportanceError,
     LayerAggregate,
     PassResult,
@@ -26,19 +27,18 @@ from sponlab.analysis.capture import (
     site_module,
     site_tensors,
 )
-from sponlab.analysis.importance import (
+from sponlab.model.loading import freeze
+from sponlab.model.sites import discover_sites
+from sponlab.model.tiny import ARCHITECTURES, tiny_model, tiny_tokenizer
+from sponlab.studies.importance.files import load_importance, save_importance
+from sponlab.studies.importance.importance import (
     ImportanceParams,
     apply_power,
     finalize,
     normalize,
     parse_params,
 )
-from sponlab.analysis.importance_files import load_importance, save_importance
-from sponlab.analysis.sae import SparseAutoencoder
-from sponlab.config import ConfigError, Section
-from sponlab.models import freeze
-from sponlab.sites import discover_sites
-from sponlab.tiny import ARCHITECTURES, tiny_model, tiny_tokenizer
+from sponlab.studies.importance.sae import SparseAutoencoder
 
 # --- normalisation and power on known vectors ----------------------------------------------------
 
@@ -362,9 +362,9 @@ def test_save_and_load_importance(tmp_path):
 def test_stages_end_to_end(tmp_path, monkeypatch):
     import yaml
 
+    from sponlab.model.tiny import save_tiny
     from sponlab.stages import importance as importance_stage
     from sponlab.stages import sae as sae_stage
-    from sponlab.tiny import save_tiny
 
     model_dir = save_tiny(tmp_path / "model", "llama", layers=2, hidden=32)
     # the tiny word-level tokenizer knows only "w<i>" words: give both stages such documents

@@ -17,14 +17,14 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from sponlab.models import model_fingerprint
-from sponlab.provenance import environment, write_metrics
-from sponlab.reproduce import compare_metrics, compare_outputs, lock_outputs
-from sponlab.sites import discover_sites
-from sponlab.sparsify import load_thresholds, thresholds_to_tensors
-from sponlab.spon import SponBiases, load_biases, save_biases
-from sponlab.tensorio import InputFileError, load_tensors, save_tensors
-from sponlab.tiny import tiny_model
+from sponlab.io.provenance import environment, write_metrics
+from sponlab.io.tensorio import InputFileError, load_tensors, save_tensors
+from sponlab.method.sparsify import load_thresholds, thresholds_to_tensors
+from sponlab.method.spon import SponBiases, load_biases, save_biases
+from sponlab.model.loading import model_fingerprint
+from sponlab.model.sites import discover_sites
+from sponlab.model.tiny import tiny_model
+from sponlab.tools.reproduce import compare_metrics, compare_outputs, lock_outputs
 
 META = {"split": "test", "source": "builtin", "block_len": 16, "bos": False, "seed": 3, "n": 7}
 
@@ -36,7 +36,7 @@ def md5(path: Path) -> str:
 def test_equal_tensors_and_metadata_give_identical_bytes_across_processes(tmp_path):
     # safetensors orders __metadata__ by a per-process hash map; each process writes its own file
     script = (
-        "import sys, torch; from sponlab.tensorio import save_tensors; "
+        "import sys, torch; from sponlab.io.tensorio import save_tensors; "
         "save_tensors(sys.argv[1], {'b': torch.arange(6.0), 'a': torch.ones(2, 3)}, "
         f"{META!r})"
     )
@@ -115,7 +115,7 @@ def test_fingerprint_ignores_dtype_but_not_weights():
 
 def test_cli_reports_a_truncated_input_in_one_line(tmp_path):
     from sponlab.cli import app, main
-    from sponlab.tiny import save_tiny
+    from sponlab.model.tiny import save_tiny
 
     model_dir = tmp_path / "model"
     save_tiny(model_dir, "llama", layers=2, hidden=32)

@@ -12,18 +12,22 @@ import torch
 from sklearn.decomposition import PCA
 
 from sponlab.allocations import AllocationConfig
-from sponlab.analysis import directions as dr
-from sponlab.analysis import interpret as ia
-from sponlab.analysis import layers as la
-from sponlab.analysis import shift as sh
-from sponlab.analysis import similarity as sim
-from sponlab.analysis.alignment import (
+from sponlab.config import ConfigError, Section
+from sponlab.method.sparsify import SparsifySpec, calibrate_thresholds, capture_inputs, sparsified
+from sponlab.method.spon import SponBiases
+from sponlab.model.sites import LayerSelection, Site
+from sponlab.model.tiny import tiny_tokenizer
+from sponlab.studies.interpret import directions as dr
+from sponlab.studies.interpret import params as ia
+from sponlab.studies.interpret import shift as sh
+from sponlab.studies.interpret import similarity as sim
+from sponlab.studies.interpret.alignment import (
     alignment_row,
     alignment_rows,
     collect_moments,
     principal_components,
 )
-from sponlab.analysis.prompts import (
+from sponlab.studies.interpret.prompts import (
     Variant,
     kl_reduction,
     load_prompt_sets,
@@ -32,11 +36,7 @@ from sponlab.analysis.prompts import (
     prompt_variants,
     select_prompts,
 )
-from sponlab.config import ConfigError, Section
-from sponlab.sites import LayerSelection, Site
-from sponlab.sparsify import SparsifySpec, calibrate_thresholds, capture_inputs, sparsified
-from sponlab.spon import SponBiases
-from sponlab.tiny import tiny_tokenizer
+from sponlab.studies.layers import leave_one_out as la
 
 
 def teal(model, site_map, blocks, sparsity=0.5):
@@ -341,12 +341,12 @@ def workspace(tmp_path_factory):
     import yaml
 
     from sponlab.config import load_params
-    from sponlab.experiment import bias_sites
-    from sponlab.sites import discover_sites
-    from sponlab.sparsify import thresholds_to_tensors
-    from sponlab.spon import save_biases
-    from sponlab.tensorio import save_tensors
-    from sponlab.tiny import save_tiny, tiny_model
+    from sponlab.io.tensorio import save_tensors
+    from sponlab.method.experiment import bias_sites
+    from sponlab.method.sparsify import thresholds_to_tensors
+    from sponlab.method.spon import save_biases
+    from sponlab.model.sites import discover_sites
+    from sponlab.model.tiny import save_tiny, tiny_model
 
     root = tmp_path_factory.mktemp("interpret")
     save_tiny(root / "model", "llama", layers=3, hidden=32)
@@ -461,8 +461,8 @@ def test_stages_write_all_outputs(workspace):
 
 
 def test_residual_alignment_against_known_components(llama):
-    from sponlab.analysis.directions import RandomBaseline
-    from sponlab.analysis.residual import (
+    from sponlab.studies.interpret.directions import RandomBaseline
+    from sponlab.studies.interpret.residual import (
         residual_alignment_rows,
         residual_components,
         residual_samples,
@@ -500,7 +500,7 @@ def test_transfer_stage_writes_table_figure_metrics_and_findings_rows(workspace)
     from typer.testing import CliRunner
 
     from sponlab.cli import app
-    from sponlab.findings import transfer_findings
+    from sponlab.sweep.findings import transfer_findings
 
     root = workspace
     summary = root / "summary.csv"
@@ -534,10 +534,10 @@ def test_transfer_stage_writes_table_figure_metrics_and_findings_rows(workspace)
 
 
 def test_gemma_post_norm_sites_are_not_residual_directions():
-    from sponlab.analysis.directions import RandomBaseline
-    from sponlab.analysis.residual import post_norm_sites, residual_alignment_rows
-    from sponlab.sites import discover_sites
-    from sponlab.tiny import tiny_model
+    from sponlab.model.sites import discover_sites
+    from sponlab.model.tiny import tiny_model
+    from sponlab.studies.interpret.directions import RandomBaseline
+    from sponlab.studies.interpret.residual import post_norm_sites, residual_alignment_rows
 
     gemma = tiny_model("gemma3", seed=0)
     gemma_map = discover_sites(gemma)

@@ -1,4 +1,4 @@
-"""The compiled sparse GEMV equals the dense matmul on the masked input (sponlab.kernels)."""
+"""The compiled sparse GEMV equals the dense matmul on the masked input (sponlab.tools.sparse_gemv)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sponlab.kernels import SparseGemv, build, compiled_available, transposed_group
+from sponlab.tools.sparse_gemv import SparseGemv, build, compiled_available, transposed_group
 
 needs_cc = pytest.mark.skipif(
     shutil.which("cc") is None and shutil.which("gcc") is None, reason="no C compiler"

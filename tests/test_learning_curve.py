@@ -8,7 +8,7 @@ import math
 import pandas as pd
 import pytest
 
-from sponlab.learning_curve import (
+from sponlab.studies.transfer.learning_curve import (
     curve_markdown,
     curve_metrics,
     curve_table,

@@ -13,10 +13,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sponlab.lmeval import DEMO_TASK, evaluate_tasks, local_task, task_list
-from sponlab.sparsify import SparsifySpec, calibrate_thresholds, sparsified
-from sponlab.spon import SponBiases, maybe_attached
-from sponlab.tiny import tiny_tokenizer
+from sponlab.method.sparsify import SparsifySpec, calibrate_thresholds, sparsified
+from sponlab.method.spon import SponBiases, maybe_attached
+from sponlab.model.tiny import tiny_tokenizer
+from sponlab.tools.lmeval import DEMO_TASK, evaluate_tasks, local_task, task_list
 
 pytest.importorskip("lm_eval")
 
@@ -113,7 +113,7 @@ def with_bos_template(tok):
 
 
 def test_lm_eval_bos_follows_the_pipelines_policy(caplog):
-    from sponlab.lmeval import bos_for_lm_eval
+    from sponlab.tools.lmeval import bos_for_lm_eval
 
     plain = tiny_tokenizer(64)  # no template BOS (as SmolLM2)
     assert bos_for_lm_eval(plain, "auto") is False and bos_for_lm_eval(plain, False) is False

@@ -43,8 +43,8 @@ def test_wheel_ships_every_package_and_the_prompt_set(wheel):
         "sponlab/resources/prompts.yaml",
         "sponlab/stages/train.py",
         "sponlab/stages/common.py",
-        "sponlab/analysis/interpret.py",
-        "sponlab/plots/pipeline.py",
+        "sponlab/studies/interpret/params.py",
+        "sponlab/sweep/plots.py",
     }
     assert expected <= names, sorted(expected - names)
     sources = {p.relative_to(ROOT / "src").as_posix() for p in (ROOT / "src").rglob("*.py")}
@@ -60,7 +60,7 @@ def test_installed_wheel_runs_the_cli_and_finds_its_prompts(wheel, tmp_path):
     )
     env = {**os.environ, "PYTHONPATH": str(target)}
     probe = (
-        "import sponlab, sponlab.analysis.prompts as p; "
+        "import sponlab, sponlab.studies.interpret.prompts as p; "
         "print(sponlab.__file__); print(len(p.load_prompt_sets()))"
     )
     where, categories = check([sys.executable, "-c", probe], tmp_path, env).split()[:2]
@@ -80,5 +80,5 @@ def test_wheel_in_a_clean_venv_with_the_locked_dependencies(wheel, tmp_path):
     check([*pip, "--no-deps", "--require-hashes", "-r", str(ROOT / "requirements.lock")], tmp_path)
     check([*pip, "--no-deps", str(path)], tmp_path)
     assert "calibrate" in check([str(venv / "bin/sponlab"), "--help"], tmp_path)
-    probe = "import sponlab.analysis.prompts as p; print(len(p.load_prompt_sets()))"
+    probe = "import sponlab.studies.interpret.prompts as p; print(len(p.load_prompt_sets()))"
     assert int(check([str(venv / "bin/python"), "-c", probe], tmp_path)) >= 5

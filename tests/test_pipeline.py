@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from sponlab.tiny import save_tiny
+from sponlab.model.tiny import save_tiny
 
 ROOT = Path(__file__).resolve().parents[1]
 VENV = Path(sys.prefix)  # the venv `make install` created (tests run with its python)

@@ -12,10 +12,10 @@ import yaml
 from typer.testing import CliRunner
 
 from sponlab.cli import app
-from sponlab.data import stream_windows
-from sponlab.evaluate import evaluate_variant
-from sponlab.tensorio import load_tensors
-from sponlab.tiny import save_tiny
+from sponlab.io.data import stream_windows
+from sponlab.io.tensorio import load_tensors
+from sponlab.method.evaluate import evaluate_variant
+from sponlab.model.tiny import save_tiny
 
 PARAMS = Path(__file__).resolve().parents[1] / "params.yaml"
 

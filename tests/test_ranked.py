@@ -11,8 +11,8 @@ import yaml
 
 from sponlab.allocations import parse_layers
 from sponlab.config import ConfigError, parse_params
-from sponlab.ranked import LayerRanking, layers_needed, ranked_layers, read_ranking
-from sponlab.sites import LayerSelection, SiteError
+from sponlab.method.ranked import LayerRanking, layers_needed, ranked_layers, read_ranking
+from sponlab.model.sites import LayerSelection, SiteError
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from sponlab.readme import included_paths, refreshed, stale_includes
+from sponlab.sweep.readme import included_paths, refreshed, stale_includes
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -5,7 +5,7 @@ from pathlib import Path
 from test_findings import frame
 
 from sponlab.config import load_params
-from sponlab.report import RunFiles, build_report
+from sponlab.sweep.report import RunFiles, build_report
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -9,16 +9,20 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from sponlab.analysis.batches import build_batches
-from sponlab.analysis.capture import collect_activations
-from sponlab.analysis.sae import (
+from sponlab.config import ConfigError, Section
+from sponlab.io.batches import build_batches
+from sponlab.model.capture import collect_activations
+from sponlab.model.loading import freeze
+from sponlab.model.sites import discover_sites
+from sponlab.model.tiny import tiny_model, tiny_tokenizer
+from sponlab.studies.importance.sae import (
     SparseAutoencoder,
     _unscaled,
     parse_params,
     reconstruction_metrics,
     train_sae,
 )
-from sponlab.analysis.sae_files import (
+from sponlab.studies.importance.sae_files import (
     SAEFileError,
     find_saes,
     hook_name,
@@ -27,10 +31,6 @@ from sponlab.analysis.sae_files import (
     parse_hook,
     save_sae,
 )
-from sponlab.config import ConfigError, Section
-from sponlab.models import freeze
-from sponlab.sites import discover_sites
-from sponlab.tiny import tiny_model, tiny_tokenizer
 
 
 def _random_sae(d_in: int = 12, d_sae: int = 24, seed: int = 0) -> SparseAutoencoder:
@@ -182,7 +182,7 @@ def test_release_loading_goes_through_the_same_directory_format(tmp_path, monkey
     import sys
     import types
 
-    from sponlab.analysis.sae_files import from_sae_lens
+    from sponlab.studies.importance.sae_files import from_sae_lens
 
     sae = _random_sae(d_in=6, d_sae=8)
     state = {k: v.detach().clone() for k, v in sae.state_dict().items() if k != "threshold"}

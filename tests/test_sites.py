@@ -1,7 +1,7 @@
 import pytest
 import torch.nn as nn
 
-from sponlab.sites import (
+from sponlab.model.sites import (
     PROJECTIONS,
     LayerSelection,
     Site,
@@ -9,7 +9,7 @@ from sponlab.sites import (
     discover_sites,
     parse_layer_spec,
 )
-from sponlab.tiny import ARCHITECTURES, tiny_model
+from sponlab.model.tiny import ARCHITECTURES, tiny_model
 
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)

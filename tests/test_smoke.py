@@ -1,14 +1,14 @@
 """Every stage's library function on the tiny model in float32 and bfloat16 (CPU): the dtype and
-device invariants of sponlab.smoke hold, and bf16 stays close to fp32 where it should."""
+device invariants of sponlab.tools.smoke hold, and bf16 stays close to fp32 where it should."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from sponlab.smoke import SmokeError, StageRun, _check_biases, run_smoke
-from sponlab.spon import SponBiases
-from sponlab.tiny import tiny_model
+from sponlab.method.spon import SponBiases
+from sponlab.model.tiny import tiny_model
+from sponlab.tools.smoke import SmokeError, StageRun, _check_biases, run_smoke
 
 STAGES = ["calibrate", "calibrate (greedy)", "dense", "baseline", "train (closed form)", "train",
           "train (top-k, chunked KL)", "evaluate", "evaluate (sliding windows)"]  # fmt: skip

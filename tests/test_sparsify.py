@@ -1,8 +1,7 @@
 import pytest
 import torch
 
-from sponlab.sites import Site
-from sponlab.sparsify import (
+from sponlab.method.sparsify import (
     HistogramQuantiles,
     SparsifySpec,
     SparsityStats,
@@ -11,7 +10,8 @@ from sponlab.sparsify import (
     sparsified,
     topk_mask,
 )
-from sponlab.spon import SponBiases
+from sponlab.method.spon import SponBiases
+from sponlab.model.sites import Site
 
 
 def teal_spec(site_map, thresholds, sparsity, modules=None):

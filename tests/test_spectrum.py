@@ -11,20 +11,20 @@ import numpy as np
 import pytest
 import torch
 
-from sponlab.analysis import kernels as kn
-from sponlab.analysis import spectrum as sp
-from sponlab.analysis import trends as tr
-from sponlab.analysis.spectrum_report import (
+from sponlab.config import ConfigError, Section
+from sponlab.model.sites import PROJECTIONS, Site, discover_sites
+from sponlab.model.tiny import ARCHITECTURES, save_tiny, tiny_model
+from sponlab.studies.spectrum import attention_kernels as kn
+from sponlab.studies.spectrum import spectrum as sp
+from sponlab.studies.spectrum import trends as tr
+from sponlab.studies.spectrum.report import (
     DOWN_HEADERS,
     ERANK_HEADERS,
     PHASE_HEADERS,
     TREND_HEADERS,
     render_report,
 )
-from sponlab.analysis.spectrum_stats import eigen_summary, milestone_counts, statistics, tables
-from sponlab.config import ConfigError, Section
-from sponlab.sites import PROJECTIONS, Site, discover_sites
-from sponlab.tiny import ARCHITECTURES, save_tiny, tiny_model
+from sponlab.studies.spectrum.stats import eigen_summary, milestone_counts, statistics, tables
 
 PARAMS = Path(__file__).resolve().parents[1] / "params.yaml"
 
@@ -335,7 +335,7 @@ def _table_rows(markdown: str, headers) -> list[list[str]]:
 
 
 def test_report_tables(result):
-    from sponlab.plots.spectrum import FIGURES
+    from sponlab.studies.spectrum.plots import FIGURES
 
     figures = {name: f"figures/{file}" for name, file in FIGURES.items()}
     md = render_report(result, figures, model="tiny")
@@ -409,8 +409,8 @@ def test_statistics_json_holds_the_report_numbers(result):
 
 
 def test_stage_writes_report_figures_and_metrics(tmp_path):
+    from sponlab.io.tensorio import read_json
     from sponlab.stages.spectrum import main
-    from sponlab.tensorio import read_json
 
     model_dir = save_tiny(tmp_path / "model", "qwen3", seed=3)
     out, metrics = tmp_path / "metrics" / "spectrum", tmp_path / "metrics" / "spectrum.json"

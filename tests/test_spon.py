@@ -2,11 +2,11 @@ import pytest
 import torch
 
 from sponlab.config import TrainParams
-from sponlab.sites import Site, discover_sites
-from sponlab.sparsify import SparsifySpec, calibrate_thresholds
-from sponlab.spon import SponBiases, fold_into_model, load_biases, save_biases
-from sponlab.tiny import tiny_model
-from sponlab.train import TrainingDivergedError, kl_to_teacher, train_spon
+from sponlab.method.sparsify import SparsifySpec, calibrate_thresholds
+from sponlab.method.spon import SponBiases, fold_into_model, load_biases, save_biases
+from sponlab.method.train import TrainingDivergedError, kl_to_teacher, train_spon
+from sponlab.model.sites import Site, discover_sites
+from sponlab.model.tiny import tiny_model
 
 
 def random_biases(model, site_map, sites, parametrization="output", seed=0):
@@ -125,7 +125,7 @@ def test_kl_is_zero_for_identical_distributions_and_positive_otherwise():
 
 
 def test_training_keeps_the_best_validation_epoch(llama):
-    from sponlab.train import Teachers, validation_kl
+    from sponlab.method.train import Teachers, validation_kl
 
     model, site_map = llama
     train, spec = teal_setup(model, site_map, 0.6, seed=5)
@@ -152,7 +152,7 @@ def test_training_keeps_the_best_validation_epoch(llama):
 
 
 def test_shared_teachers_give_the_same_training(llama):
-    from sponlab.train import Teachers
+    from sponlab.method.train import Teachers
 
     model, site_map = llama
     train, spec = teal_setup(model, site_map, 0.5, seed=6)

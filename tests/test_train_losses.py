@@ -10,8 +10,8 @@ import torch
 from test_spon import settings, teal_setup
 
 from sponlab.config import TrainParams
-from sponlab.spon import SponBiases
-from sponlab.train import (
+from sponlab.method.spon import SponBiases
+from sponlab.method.train import (
     centred_logit_l2,
     kl_to_teacher,
     next_token_ce,

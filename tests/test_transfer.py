@@ -7,14 +7,14 @@ import pandas as pd
 import pytest
 import torch
 
-from sponlab import transfer as tr
 from sponlab.config import TrainParams
-from sponlab.data import BlockSpec
-from sponlab.evaluate import damage_recovered
-from sponlab.findings import transfer_findings
-from sponlab.sparsify import SparsifySpec, calibrate_thresholds
-from sponlab.spon import SponBiases
-from sponlab.tiny import tiny_tokenizer
+from sponlab.io.data import BlockSpec
+from sponlab.method.evaluate import damage_recovered
+from sponlab.method.sparsify import SparsifySpec, calibrate_thresholds
+from sponlab.method.spon import SponBiases
+from sponlab.model.tiny import tiny_tokenizer
+from sponlab.studies.transfer import transfer as tr
+from sponlab.sweep.findings import transfer_findings
 
 
 @pytest.mark.parametrize("domain", sorted(tr.DOMAIN_FILES))

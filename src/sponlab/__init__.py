@@ -27,48 +27,48 @@ from typing import TYPE_CHECKING, Any
 # public name -> module that defines it
 _EXPORTS: dict[str, str] = {
     # models and places in them
-    "load_model": "sponlab.models",
-    "LoadedModel": "sponlab.models",
-    "discover_sites": "sponlab.sites",
-    "Site": "sponlab.sites",
-    "SiteMap": "sponlab.sites",
-    "LayerSelection": "sponlab.sites",
-    "PROJECTIONS": "sponlab.sites",
+    "load_model": "sponlab.model.loading",
+    "LoadedModel": "sponlab.model.loading",
+    "discover_sites": "sponlab.model.sites",
+    "Site": "sponlab.model.sites",
+    "SiteMap": "sponlab.model.sites",
+    "LayerSelection": "sponlab.model.sites",
+    "PROJECTIONS": "sponlab.model.sites",
     # text
-    "load_corpus": "sponlab.data",
-    "make_blocks": "sponlab.data",
-    "BlockSpec": "sponlab.data",
+    "load_corpus": "sponlab.io.data",
+    "make_blocks": "sponlab.io.data",
+    "BlockSpec": "sponlab.io.data",
     # sparsification
-    "SparsifySpec": "sponlab.sparsify",
-    "sparsified": "sponlab.sparsify",
-    "SparsityStats": "sponlab.sparsify",
-    "calibrate_thresholds": "sponlab.sparsify",
-    "calibrate_sequential": "sponlab.calibration",
+    "SparsifySpec": "sponlab.method.sparsify",
+    "sparsified": "sponlab.method.sparsify",
+    "SparsityStats": "sponlab.method.sparsify",
+    "calibrate_thresholds": "sponlab.method.sparsify",
+    "calibrate_sequential": "sponlab.method.calibration",
     # allocations and biases
     "AllocationConfig": "sponlab.allocations",
-    "allocation": "sponlab.experiment",
-    "bias_sites": "sponlab.experiment",
-    "sparsify_spec": "sponlab.experiment",
-    "SponBiases": "sponlab.spon",
-    "fold_into_model": "sponlab.spon",
-    "save_biases": "sponlab.spon",
-    "load_biases": "sponlab.spon",
-    "closed_form_biases": "sponlab.closed_form",
+    "allocation": "sponlab.method.experiment",
+    "bias_sites": "sponlab.method.experiment",
+    "sparsify_spec": "sponlab.method.experiment",
+    "SponBiases": "sponlab.method.spon",
+    "fold_into_model": "sponlab.method.spon",
+    "save_biases": "sponlab.method.spon",
+    "load_biases": "sponlab.method.spon",
+    "closed_form_biases": "sponlab.method.closed_form",
     "TrainParams": "sponlab.config",
-    "train_spon": "sponlab.train",
+    "train_spon": "sponlab.method.train",
     # evaluation
-    "evaluate_variant": "sponlab.evaluate",
-    "damage_recovered": "sponlab.evaluate",
+    "evaluate_variant": "sponlab.method.evaluate",
+    "damage_recovered": "sponlab.method.evaluate",
     # batch-1 sparse decoding on CPU (compiled kernel)
-    "SparseGemv": "sponlab.kernels",
-    "transposed_group": "sponlab.kernels",
+    "SparseGemv": "sponlab.tools.sparse_gemv",
+    "transposed_group": "sponlab.tools.sparse_gemv",
     # a finished run
     "load_params": "sponlab.config",
-    "load_cell": "sponlab.results",
-    "load_summary": "sponlab.results",
-    "Cell": "sponlab.results",
+    "load_cell": "sponlab.sweep.results",
+    "load_summary": "sponlab.sweep.results",
+    "Cell": "sponlab.sweep.results",
     # tiny random-init models for experiments and tests
-    "tiny_model": "sponlab.tiny",
+    "tiny_model": "sponlab.model.tiny",
 }
 
 __all__ = [
@@ -124,17 +124,22 @@ def __dir__() -> list[str]:
 
 if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerly
     from sponlab.allocations import AllocationConfig
-    from sponlab.calibration import calibrate_sequential
-    from sponlab.closed_form import closed_form_biases
     from sponlab.config import TrainParams, load_params
-    from sponlab.data import BlockSpec, load_corpus, make_blocks
-    from sponlab.evaluate import damage_recovered, evaluate_variant
-    from sponlab.experiment import allocation, bias_sites, sparsify_spec
-    from sponlab.kernels import SparseGemv, transposed_group
-    from sponlab.models import LoadedModel, load_model
-    from sponlab.results import Cell, load_cell, load_summary
-    from sponlab.sites import PROJECTIONS, LayerSelection, Site, SiteMap, discover_sites
-    from sponlab.sparsify import SparsifySpec, SparsityStats, calibrate_thresholds, sparsified
-    from sponlab.spon import SponBiases, fold_into_model, load_biases, save_biases
-    from sponlab.tiny import tiny_model
-    from sponlab.train import train_spon
+    from sponlab.io.data import BlockSpec, load_corpus, make_blocks
+    from sponlab.method.calibration import calibrate_sequential
+    from sponlab.method.closed_form import closed_form_biases
+    from sponlab.method.evaluate import damage_recovered, evaluate_variant
+    from sponlab.method.experiment import allocation, bias_sites, sparsify_spec
+    from sponlab.method.sparsify import (
+        SparsifySpec,
+        SparsityStats,
+        calibrate_thresholds,
+        sparsified,
+    )
+    from sponlab.method.spon import SponBiases, fold_into_model, load_biases, save_biases
+    from sponlab.method.train import train_spon
+    from sponlab.model.loading import LoadedModel, load_model
+    from sponlab.model.sites import PROJECTIONS, LayerSelection, Site, SiteMap, discover_sites
+    from sponlab.model.tiny import tiny_model
+    from sponlab.sweep.results import Cell, load_cell, load_summary
+    from sponlab.tools.sparse_gemv import SparseGemv, transposed_group

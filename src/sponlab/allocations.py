@@ -12,8 +12,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from sponlab.model.sites import PROJECTIONS, LayerSelection, parse_modules
 from sponlab.paramcheck import ConfigError, Section
-from sponlab.sites import PROJECTIONS, LayerSelection
 
 PARAMETRIZATIONS = ("output", "input")
 BIAS_KINDS = ("trained", "closed_form")
@@ -124,7 +124,7 @@ def parse_config(
     cfg = AllocationConfig(
         name=name,
         layers=parse_layers(sec.get("layers"), sec.key("layers"), source),
-        modules=sec.modules("modules", allow_empty=True),
+        modules=parse_modules(sec, "modules", allow_empty=True),
         sparsify=set_name,
         sparsify_modules=sets[set_name],
         parametrization=sec.choice("parametrization", PARAMETRIZATIONS, parametrization),
@@ -156,7 +156,7 @@ ALLOCATION_KINDS = ("uniform", "greedy")
 
 @dataclass(frozen=True)
 class GreedyParams:
-    """``sparsify.greedy``: TEAL's block-wise greedy search (:mod:`sponlab.greedy`)."""
+    """``sparsify.greedy``: TEAL's block-wise greedy search (:mod:`sponlab.method.greedy`)."""
 
     step: float = 0.05  # weighted sparsity added per step, per q_proj-sized matrix (TEAL: 0.05)
     blocks: int = 4  # first calibration blocks whose layer inputs and outputs drive the search
@@ -188,10 +188,10 @@ def parse_sets(sec: Section, default_allocation: str) -> tuple[dict, dict, dict]
             raise sets_sec.fail(str(name), f"is not a valid set name ({CONFIG_NAME_RE.pattern})")
         allocation[name], greedy[name] = default_allocation, GreedyParams()
         if not isinstance(raw[name], Mapping):
-            modules[name] = sets_sec.modules(name)
+            modules[name] = parse_modules(sets_sec, name)
             continue
         one = sets_sec.section(name)
-        modules[name] = one.modules("modules")
+        modules[name] = parse_modules(one, "modules")
         allocation[name] = one.choice("allocation", ALLOCATION_KINDS, default_allocation)
         if allocation[name] == "greedy":
             greedy[name] = parse_greedy(one)

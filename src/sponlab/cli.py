@@ -67,7 +67,7 @@ def results(
     root: Path = typer.Option(Path("."), "--root", help="Pipeline workspace (the git clone)."),
 ) -> None:
     """Where a finished run's results are, and its summary table (printed by `make repro`)."""
-    from sponlab.summary import results_overview
+    from sponlab.sweep.summary import results_overview
 
     typer.echo(results_overview(root))
 
@@ -78,7 +78,7 @@ def readme(
     check: bool = typer.Option(False, "--check", help="Only report stale blocks (exit 1)."),
 ) -> None:
     """Refresh the README's include blocks from the files the run wrote (after `make repro`)."""
-    from sponlab.readme import refreshed, stale_includes
+    from sponlab.sweep.readme import refreshed, stale_includes
 
     text = path.read_text()
     stale = stale_includes(text, path.parent)
@@ -100,7 +100,7 @@ def check_repro(
     """
     import subprocess
 
-    from sponlab import reproduce
+    from sponlab.tools import reproduce
 
     def show(path: str) -> str:
         done = subprocess.run(
@@ -153,7 +153,7 @@ def lm_eval_cmd(
     ),
 ) -> None:
     """Zero-shot tasks (lm-evaluation-harness, extra `lmeval`) on a pipeline cell after `make repro`."""
-    from sponlab.lmeval import CellRef, TaskOptions, run_cell, task_list
+    from sponlab.tools.lmeval import CellRef, TaskOptions, run_cell, task_list
 
     try:
         path = run_cell(
@@ -176,8 +176,8 @@ def main() -> None:
     """Console entry point: parameter, site and input-file errors end with a one-line message
     (exit code 2) instead of a traceback."""
     from sponlab.config import ConfigError
-    from sponlab.sites import SiteError
-    from sponlab.tensorio import InputFileError
+    from sponlab.io.tensorio import InputFileError
+    from sponlab.model.sites import SiteError
 
     try:
         app()

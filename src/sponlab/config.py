@@ -24,7 +24,7 @@ from sponlab.allocations import (
     parse_config,
     parse_sparsify,
 )
-from sponlab.basemodel import BaseModelParams, parse_base
+from sponlab.model.base import BaseModelParams, parse_base
 from sponlab.paramcheck import ConfigError, Section  # re-exported: analysis parsers use them
 
 DATA_SOURCES = ("builtin", "wikitext")
@@ -377,16 +377,16 @@ def _config_ref(
 # Top-level sections owned by analysis modules: "module:function" taking a Section and returning
 # that analysis' typed params (calling Section.finish()). Imported only when the section is present.
 ANALYSIS_PARSERS: dict[str, str] = {
-    "interpret": "sponlab.analysis.interpret:parse_params",
-    "importance": "sponlab.analysis.importance:parse_params",
-    "sae": "sponlab.analysis.sae:parse_params",
-    "spectrum": "sponlab.analysis.spectrum:parse_params",
+    "interpret": "sponlab.studies.interpret.params:parse_params",
+    "importance": "sponlab.studies.importance.importance:parse_params",
+    "sae": "sponlab.studies.importance.sae:parse_params",
+    "spectrum": "sponlab.studies.spectrum.spectrum:parse_params",
 }
 
 
 # Checks of an analysis section against the rest of params.yaml (e.g. config names it refers to),
 # "module:function" taking (that analysis' params, configs, source): run at the edge as well.
-CROSS_CHECKS: dict[str, str] = {"interpret": "sponlab.analysis.interpret:check_config_names"}
+CROSS_CHECKS: dict[str, str] = {"interpret": "sponlab.studies.interpret.params:check_config_names"}
 
 
 def _import(target: str) -> Callable[[Section], Any]:

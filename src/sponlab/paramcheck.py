@@ -10,8 +10,6 @@ import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
-from sponlab.sites import PROJECTIONS
-
 T = TypeVar("T")
 
 
@@ -95,21 +93,6 @@ class Section:
         if pattern is not None and not pattern.match(value):
             raise self.fail(name, f"has an invalid value {value!r} (expected {pattern.pattern})")
         return value
-
-    def modules(self, name: str, default: Any = ..., allow_empty: bool = False) -> tuple[str, ...]:
-        value = self.get(name, default)
-        if value == "all":
-            return PROJECTIONS
-        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-            raise self.fail(
-                name, f"must be 'all' or a list of projections from {list(PROJECTIONS)}"
-            )
-        unknown = [v for v in value if v not in PROJECTIONS]
-        if unknown:
-            raise self.fail(name, f"has unknown module(s) {unknown}; allowed: {list(PROJECTIONS)}")
-        if not value and not allow_empty:
-            raise self.fail(name, "must name at least one projection")
-        return tuple(m for m in PROJECTIONS if m in value)
 
     def items(self, name: str, parse: Callable[[Any, str], T], default: Any = ...) -> list[T]:
         value = self.get(name, default)

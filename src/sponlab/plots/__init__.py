@@ -1,1 +1,0 @@
-"""All figures of sponlab (matplotlib, Agg backend, PNG), one submodule per analysis."""

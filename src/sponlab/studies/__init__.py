@@ -1,0 +1,1 @@
+"""One folder per companion study: its params, analysis and figures together."""

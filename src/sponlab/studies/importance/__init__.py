@@ -1,0 +1,1 @@
+"""Per-layer activation / gradient importance, optionally through sparse autoencoders (SAEs)."""

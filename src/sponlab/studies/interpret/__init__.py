@@ -1,0 +1,1 @@
+"""What the biases encode: statistics, alignment, residual directions, hidden shift, prompts, similarity."""

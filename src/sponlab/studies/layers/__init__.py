@@ -1,0 +1,1 @@
+"""Which layers' biases matter: leave-one-layer-out, cumulative benefit, the layer-drift analysis."""

@@ -1,0 +1,1 @@
+"""Weight-spectrum analysis of a causal LM and its report."""
