@@ -53,8 +53,8 @@ def main(
     p = read_params(params)
     cfg: ImportanceParams = analysis_params(p, "importance")
     lm = load_model(model, p.base.device, p.base.dtype, p.base.device_map)
-    sitemap = discover_sites(lm.model)
-    targets_layers = what_to_analyse(cfg, lm.model, sitemap, sae)
+    site_map = discover_sites(lm.model)
+    targets_layers = what_to_analyse(cfg, lm.model, site_map, sae)
     docs = load_corpus(p.data.source, p.data.seed)[cfg.split]
     bos = wants_bos(lm.tokenizer, p.data.bos)
     batches = build_batches(
@@ -75,7 +75,7 @@ def main(
                 targets_layers.get("mlp", []), targets_layers.get("sae", {}), aggregate_by
             )
             result = run_importance(
-                lm.model, sitemap, batches, aggregate_by, targets, site=cfg.site
+                lm.model, site_map, batches, aggregate_by, targets, site=cfg.site
             )
             summary["passes"][aggregate_by] = result.timing()
             for features in targets:
@@ -97,10 +97,10 @@ def main(
     write_metrics(metrics, importance_headline(summary, targets_layers), lm.device, lm.dtype)
 
 
-def what_to_analyse(cfg: ImportanceParams, model, sitemap, sae: Path) -> dict[str, Any]:
+def what_to_analyse(cfg: ImportanceParams, model, site_map, sae: Path) -> dict[str, Any]:
     """``mlp``: the selected layers; ``sae``: the SAEs of ``sae`` on those layers (checked
     against the site and its width)."""
-    layers = resolve_layers(cfg.layers, sitemap.num_layers)
+    layers = resolve_layers(cfg.layers, site_map.num_layers)
     out: dict[str, Any] = {}
     if "mlp" in cfg.features:
         out["mlp"] = layers
@@ -108,6 +108,6 @@ def what_to_analyse(cfg: ImportanceParams, model, sitemap, sae: Path) -> dict[st
         chosen = [i for i in find_saes(sae) if i in layers]
         if not chosen:
             raise typer.BadParameter(f"no SAE in {sae} for the selected layers {cfg.layers}")
-        d_in = site_dim(model, sitemap, chosen[0], cfg.site)
+        d_in = site_dim(model, site_map, chosen[0], cfg.site)
         out["sae"] = load_saes(sae, cfg.site, d_in, chosen)
     return out

@@ -37,8 +37,8 @@ def main(
     p = read_params(params)
     cfg = analysis_params(p, "sae")
     lm = load_model(model, p.base.device, p.base.dtype, p.base.device_map)
-    sitemap = discover_sites(lm.model)
-    layers = resolve_layers(cfg.layers, sitemap.num_layers)
+    site_map = discover_sites(lm.model)
+    layers = resolve_layers(cfg.layers, site_map.num_layers)
     docs = load_corpus(p.data.source, p.data.seed)[cfg.split]
     batches = build_batches(
         docs,
@@ -50,7 +50,7 @@ def main(
         wants_bos(lm.tokenizer, p.data.bos),
     )
     with timed(f"collect {cfg.site} activations of layers {layers} ({cfg.split})"):
-        acts = collect_activations(lm.model, sitemap, layers, batches, cfg.site)
+        acts = collect_activations(lm.model, site_map, layers, batches, cfg.site)
     results = {}
     with replace_dir(out) as tmp:
         for layer in layers:

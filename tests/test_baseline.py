@@ -10,10 +10,10 @@ model's own output.
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
+from conftest import REPO_PARAMS
 from typer.testing import CliRunner
 
 from sponlab.cli import app
@@ -33,8 +33,6 @@ from sponlab.method.sparsify import (
     thresholds_to_tensors,
 )
 from sponlab.model.loading import model_fingerprint
-
-PARAMS = Path(__file__).resolve().parents[1] / "params.yaml"
 
 
 def teal_baseline(model, site_map, blocks):
@@ -71,7 +69,7 @@ def test_baseline_teal_cell_needs_no_model(tmp_path, llama, blocks):
     save_tensors(thresholds, thresholds_to_tensors({s: 0.1 for s in site_map.sites}), meta)
     write_json(tmp_path / "dense.json", {"ppl": teal.ppl * 0.8, "block_nll": teal.block_nll})
     missing = tmp_path / "no-model"  # neither stage may read it
-    common = ["--params", str(PARAMS), "--config", "BASELINE-TEAL", "--sparsity", "0.5"]
+    common = ["--params", str(REPO_PARAMS), "--config", "BASELINE-TEAL", "--sparsity", "0.5"]
     common += ["--model", str(missing), "--thresholds", str(tmp_path / "thresholds")]
     runner = CliRunner()
     trained = tmp_path / "spon"

@@ -9,10 +9,6 @@ from sponlab.studies.importance import importance, sae
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def shipped():
-    return yaml.safe_load((ROOT / "params.yaml").read_text())
-
-
 def test_shipped_params_parse():
     params = load_params(ROOT / "params.yaml")
     for name in ("BASELINE-TEAL", "UNIF-ALL", "TOP-50", "TOP-75", "BOTTOM-50", "ATTN-ONLY"):
@@ -109,8 +105,8 @@ def test_shipped_params_parse():
         ),
     ],
 )
-def test_bad_values_name_the_key_and_allowed_values(path, value, message):
-    raw = shipped()
+def test_bad_values_name_the_key_and_allowed_values(path, value, message, repo_params):
+    raw = repo_params
     node = raw
     for key in path[:-1]:
         node = node[key]
@@ -119,12 +115,12 @@ def test_bad_values_name_the_key_and_allowed_values(path, value, message):
         parse_params(raw)
 
 
-def test_cli_reports_bad_params_without_traceback(tmp_path):
+def test_cli_reports_bad_params_without_traceback(tmp_path, repo_params):
     from typer.testing import CliRunner
 
     from sponlab.cli import app
 
-    raw = shipped()
+    raw = repo_params
     raw["sparsify"]["method"] = "tael"
     bad = tmp_path / "params.yaml"
     bad.write_text(yaml.safe_dump(raw))

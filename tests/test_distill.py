@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import replace
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
-import yaml
 
 from sponlab.config import ConfigError, TrainParams, parse_params
 from sponlab.method.distill import chunked_kl, dense_target, kl_per_token, top_k_target
@@ -88,8 +86,8 @@ def test_bounded_training_equals_full_training_when_k_is_the_vocabulary(llama, b
     assert all(torch.equal(before[n], p) for n, p in model.state_dict().items())  # only biases
 
 
-def test_bounded_kl_needs_the_kl_loss():
-    raw = yaml.safe_load(Path("params.yaml").read_text())
+def test_bounded_kl_needs_the_kl_loss(repo_params):
+    raw = repo_params
     raw["train"] |= {"teacher_topk": 64, "loss": "ce"}
     with pytest.raises(ConfigError, match=r"train\.loss"):
         parse_params(raw)

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from conftest import write_params
 
 from sponlab.config import ConfigError, Section
 from sponlab.io.batches import BatchError, build_batches, ensure_pad_token, pad_batches
@@ -154,10 +154,10 @@ def _batch(lengths, vocab=512, seed=0):
     return pad_batches(seqs, len(seqs), pad_id=3)[0]
 
 
-def _loss_with_perturbation(model, sitemap, batch, layer, index, delta, site="mlp_act"):
+def _loss_with_perturbation(model, site_map, batch, layer, index, delta, site="mlp_act"):
     """Loss when ``delta`` [D] is added to the activation at ``site`` at (row, token)."""
     row, token = index
-    module = site_module(model, sitemap, layer, site)
+    module = site_module(model, site_map, layer, site)
 
     def bump(x):
         x = x.clone()
@@ -189,10 +189,10 @@ def _loss_with_perturbation(model, sitemap, batch, layer, index, delta, site="ml
 def test_gradients_match_finite_differences(arch, site):
     model = tiny_model(arch, layers=3, hidden=32).double()
     freeze(model)
-    sitemap = discover_sites(model)
+    site_map = discover_sites(model)
     batch = _batch([9, 6])  # row 1 is padded
-    grads = site_tensors(model, sitemap, [0, 2], batch, "gradients", site)
-    assert grads[0].shape[-1] == site_dim(model, sitemap, 0, site)
+    grads = site_tensors(model, site_map, [0, 2], batch, "gradients", site)
+    assert grads[0].shape[-1] == site_dim(model, site_map, 0, site)
     assert all(p.grad is None for p in model.parameters())  # the model stayed frozen
     # RMSNorm computes in float32 even for a float64 model, so eps must stay well above its
     # rounding; the central difference is still accurate to O(eps^2).
@@ -201,8 +201,8 @@ def test_gradients_match_finite_differences(arch, site):
         coord = coord % grads[layer].shape[-1]
         delta = torch.zeros(grads[layer].shape[-1], dtype=torch.float64)
         delta[coord] = eps
-        plus = _loss_with_perturbation(model, sitemap, batch, layer, (row, token), delta, site)
-        minus = _loss_with_perturbation(model, sitemap, batch, layer, (row, token), -delta, site)
+        plus = _loss_with_perturbation(model, site_map, batch, layer, (row, token), delta, site)
+        minus = _loss_with_perturbation(model, site_map, batch, layer, (row, token), -delta, site)
         fd = (plus - minus) / (2 * eps)
         captured = float(grads[layer][row, token, coord])
         assert abs(captured) > 1e-6
@@ -215,21 +215,21 @@ def test_gradients_match_finite_differences(arch, site):
 def test_sae_feature_gradient_matches_finite_differences():
     model = tiny_model("llama", layers=2, hidden=32).double()
     freeze(model)
-    sitemap = discover_sites(model)
+    site_map = discover_sites(model)
     batch = _batch([8, 5])
-    d_in = mlp_input_module(model, sitemap, 1).in_features
+    d_in = mlp_input_module(model, site_map, 1).in_features
     torch.manual_seed(1)
     sae = SparseAutoencoder(d_in, 2 * d_in).double()
     with torch.no_grad():
         for p in sae.parameters():
             p.normal_()
-    grad_x = site_tensors(model, sitemap, [1], batch, "gradients")[1]
+    grad_x = site_tensors(model, site_map, [1], batch, "gradients")[1]
     feat_grad = sae_targets({1: sae}, "gradients")[1](grad_x)  # [B, T, d_sae]
     eps, feature, row, token = 1e-4, 7, 0, 3  # |W_dec[j]| ~ 8: step ~1e-3
     # f -> f + eps e_j moves decode(f), hence the site's activation, by eps * W_dec[j]
     delta = eps * sae.W_dec[feature].detach()
-    plus = _loss_with_perturbation(model, sitemap, batch, 1, (row, token), delta)
-    minus = _loss_with_perturbation(model, sitemap, batch, 1, (row, token), -delta)
+    plus = _loss_with_perturbation(model, site_map, batch, 1, (row, token), delta)
+    minus = _loss_with_perturbation(model, site_map, batch, 1, (row, token), -delta)
     fd = (plus - minus) / (2 * eps)
     assert float(feat_grad[row, token, feature].detach()) == pytest.approx(fd, rel=2e-3)
 
@@ -243,7 +243,7 @@ def test_feature_tensors_stream_one_layer_at_a_time():
 
     model = tiny_model("llama", layers=4, hidden=32)
     freeze(model)
-    sitemap = discover_sites(model)
+    site_map = discover_sites(model)
     live: list[weakref.ref] = []
     peak = [0]
 
@@ -257,7 +257,7 @@ def test_feature_tensors_stream_one_layer_at_a_time():
     targets = {"mlp": {layer: transform for layer in range(4)}}
     for aggregate_by in ("values", "gradients"):
         live.clear()
-        run_importance(model, sitemap, [_batch([9, 6])], aggregate_by, targets, progress=False)
+        run_importance(model, site_map, [_batch([9, 6])], aggregate_by, targets, progress=False)
         assert len(live) == 4
     assert peak[0] == 0  # when a layer's features are made, no earlier layer's are alive
 
@@ -273,14 +273,14 @@ def _docs():
 def test_padding_excluded(aggregate_by):
     model = tiny_model("qwen2", layers=2, hidden=32)
     freeze(model)
-    sitemap = discover_sites(model)
+    site_map = discover_sites(model)
     tok = tiny_tokenizer()
     alone = build_batches(_docs(), tok, 3, 64, batch_size=1)
     padded = build_batches(_docs(), tok, 3, 64, batch_size=3)
     assert padded[0].attention_mask.shape == (3, 12) and padded[0].tokens == 26
     targets = {"mlp": {0: identity, 1: identity}}
-    a = run_importance(model, sitemap, alone, aggregate_by, targets, progress=False)
-    b = run_importance(model, sitemap, padded, aggregate_by, targets, progress=False)
+    a = run_importance(model, site_map, alone, aggregate_by, targets, progress=False)
+    b = run_importance(model, site_map, padded, aggregate_by, targets, progress=False)
     assert a.tokens == b.tokens == 26
     for layer in (0, 1):
         for how in ("mean", "mean_abs"):
@@ -289,7 +289,7 @@ def test_padding_excluded(aggregate_by):
             np.testing.assert_allclose(y, x, rtol=1e-4, atol=1e-7)
     # counting pad tokens would change the result: sanity-check the test can fail
     wrong = LayerAggregate()
-    feats = site_tensors(model, sitemap, [0], padded[0], aggregate_by)[0]
+    feats = site_tensors(model, site_map, [0], padded[0], aggregate_by)[0]
     wrong.add(feats, torch.ones_like(padded[0].attention_mask, dtype=torch.bool))
     assert not np.allclose(wrong.result("mean_abs"), a.aggregates["mlp"][0].result("mean_abs"))
 
@@ -308,15 +308,15 @@ def test_tokenizer_without_pad_gets_eos_and_pads_right():
 
 def test_hooks_always_removed():
     model = tiny_model("llama", layers=2, hidden=32)
-    sitemap = discover_sites(model)
-    modules = [mlp_input_module(model, sitemap, i) for i in (0, 1)]
+    site_map = discover_sites(model)
+    modules = [mlp_input_module(model, site_map, i) for i in (0, 1)]
 
     def boom(_layer, _x):
         raise RuntimeError("boom")
 
     with (
         pytest.raises(RuntimeError, match="boom"),
-        site_hooks(model, sitemap, [0, 1], "mlp_act", boom),
+        site_hooks(model, site_map, [0, 1], "mlp_act", boom),
     ):
         model(input_ids=torch.tensor([[5, 6, 7]]))
     assert all(not m._forward_pre_hooks for m in modules)
@@ -326,10 +326,10 @@ def test_hooks_always_removed():
 def test_every_architecture(arch):
     model = tiny_model(arch, layers=2, hidden=32)
     freeze(model)
-    sitemap = discover_sites(model)
+    site_map = discover_sites(model)
     batches = build_batches(_docs(), tiny_tokenizer(), 3, 16, batch_size=2)
     for aggregate_by in ("values", "gradients"):
-        res = run_importance(model, sitemap, batches, aggregate_by, {"mlp": {1: identity}}, False)
+        res = run_importance(model, site_map, batches, aggregate_by, {"mlp": {1: identity}}, False)
         vec = res.aggregates["mlp"][1].result("mean_abs")
         assert vec.shape == (model.config.intermediate_size,) and np.all(vec > 0)
 
@@ -359,8 +359,7 @@ def test_save_and_load_importance(tmp_path):
 # --- stages end to end on a tiny saved model ---------------------------------------------------
 
 
-def test_stages_end_to_end(tmp_path, monkeypatch):
-    import yaml
+def test_stages_end_to_end(tmp_path, monkeypatch, repo_params):
 
     from sponlab.model.tiny import save_tiny
     from sponlab.stages import importance as importance_stage
@@ -371,13 +370,12 @@ def test_stages_end_to_end(tmp_path, monkeypatch):
     docs = [" ".join(f"w{(31 * i + 7 * j) % 500}" for j in range(20 + 3 * i)) for i in range(8)]
     for stage in (importance_stage, sae_stage):
         monkeypatch.setattr(stage, "load_corpus", lambda *_: {"train": docs, "val": docs})
-    raw = yaml.safe_load((Path(__file__).parents[1] / "params.yaml").read_text())
+    raw = repo_params
     raw["base"].update(device="cpu", dtype="float32")
     raw["sae"] = {"layers": "1", "samples": 4, "max_length": 32, "steps": 40, "l1": 0.1}
     raw["importance"] = {"samples": 4, "max_length": 32, "batch_size": 3, "layers": "0-1"}
     raw["importance"]["site"] = raw["sae"]["site"] = "mlp_act"
-    params = tmp_path / "params.yaml"
-    params.write_text(yaml.safe_dump(raw))
+    params = write_params(tmp_path / "params.yaml", raw)
     sae_dir, out = tmp_path / "sae", tmp_path / "importance"
     sae_stage.main(params, model_dir, sae_dir, tmp_path / "sae_report", tmp_path / "sae.json")
     assert sorted(p.name for p in (sae_dir / "layer_1").iterdir()) == [
@@ -418,8 +416,8 @@ def test_mlp_out_is_what_the_mlp_adds_to_the_residual_stream(arch):
     """resid_post(l) == resid_in(l) + attention's contribution + mlp_out(l), exactly as the
     block adds them; on Gemma that needs the post-feedforward norm's output, not the MLP's."""
     model = tiny_model(arch, layers=2, hidden=32).double()
-    sitemap = discover_sites(model)
-    block = model.get_submodule(f"{sitemap.layers_path}.1")
+    site_map = discover_sites(model)
+    block = model.get_submodule(f"{site_map.layers_path}.1")
     attn_out = post_norm(block, "o_proj") or block.self_attn  # what attention adds
     seen = {}
 
@@ -430,7 +428,7 @@ def test_mlp_out_is_what_the_mlp_adds_to_the_residual_stream(arch):
 
         return hook
 
-    modules = {"block": block, "attn": attn_out, "mlp": site_module(model, sitemap, 1, "mlp_out")}
+    modules = {"block": block, "attn": attn_out, "mlp": site_module(model, site_map, 1, "mlp_out")}
     handles = [m.register_forward_hook(keep(k)) for k, m in modules.items()]
     try:
         with torch.no_grad():
@@ -442,4 +440,4 @@ def test_mlp_out_is_what_the_mlp_adds_to_the_residual_stream(arch):
     added = resid_in + seen["attn"] + seen["mlp"]
     assert torch.allclose(added, seen["block"], atol=1e-10), arch
     assert (post_norm(block, "down_proj") is not None) == (arch == "gemma3")
-    assert resid_in.shape[-1] == site_dim(model, sitemap, 1, "mlp_out")
+    assert resid_in.shape[-1] == site_dim(model, site_map, 1, "mlp_out")

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import REPO_PARAMS
 from typer.testing import CliRunner
 
 from sponlab.io.provenance import environment, write_metrics
@@ -122,8 +123,15 @@ def test_cli_reports_a_truncated_input_in_one_line(tmp_path):
     blocks = tmp_path / "calib.safetensors"
     save_tensors(blocks, {"input_ids": torch.zeros(2, 8, dtype=torch.long)})
     blocks.write_bytes(blocks.read_bytes()[:20])
-    params = Path(__file__).resolve().parents[1] / "params.yaml"
-    args = ["calibrate", "--sparsity", "0.5", "--params", str(params), "--model", str(model_dir)]
+    args = [
+        "calibrate",
+        "--sparsity",
+        "0.5",
+        "--params",
+        str(REPO_PARAMS),
+        "--model",
+        str(model_dir),
+    ]
     args += ["--blocks", str(blocks), "--out", str(tmp_path / "t.safetensors")]
     sys_argv, sys.argv = sys.argv, ["sponlab", *args]
     try:

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import replace
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from conftest import REPO_PARAMS, write_params
 from sklearn.decomposition import PCA
 
 from sponlab.allocations import AllocationConfig
@@ -352,7 +352,7 @@ def workspace(tmp_path_factory):
     save_tiny(root / "model", "llama", layers=3, hidden=32)
     model = tiny_model("llama", layers=3, hidden=32)
     site_map = discover_sites(model)
-    raw = yaml.safe_load((Path(__file__).resolve().parents[1] / "params.yaml").read_text())
+    raw = yaml.safe_load(REPO_PARAMS.read_text())
     raw["base"] = {"source": "hub", "name": "x", "device": "cpu", "dtype": "float32"}
     raw["configs"]["UNIF-ALL"]["seeds"] = [0, 1]
     raw["configs"]["ATTN-ONLY"]["seeds"] = [3]
@@ -367,8 +367,7 @@ def workspace(tmp_path_factory):
         "transfer": {"configs": ["UNIF-ALL", "ATTN-ONLY"], "blocks": 2, "domains": ["code"]},
     }
     raw["data"]["block_len"] = 16
-    (root / "params.yaml").write_text(yaml.safe_dump(raw))
-    params = load_params(root / "params.yaml")
+    params = load_params(write_params(root / "params.yaml", raw))
     gen = torch.Generator().manual_seed(0)
     for split in ("test", "val"):
         ids = torch.randint(4, 512, (3, 12), generator=gen)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
+from conftest import write_params
 from typer.testing import CliRunner
 
 from sponlab.cli import app
@@ -16,8 +16,6 @@ from sponlab.io.data import stream_windows
 from sponlab.io.tensorio import load_tensors
 from sponlab.method.evaluate import evaluate_variant
 from sponlab.model.tiny import save_tiny
-
-PARAMS = Path(__file__).resolve().parents[1] / "params.yaml"
 
 
 def scored_positions(windows, stride: int) -> list[int]:
@@ -66,16 +64,16 @@ def test_sliding_window_nll_matches_transformers_masked_loss(llama):
     assert blocks.tokens == windows.ids.numel() - len(windows.ids) and blocks.ppl != got.ppl
 
 
-def test_prepare_and_dense_state_the_protocol(tmp_path, monkeypatch):
+def test_prepare_and_dense_state_the_protocol(tmp_path, monkeypatch, repo_params):
     monkeypatch.chdir(tmp_path)
     model = save_tiny(tmp_path / "tiny", vocab=512)
-    params = yaml.safe_load(PARAMS.read_text())
+    params = repo_params
     params["base"] = {"source": "hub", "name": str(model), "device": "cpu", "dtype": "float32"}
     params["data"] |= {"calib_blocks": 2, "train_blocks": 2, "val_blocks": 2, "test_blocks": 2}
     params["train"]["blocks"] = 0
     params["eval"] |= {"protocol": "sliding", "context": 32, "stride": 8, "max_windows": 5,
                        "detail_blocks": 2}  # fmt: skip
-    Path("params.yaml").write_text(yaml.safe_dump(params))
+    write_params(Path("params.yaml"), params)
     runner = CliRunner()
     for args in (["base"], ["prepare"], ["dense"]):
         result = runner.invoke(app, args)

@@ -30,13 +30,14 @@ PARAMS = Path(__file__).resolve().parents[1] / "params.yaml"
 
 
 @pytest.fixture(scope="module")
-def llama():
+def tiny_llama():
+    """A bare tiny Llama (seed 1), shared by the module (conftest's ``llama`` is a pair)."""
     return tiny_model("llama", seed=1)
 
 
 @pytest.fixture(scope="module")
-def result(llama):
-    return sp.analyse(llama, sp.SpectrumParams())
+def result(tiny_llama):
+    return sp.analyse(tiny_llama, sp.SpectrumParams())
 
 
 # --- effective rank -------------------------------------------------------------------------
@@ -76,10 +77,10 @@ def test_dims_and_shapes_every_architecture(arch):
     kn.check_shapes(model, discover_sites(model), dims)  # no error
 
 
-def test_shape_mismatch_names_the_projection(llama):
-    dims = dataclasses.replace(kn.model_dims(llama.config), kv_heads=1)
+def test_shape_mismatch_names_the_projection(tiny_llama):
+    dims = dataclasses.replace(kn.model_dims(tiny_llama.config), kv_heads=1)
     with pytest.raises(kn.ShapeError, match=r"layers\.0\.k_proj.*\(32, 64\).*\(16, 64\)"):
-        kn.check_shapes(llama, discover_sites(llama), dims)
+        kn.check_shapes(tiny_llama, discover_sites(tiny_llama), dims)
 
 
 def test_gqa_head_mapping():
@@ -90,11 +91,11 @@ def test_gqa_head_mapping():
         kn.kv_head_for(4, 4, 2)
 
 
-def test_head_weights_pair_each_query_head_with_its_kv_head(llama):
-    sites = discover_sites(llama)
-    dims = kn.model_dims(llama.config)
-    q_w = sites.linear(llama, Site(1, "q_proj")).weight
-    k_w = sites.linear(llama, Site(1, "k_proj")).weight
+def test_head_weights_pair_each_query_head_with_its_kv_head(tiny_llama):
+    sites = discover_sites(tiny_llama)
+    dims = kn.model_dims(tiny_llama.config)
+    q_w = sites.linear(tiny_llama, Site(1, "q_proj")).weight
+    k_w = sites.linear(tiny_llama, Site(1, "k_proj")).weight
     q, k = kn.head_weights(q_w, k_w, dims)  # [H, d, D]
     d = dims.head_dim
     for h in range(dims.heads):
@@ -117,17 +118,17 @@ def test_zeroing_one_kv_head_zeroes_exactly_its_query_heads():
 # --- attention kernel against the direct hidden x hidden computation ---------------------------
 
 
-def test_kernel_spectrum_matches_direct_computation(llama):
-    sites = discover_sites(llama)
-    dims = kn.model_dims(llama.config)
+def test_kernel_spectrum_matches_direct_computation(tiny_llama):
+    sites = discover_sites(tiny_llama)
+    dims = kn.model_dims(tiny_llama.config)
     q, k = kn.head_weights(
-        sites.linear(llama, Site(2, "q_proj")).weight,
-        sites.linear(llama, Site(2, "k_proj")).weight,
+        sites.linear(tiny_llama, Site(2, "q_proj")).weight,
+        sites.linear(tiny_llama, Site(2, "k_proj")).weight,
         dims,
     )
     small_sv = kn.kernel_singular_values(q, k)  # [H, d]
     small_asym = kn.kernel_asymmetry(q, k)  # [H]
-    layer = sp.layer_spectrum(llama, sites, dims, 2, ())
+    layer = sp.layer_spectrum(tiny_llama, sites, dims, 2, ())
     for h in range(dims.heads):
         a = kn.kernel_matrix(q[h], k[h])  # [D, D] direct
         assert a.shape == (dims.hidden, dims.hidden)
@@ -277,24 +278,24 @@ def test_bad_params_name_the_key(data, message):
         _parse(data)
 
 
-def test_layer_and_head_choices_resolved_against_the_model(llama):
+def test_layer_and_head_choices_resolved_against_the_model(tiny_llama):
     assert sp.resolve_layer("middle", 30, "down_layer") == 15
     assert sp.resolve_layer(-1, 30, "down_layer") == 29
     with pytest.raises(ConfigError, match=r"spectrum\.kernel_layer = 4 is out of range.*4 layers"):
         sp.resolve_layer(4, 4, "kernel_layer")
     with pytest.raises(ConfigError, match=r"spectrum\.kernel_head = 4 .* 4 query heads"):
-        sp.analyse(llama, sp.SpectrumParams(kernel_head=4))
+        sp.analyse(tiny_llama, sp.SpectrumParams(kernel_head=4))
 
 
 # --- whole analysis, report and stage -------------------------------------------------------
 
 
-def test_threads_give_the_same_result_as_serial(llama, result):
-    serial = sp.analyse(llama, sp.SpectrumParams(workers=1))
+def test_threads_give_the_same_result_as_serial(tiny_llama, result):
+    serial = sp.analyse(tiny_llama, sp.SpectrumParams(workers=1))
     for name in result.series:
         np.testing.assert_allclose(serial.erank(name), result.erank(name), rtol=1e-6)
     assert result.erank("down_proj")[1] == pytest.approx(
-        kn.matrix_effective_rank(discover_sites(llama).linear(llama, Site(1, "down_proj")).weight)
+        kn.matrix_effective_rank(discover_sites(tiny_llama).linear(tiny_llama, Site(1, "down_proj")).weight)
     )
 
 

@@ -86,9 +86,9 @@ def parse_text_sample(sec: Section, defaults: Any) -> dict[str, Any]:
     }
 
 
-def mlp_input_module(model: nn.Module, sitemap: SiteMap, layer: int) -> nn.Linear:
+def mlp_input_module(model: nn.Module, site_map: SiteMap, layer: int) -> nn.Linear:
     """The ``down_proj`` of ``layer``: its input is the MLP activation ``act(gate) * up``."""
-    return sitemap.linear(model, sitemap.require([Site(layer, "down_proj")])[0])
+    return site_map.linear(model, site_map.require([Site(layer, "down_proj")])[0])
 
 
 def post_norm(block: nn.Module, module: str) -> nn.Module | None:
@@ -102,7 +102,7 @@ def post_norm(block: nn.Module, module: str) -> nn.Module | None:
     return getattr(block, name[module], None) if module in name else None
 
 
-def site_module(model: nn.Module, sitemap: SiteMap, layer: int, site: str) -> nn.Module:
+def site_module(model: nn.Module, site_map: SiteMap, layer: int, site: str) -> nn.Module:
     """The module whose input (``mlp_act``: down_proj) or output (``mlp_out``, ``resid_post``) is
     the activation at ``site``.
 
@@ -111,28 +111,28 @@ def site_module(model: nn.Module, sitemap: SiteMap, layer: int, site: str) -> nn
     ``post_feedforward_layernorm`` in sandwich-norm ones (Gemma-2/3). ``resid_post``: the decoder
     layer's output."""
     if site == "mlp_act":
-        return mlp_input_module(model, sitemap, layer)
+        return mlp_input_module(model, site_map, layer)
     if site == "mlp_out":
-        normed = post_norm(model.get_submodule(f"{sitemap.layers_path}.{layer}"), "down_proj")
+        normed = post_norm(model.get_submodule(f"{site_map.layers_path}.{layer}"), "down_proj")
         if normed is not None:
             return normed
-        path = sitemap.paths[sitemap.require([Site(layer, "down_proj")])[0]]
+        path = site_map.paths[site_map.require([Site(layer, "down_proj")])[0]]
         return model.get_submodule(path.rsplit(".", 1)[0])
     if site == "resid_post":
-        return model.get_submodule(f"{sitemap.layers_path}.{layer}")
+        return model.get_submodule(f"{site_map.layers_path}.{layer}")
     raise ValueError(f"site must be one of {list(SITES)}, got {site!r}")
 
 
-def site_dim(model: nn.Module, sitemap: SiteMap, layer: int, site: str) -> int:
+def site_dim(model: nn.Module, site_map: SiteMap, layer: int, site: str) -> int:
     """Width of the activation at ``site``: intermediate size for ``mlp_act``, hidden otherwise."""
-    down = mlp_input_module(model, sitemap, layer)
+    down = mlp_input_module(model, site_map, layer)
     return down.in_features if site == "mlp_act" else down.out_features
 
 
 @contextmanager
 def site_hooks(
     model: nn.Module,
-    sitemap: SiteMap,
+    site_map: SiteMap,
     layers: Sequence[int],
     site: str = "mlp_act",
     on_value: Callable[[int, torch.Tensor], None] | None = None,
@@ -148,7 +148,7 @@ def site_hooks(
     report = _report(on_value, on_grad)
 
     def register(layer: int):
-        module = site_module(model, sitemap, layer, site)
+        module = site_module(model, site_map, layer, site)
         if site == "mlp_act":
             return module.register_forward_pre_hook(lambda _m, args: report(layer, args[0]))
         return module.register_forward_hook(lambda _m, _a, out: report(layer, _first(out)))
@@ -200,7 +200,7 @@ def _device(model: nn.Module) -> torch.device:
 
 def site_tensors(
     model: nn.Module,
-    sitemap: SiteMap,
+    site_map: SiteMap,
     layers: Sequence[int],
     batch: TokenBatch,
     aggregate_by: str,
@@ -213,13 +213,13 @@ def site_tensors(
     def keep(layer: int, tensor: torch.Tensor) -> None:
         captured[layer] = tensor.detach().clone()
 
-    _forward(model, sitemap, layers, batch, aggregate_by, keep, site)
+    _forward(model, site_map, layers, batch, aggregate_by, keep, site)
     return captured
 
 
 def _forward(
     model: nn.Module,
-    sitemap: SiteMap,
+    site_map: SiteMap,
     layers: Sequence[int],
     batch: TokenBatch,
     aggregate_by: str,
@@ -231,12 +231,12 @@ def _forward(
     ids = batch.input_ids.to(device)
     mask = batch.attention_mask.to(device)
     if aggregate_by == "values":
-        with torch.no_grad(), site_hooks(model, sitemap, layers, site, on_value=sink):
+        with torch.no_grad(), site_hooks(model, site_map, layers, site, on_value=sink):
             _forward_body(model)(input_ids=ids, attention_mask=mask, use_cache=False)
         return
     if aggregate_by != "gradients":
         raise ValueError(f"aggregate_by must be one of {AGGREGATE_BY}, got {aggregate_by!r}")
-    with torch.enable_grad(), site_hooks(model, sitemap, layers, site, on_grad=sink):
+    with torch.enable_grad(), site_hooks(model, site_map, layers, site, on_grad=sink):
         logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits  # [B, T, V]
         next_token_loss_sum(logits, ids, mask).backward()
 
@@ -298,7 +298,7 @@ class PassResult:
 
 def run_importance(
     model: nn.Module,
-    sitemap: SiteMap,
+    site_map: SiteMap,
     batches: Sequence[TokenBatch],
     aggregate_by: str,
     targets: Mapping[str, Mapping[int, Transform]],
@@ -325,7 +325,7 @@ def run_importance(
     device = _device(model)
     for batch in tqdm(batches, desc=f"importance {aggregate_by}", disable=not progress):
         state["mask"] = batch.attention_mask.to(device).bool()  # [B, T]
-        _forward(model, sitemap, layers, batch, aggregate_by, sink, site)
+        _forward(model, site_map, layers, batch, aggregate_by, sink, site)
     seconds = time.perf_counter() - start
     tokens = sum(b.tokens for b in batches)
     log.info(
@@ -345,7 +345,7 @@ def identity(tensor: torch.Tensor) -> torch.Tensor:
 
 def collect_activations(
     model: nn.Module,
-    sitemap: SiteMap,
+    site_map: SiteMap,
     layers: Sequence[int],
     batches: Sequence[TokenBatch],
     site: str = "mlp_act",
@@ -362,7 +362,7 @@ def collect_activations(
     device = _device(model)
     for batch in tqdm(batches, desc="collect activations", disable=not progress):
         state["mask"] = batch.attention_mask.to(device).bool()
-        _forward(model, sitemap, layers, batch, "values", keep, site)
+        _forward(model, site_map, layers, batch, "values", keep, site)
     return {layer: torch.cat(parts) for layer, parts in rows.items()}
 
 
