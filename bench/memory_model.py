@@ -56,13 +56,14 @@ class Workload:
 
     tokens: int = 128  # data.block_len
     calib: int = 64  # data.calib_blocks
-    train: int = 32  # data.train_blocks
-    val: int = 8  # data.val_blocks
+    train: int = 256  # train.blocks: the training blocks of one seed (a draw from the pool)
+    val: int = 32  # data.val_blocks
     detail: int = 16  # eval.detail_blocks
     train_batch: int = 4  # train.batch_size
     eval_batch: int = 8  # eval.batch_size
     weight_bytes: int = 4  # 4: float32, 2: bfloat16
     teacher_cache: bool = True  # train.teacher_cache
+    teacher_cache_gib: float = 8.0  # train.teacher_cache_gib: kept training targets up to this
     teacher_topk: int = 0  # train.teacher_topk (0: full distribution)
     kl_chunk: int = 0  # train.kl_chunk (0: the whole batch at once)
     exact_quantile: bool = True  # sparsify.threshold: quantile (False: histogram)
@@ -94,7 +95,16 @@ def stage_terms(m: Shapes, w: Workload) -> dict[str, dict[str, dict[str, float]]
         + w.train_batch * t * per_token
     )
     samples = w.calib * t * m.intermediate * 4 * (3 if w.exact_quantile else 0)  # |x|, cat, sort
-    teacher = ((w.train if w.teacher_cache else 0) + w.val) * t * per_token
+    # sponlab.method.train.cache_plan: validation targets first, then the training set, within
+    # the cap; what does not fit is recomputed when needed
+    budget, val_bytes, train_bytes = (
+        w.teacher_cache_gib * 2**30,
+        w.val * t * per_token,
+        w.train * t * per_token,
+    )
+    keep_val = val_bytes <= budget
+    keep_train = w.teacher_cache and train_bytes + (val_bytes if keep_val else 0) <= budget
+    teacher = (train_bytes if keep_train else 0) + (val_bytes if keep_val else 0)
     layer_inputs = 2 * w.calib * t * m.hidden * wb  # recorded layer inputs, in and out
     one_layer = w.eval_batch * t * 4 * m.intermediate * wb
     return {

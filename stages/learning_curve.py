@@ -24,9 +24,10 @@ from sponlab.io.data import BlockSpec, wants_bos
 from sponlab.io.layout import CURVE_VARIANTS, cell_path, curve_variant_path, seed_path
 from sponlab.io.provenance import write_metrics
 from sponlab.io.tensorio import read_json, write_rows, write_table, write_text
+from sponlab.method.distill import output_vocab
 from sponlab.method.experiment import bias_sites, cell_spec
 from sponlab.method.spon import load_biases
-from sponlab.method.train import TeacherCache
+from sponlab.method.train import TeacherCache, cache_plan
 from sponlab.stages.common import (
     MODEL_OPTION,
     PARAMS_OPTION,
@@ -46,7 +47,6 @@ from sponlab.studies.transfer.learning_curve import (
     curve_metrics,
     curve_row,
     curve_table,
-    keep_targets,
     load_variant,
     save_variant,
     train_variant,
@@ -83,15 +83,16 @@ def main(
             f"has {len(pool)}"
         )
     val = load_blocks(data / "val.safetensors")
-    val_targets = TeacherCache(loaded.model, val, True, p.train.teacher_topk, p.train.kl_chunk)
-    vocab = loaded.model.get_output_embeddings().weight.shape[0]
+    vocab = output_vocab(loaded.model)
+    keep_val = cache_plan(p.train, 0, len(val), val.shape[1], vocab)[1]
+    val_targets = TeacherCache(loaded.model, val, keep_val, p.train.teacher_topk, p.train.kl_chunk)
     rows, cells, labels = [], [], {}
     for config in lc.configs:
         alloc = p.config(config)
         spec = cell_spec(p, alloc, lc.sparsity, site_map, thresholds, loaded.fingerprint)
         sites = bias_sites(alloc, site_map)
         for size in lc.sizes:
-            keep = p.train.teacher_cache and keep_targets(size, pool.shape[1], vocab, lc.cache_gib)
+            keep = cache_plan(p.train, size, len(val), pool.shape[1], vocab)[0]
             seeds = {}
             for seed in lc.seeds:
                 settings = replace(p.train, seed=seed, blocks=size, loss=alloc.loss)

@@ -17,10 +17,11 @@ import typer
 from sponlab.io.layout import cell_path, seed_path, threshold_path
 from sponlab.io.tensorio import load_tensors, write_json, write_rows
 from sponlab.method.closed_form import closed_form_biases
+from sponlab.method.distill import output_vocab
 from sponlab.method.experiment import bias_sites, cell_spec
 from sponlab.method.ranked import ranked_layers, read_ranking
 from sponlab.method.spon import SponBiases, save_biases
-from sponlab.method.train import Teachers, TrainResult, train_spon
+from sponlab.method.train import Teachers, TrainResult, cache_plan, train_spon
 from sponlab.model.sites import LayerSelection
 from sponlab.stages.common import (
     MODEL_OPTION,
@@ -95,14 +96,11 @@ def train_seeds(cfg, alloc, sparsity, model, data, thresholds, out, meta) -> Non
     start = initial_biases(cfg, alloc, loaded.model, site_map, spec, sites, data, sparsity)
     teachers = None
     if sites and alloc.bias == "trained":
-        teachers = Teachers.for_blocks(
-            loaded.model,
-            load_blocks(data / "train.safetensors"),
-            load_blocks(data / "val.safetensors"),
-            cfg.train.teacher_cache,
-            cfg.train.teacher_topk,
-            cfg.train.kl_chunk,
-        )
+        pool, val = load_blocks(data / "train.safetensors"), load_blocks(data / "val.safetensors")
+        drawn = cfg.train.blocks or len(pool)  # each seed's training set
+        keep = cache_plan(cfg.train, drawn, len(val), pool.shape[1], output_vocab(loaded.model))
+        teachers = Teachers.for_blocks(loaded.model, pool, val, keep[0], cfg.train.teacher_topk,
+                                       cfg.train.kl_chunk, keep[1])  # fmt: skip
     for seed in alloc.seeds:
         biases = SponBiases.for_model(loaded.model, site_map, sites, alloc.parametrization)
         biases.load_state(start.state())

@@ -295,7 +295,9 @@ def test_threads_give_the_same_result_as_serial(tiny_llama, result):
     for name in result.series:
         np.testing.assert_allclose(serial.erank(name), result.erank(name), rtol=1e-6)
     assert result.erank("down_proj")[1] == pytest.approx(
-        kn.matrix_effective_rank(discover_sites(tiny_llama).linear(tiny_llama, Site(1, "down_proj")).weight)
+        kn.matrix_effective_rank(
+            discover_sites(tiny_llama).linear(tiny_llama, Site(1, "down_proj")).weight
+        )
     )
 
 

@@ -164,3 +164,31 @@ def test_shared_teachers_give_the_same_training(llama):
     losses = [[s["loss"] for s in r.steps] for r in runs]
     assert losses[0] == pytest.approx(losses[1], rel=1e-6)
     assert losses[0] == pytest.approx(losses[2], rel=1e-6)
+
+
+def test_teacher_cache_is_bounded_by_its_budget_and_changes_no_value(llama):
+    """The kept training targets never exceed train.teacher_cache_gib: at a budget below their
+    size they are recomputed each epoch, with the same biases to the bit."""
+    from sponlab.method.distill import output_vocab, target_bytes
+    from sponlab.method.train import cache_plan
+
+    model, site_map = llama
+    train, spec = teal_setup(model, site_map, 0.5, seed=4)
+    vocab = output_vocab(model)
+    need = target_bytes(len(train) * train.shape[1], vocab) / 2**30  # GiB of full targets
+    assert need == pytest.approx(8 * 16 * 512 * 4 / 2**30)
+    val = need / 2  # train[:4]
+    assert cache_plan(settings(teacher_cache_gib=need + val), 8, 4, 16, vocab) == (True, True)
+    assert cache_plan(settings(teacher_cache_gib=need), 8, 4, 16, vocab) == (False, True)
+    assert cache_plan(settings(teacher_cache_gib=val / 2), 8, 4, 16, vocab) == (False, False)
+    assert cache_plan(settings(teacher_cache_gib=val, teacher_topk=4), 8, 4, 16, vocab) == (
+        True,
+        True,
+    )
+    runs = []
+    for budget in (need + val, val / 2):  # everything kept / nothing kept
+        biases = SponBiases.for_model(model, site_map, site_map.select([0], ["down_proj"]))
+        train_spon(model, site_map, spec, biases, train, train[:4],
+                   settings(teacher_cache_gib=budget))  # fmt: skip
+        runs.append(biases.vectors[0].detach().clone())
+    assert torch.equal(runs[0], runs[1])

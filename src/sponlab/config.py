@@ -55,6 +55,9 @@ class TrainParams:
     grad_clip: float = 1.0
     seed: int = 0
     teacher_cache: bool = True
+    # the kept training targets never exceed this (GiB of host memory); a larger set is
+    # recomputed each epoch instead (the same values, one dense forward per batch more)
+    teacher_cache_gib: float = 8.0
     teacher_topk: int = 0  # 0: full teacher distribution | k: top-k log-probs + the rest's mass
     kl_chunk: int = 0  # 0: KL on the whole batch at once | n: n tokens at a time (checkpointed)
     init: str = "zeros"
@@ -343,6 +346,7 @@ def _parse_train(sec: Section) -> TrainParams:
         grad_clip=sec.number("grad_clip", T.grad_clip, lo=0),
         seed=sec.number("seed", T.seed, lo=0, integer=True),
         teacher_cache=sec.boolean("teacher_cache", T.teacher_cache),
+        teacher_cache_gib=sec.number("teacher_cache_gib", T.teacher_cache_gib, lo=0),
         teacher_topk=sec.number("teacher_topk", T.teacher_topk, lo=0, integer=True),
         kl_chunk=sec.number("kl_chunk", T.kl_chunk, lo=0, integer=True),
         init=sec.choice("init", INITS, T.init),

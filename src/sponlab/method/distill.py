@@ -79,6 +79,17 @@ def kl_per_token(target: TeacherTarget, student_logits: torch.Tensor) -> torch.T
     return kl + torch.where(p_rest > 0, p_rest * (target.rest - q_rest), torch.zeros_like(kl))
 
 
+def target_bytes(tokens: int, vocab: int, topk: int = 0) -> int:
+    """Host bytes of the dense targets of ``tokens`` tokens: float32 log-probs over ``vocab``, or
+    with ``topk`` the top-k (float32 values, int64 ids) and the rest's log-mass."""
+    return tokens * (topk * 12 + 4 if topk else vocab * 4)
+
+
+def output_vocab(model: nn.Module) -> int:
+    """Width of the model's logits (the LM head's rows; may exceed the tokenizer's vocabulary)."""
+    return model.get_output_embeddings().weight.shape[0]
+
+
 def output_logits(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
     """The LM head on hidden states ``[n, D]`` -> ``[n, V]``, with the model's logit soft-capping."""
     logits = model.get_output_embeddings()(hidden)

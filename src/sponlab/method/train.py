@@ -24,7 +24,14 @@ from tqdm.auto import tqdm
 
 from sponlab.config import TrainParams
 from sponlab.method.convergence import diagnostics, fraction_at_bound, mean_se, replaces
-from sponlab.method.distill import TeacherTarget, chunked_kl, dense_target, kl_per_token
+from sponlab.method.distill import (
+    TeacherTarget,
+    chunked_kl,
+    dense_target,
+    kl_per_token,
+    output_vocab,
+    target_bytes,
+)
 from sponlab.method.precision import Bf16Student, uses_autocast
 from sponlab.method.sparsify import SparsifySpec, sparsified
 from sponlab.method.spon import SponBiases, maybe_attached
@@ -206,6 +213,21 @@ def validation_kl(
     return float(kls.double().mean())
 
 
+def cache_plan(
+    settings: TrainParams, train_blocks: int, val_blocks: int, block_len: int, vocab: int
+) -> tuple[bool, bool]:
+    """``(keep the training targets, keep the validation targets)`` within
+    ``train.teacher_cache_gib``: the validation targets first (read every epoch), then the training
+    set's if ``train.teacher_cache`` and both fit. What is not kept is recomputed when needed (the
+    same values: the teacher is deterministic), so host memory is bounded whatever the vocabulary
+    and the amount of data."""
+    budget = settings.teacher_cache_gib * 2**30
+    val = target_bytes(val_blocks * block_len, vocab, settings.teacher_topk)
+    train = target_bytes(train_blocks * block_len, vocab, settings.teacher_topk)
+    keep_val = val <= budget
+    return settings.teacher_cache and train + (val if keep_val else 0) <= budget, keep_val
+
+
 def draw_blocks(pool: int, count: int, seed: int) -> torch.Tensor:
     """The pool indices of the ``count`` training blocks seed ``seed`` trains on (sorted; 0 or
     ``count >= pool``: the whole pool), so seeds differ in their data as well as its order. The
@@ -232,11 +254,12 @@ class Teachers:
         keep: bool,
         topk: int = 0,
         chunk: int = 0,
+        keep_val: bool = True,
     ) -> Teachers:
-        """Train targets kept when ``keep``; validation targets always kept (reused each epoch)."""
+        """Train targets kept when ``keep``, validation targets when ``keep_val`` (:func:`cache_plan`)."""
         return cls(
             TeacherCache(model, train_blocks, keep, topk, chunk),
-            TeacherCache(model, val_blocks, True, topk, chunk),
+            TeacherCache(model, val_blocks, keep_val, topk, chunk),
         )
 
     def fresh_train(self) -> Teachers:
@@ -281,10 +304,12 @@ def train_spon(
     drawn = draw_blocks(len(train_blocks), settings.blocks, settings.seed)
     total_steps = math.ceil(len(drawn) / settings.batch_size) * settings.epochs
     optimizer, scheduler = _optimizer(biases, settings, total_steps)
-    teachers = teachers or Teachers.for_blocks(
-        model, train_blocks, val_blocks, settings.teacher_cache,
-        settings.teacher_topk, settings.kl_chunk,
-    )  # fmt: skip
+    if teachers is None:
+        keep, keep_val = cache_plan(
+            settings, len(drawn), len(val_blocks), train_blocks.shape[1], output_vocab(model)
+        )
+        teachers = Teachers.for_blocks(model, train_blocks, val_blocks, keep,
+                                       settings.teacher_topk, settings.kl_chunk, keep_val)  # fmt: skip
     student = Bf16Student(model) if uses_autocast(settings.autocast, model) else None
     result = TrainResult(
         blocks=drawn.tolist(),

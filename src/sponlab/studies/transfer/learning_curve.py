@@ -48,11 +48,6 @@ def check_trained(lc: LearningCurveParams, configs: Mapping[str, Any]) -> None:
             )
 
 
-def keep_targets(size: int, block_len: int, vocab: int, cache_gib: float) -> bool:
-    """Do the full dense targets of ``size`` blocks (float32 log-probs) fit in ``cache_gib``?"""
-    return size * block_len * vocab * 4 <= cache_gib * 2**30
-
-
 def train_variant(
     model: nn.Module,
     site_map: SiteMap,
@@ -86,10 +81,13 @@ def variant_recipe(
 ) -> str:
     """SHA-256 of everything a variant's training reads: settings (seed and size included),
     thresholds, bias sites, the token pool and validation blocks. A saved variant is reused only
-    under the same recipe, so an interrupted curve resumes and a changed one retrains."""
+    under the same recipe, so an interrupted curve resumes and a changed one retrains.
+    ``teacher_cache_gib`` is left out: a memory bound that decides whether targets are kept or
+    recomputed, never their values."""
     h = hashlib.sha256()
     thresholds = {s.key: repr(float(v)) for s, v in (spec.thresholds or {}).items()}
-    head = {"train": asdict(settings), "method": spec.method, "sparsity": spec.sparsity,
+    train = {k: v for k, v in asdict(settings).items() if k != "teacher_cache_gib"}
+    head = {"train": train, "method": spec.method, "sparsity": spec.sparsity,
             "dense_prefix": spec.dense_prefix, "sparsified": [s.key for s in spec.sites],
             "thresholds": thresholds, "bias_sites": [s.key for s in sites],
             "parametrization": parametrization}  # fmt: skip

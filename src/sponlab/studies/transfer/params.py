@@ -118,7 +118,6 @@ class LearningCurveParams:
     seeds: tuple[int, ...] = (0, 1, 2)
     domain: str = "stories"  # the transfer domain scored beside the test blocks
     domain_blocks: int = 16
-    cache_gib: float = 4.0  # dense targets of a training set kept in memory up to this size
 
 
 def parse_learning_curve(sec: Section) -> LearningCurveParams:
@@ -146,7 +145,6 @@ def parse_learning_curve(sec: Section) -> LearningCurveParams:
         seeds=tuple(dict.fromkeys(seeds)),
         domain=sec.choice("domain", DOMAINS, D.domain),
         domain_blocks=sec.number("domain_blocks", D.domain_blocks, lo=2, integer=True),
-        cache_gib=sec.number("cache_gib", D.cache_gib, lo=0),
     )
     sec.finish()
     return params
