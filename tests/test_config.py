@@ -173,3 +173,23 @@ def test_defaults_live_once_on_the_dataclasses():
         assert {f.name: getattr(parsed, f.name) for f in fields(cls)} == {
             f.name: getattr(cls(), f.name) for f in fields(cls)
         }, cls.__name__
+
+
+def test_each_core_key_is_declared_once_with_its_default_help_and_check():
+    """Data, train, eval and summary keys are declared by their dataclass fields alone: reading an
+    empty section gives the dataclass's defaults, and every field but the hand-parsed ones (they
+    need another section) carries a help line and a check."""
+    from dataclasses import fields
+
+    from sponlab.config import DataParams, EvalParams, SummaryParams, TrainParams
+    from sponlab.paramcheck import Section, help_of, read_keys
+
+    by_hand = {"bos", "reference"}
+    for cls in (DataParams, TrainParams, EvalParams, SummaryParams):
+        declared = {f.name for f in fields(cls) if "check" in f.metadata}
+        assert declared | by_hand >= {f.name for f in fields(cls)}, cls
+        assert all(help_of(cls)[k].strip() for k in declared)
+        given = {k: getattr(cls, k) for k in by_hand if k in {f.name for f in fields(cls)}}
+        assert cls(**read_keys(cls, Section({}, "x", "t"), **given)) == cls()
+    with pytest.raises(ConfigError, match=r"x\.epochs must be >= 1, got 0"):
+        read_keys(TrainParams, Section({"epochs": 0}, "x", "t"))

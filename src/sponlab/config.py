@@ -25,49 +25,64 @@ from sponlab.allocations import (
     parse_sparsify,
 )
 from sponlab.model.base import BaseModelParams, parse_base
-from sponlab.paramcheck import ConfigError, Section  # re-exported: analysis parsers use them
+from sponlab.paramcheck import (  # ConfigError, Section re-exported: analysis parsers use them
+    ConfigError,
+    Section,
+    choice,
+    flag,
+    integer,
+    number,
+    read_keys,
+)
 
 DATA_SOURCES = ("builtin", "wikitext")
 SCHEDULES = ("constant", "cosine", "linear")
 AUTOCASTS = ("auto", "bfloat16", "off")
 
 
+# Each key is declared once: its field holds the default, the help and the check
+# (sponlab.paramcheck), and read_keys reads the section from these declarations.
+
+
 @dataclass(frozen=True)
 class DataParams:
-    source: str = "builtin"
-    block_len: int = 128
-    bos: bool | str = "auto"
-    seed: int = 0
-    calib_blocks: int = 16
-    train_blocks: int = 64
-    val_blocks: int = 16
-    test_blocks: int = 32
+    source: str = choice("builtin", DATA_SOURCES, "builtin: the embedded text | wikitext (hub)")
+    block_len: int = integer(128, "tokens per block", lo=8)
+    bos: bool | str = "auto"  # true | false | auto (the tokenizer's habit): parsed by _bos
+    seed: int = integer(0, "seed of the document shuffle and block draws", lo=0)
+    calib_blocks: int = integer(16, "TEAL threshold calibration blocks", lo=1)
+    train_blocks: int = integer(64, "the SPON training pool each seed draws from", lo=1)
+    val_blocks: int = integer(16, "validation blocks (epoch selection, per block)", lo=1)
+    test_blocks: int = integer(32, "perplexity blocks", lo=1)
 
 
 @dataclass(frozen=True)
 class TrainParams:
-    lr: float = 1e-3
-    epochs: int = 2
-    batch_size: int = 8
-    schedule: str = "cosine"
-    warmup_steps: int = 0
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
-    seed: int = 0
-    teacher_cache: bool = True
-    # the kept training targets never exceed this (GiB of host memory); a larger set is
-    # recomputed each epoch instead (the same values, one dense forward per batch more)
-    teacher_cache_gib: float = 8.0
-    teacher_topk: int = 0  # 0: full teacher distribution | k: top-k log-probs + the rest's mass
-    kl_chunk: int = 0  # 0: KL on the whole batch at once | n: n tokens at a time (checkpointed)
-    init: str = "zeros"
-    loss: str = "kl"  # kl (distillation) | ce (next-token cross-entropy) | kl+logit_l2
-    logit_l2: float = 0.01  # kl+logit_l2: weight of the mean squared centred logit difference
-    blocks: int = 0  # blocks each seed draws from the training pool (0: the whole pool)
-    # the frozen model's matmuls in the training step: auto (bfloat16 on a CPU with AMX or
-    # AVX512-BF16 and a float32 model, else off) | bfloat16 | off. Biases, optimizer, KL,
-    # teacher and validation stay float32.
-    autocast: str = "off"
+    lr: float = number(1e-3, "AdamW learning rate", lo=0, lo_open=True)
+    epochs: int = integer(2, "passes over each seed's training blocks", lo=1)
+    batch_size: int = integer(8, "blocks per step", lo=1)
+    schedule: str = choice("cosine", SCHEDULES, "learning rate after warm-up")
+    warmup_steps: int = integer(0, "steps of linear warm-up", lo=0)
+    weight_decay: float = number(0.0, "AdamW weight decay", lo=0)
+    grad_clip: float = number(1.0, "gradient-norm clip (0: none)", lo=0)
+    seed: int = integer(0, "default seed of a config's training", lo=0)
+    teacher_cache: bool = flag(True, "keep the dense targets after epoch 1, not recompute them")
+    teacher_cache_gib: float = number(
+        8.0, "the most host memory kept targets take (validation first); the rest is recomputed "
+        "each epoch, the same values", lo=0,
+    )  # fmt: skip
+    teacher_topk: int = integer(
+        0, "0: the full teacher distribution | k: its top-k log-probs and the rest's mass", lo=0
+    )
+    kl_chunk: int = integer(0, "0: KL on the whole batch | n: n tokens at a time", lo=0)
+    init: str = choice("zeros", INITS, "zeros | closed_form: start from b = W E[x - S(x)]")
+    loss: str = choice("kl", LOSSES, "kl (distillation) | ce (next token) | kl+logit_l2")
+    logit_l2: float = number(0.01, "kl+logit_l2: weight of the centred logit difference", lo=0)
+    blocks: int = integer(0, "blocks each seed draws from the training pool (0: all)", lo=0)
+    autocast: str = choice(
+        "off", AUTOCASTS, "the student's matmuls: auto (bfloat16 on a float32 model on a CPU "
+        "with AMX / AVX512-BF16) | bfloat16 | off; biases, optimizer, KL, teacher stay float32",
+    )  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -75,9 +90,9 @@ class SummaryParams:
     """How the sweep is compared: the reference config for relative parameters, the noise rules."""
 
     # rel. params = bias parameters / this config's (as the study); default UNIF-ALL when swept
-    reference: str | None = None
-    min_damage: float = 0.02  # TEAL damage below this fraction of dense ppl: ratio not reported
-    noise_sigmas: float = 2.0  # differences within this many standard errors count as noise
+    reference: str | None = None  # checked against the sweep: parsed by _parse_summary
+    min_damage: float = number(0.02, "TEAL damage below this fraction of dense ppl: no ratio", lo=0)
+    noise_sigmas: float = number(2.0, "differences within this many SEs are noise", lo=0)
 
 
 PROTOCOLS = ("auto", "block", "gptq", "sliding")
@@ -85,16 +100,15 @@ PROTOCOLS = ("auto", "block", "gptq", "sliding")
 
 @dataclass(frozen=True)
 class EvalParams:
-    batch_size: int = 8
-    detail_blocks: int = 16
-    # block (C): data.test_blocks blocks of data.block_len from shuffled documents, each scored
-    # alone | gptq (A): the test text joined with "\n\n", non-overlapping `context` windows |
-    # sliding (B): `context` windows every `stride` tokens, the last `stride` scored | auto: gptq
-    # with data.source wikitext, block otherwise
-    protocol: str = "auto"
-    context: int = 2048
-    stride: int = 512
-    max_windows: int = 0  # gptq / sliding: first N windows (0: the whole test text)
+    batch_size: int = integer(8, "blocks per forward", lo=1)
+    detail_blocks: int = integer(16, "first test blocks: KL to dense and hidden shift", lo=1)
+    protocol: str = choice(
+        "auto", PROTOCOLS, "block (C): test blocks scored alone | gptq (A): the test text in "
+        "non-overlapping windows | sliding (B): windows every stride | auto: gptq on wikitext",
+    )  # fmt: skip
+    context: int = integer(2048, "gptq / sliding: window length", lo=8)
+    stride: int = integer(512, "sliding: tokens between windows (the last stride scored)", lo=1)
+    max_windows: int = integer(0, "gptq / sliding: first N windows (0: all)", lo=0)
 
     def resolved_protocol(self, data_source: str) -> str:
         if self.protocol == "auto":
@@ -221,30 +235,13 @@ def parse_params(raw: Any, source: str = "params.yaml") -> Params:
 
 
 def _parse_data(sec: Section) -> DataParams:
-    D = DataParams
-    data = DataParams(
-        source=sec.choice("source", DATA_SOURCES, D.source),
-        block_len=sec.number("block_len", D.block_len, lo=8, integer=True),
-        bos=_bos(sec),
-        seed=sec.number("seed", D.seed, lo=0, integer=True),
-        calib_blocks=sec.number("calib_blocks", D.calib_blocks, lo=1, integer=True),
-        train_blocks=sec.number("train_blocks", D.train_blocks, lo=1, integer=True),
-        val_blocks=sec.number("val_blocks", D.val_blocks, lo=1, integer=True),
-        test_blocks=sec.number("test_blocks", D.test_blocks, lo=1, integer=True),
-    )
+    data = DataParams(**read_keys(DataParams, sec, bos=_bos(sec)))
     sec.finish()
     return data
 
 
 def _parse_eval(sec: Section, data: DataParams) -> EvalParams:
-    evaluation = EvalParams(
-        batch_size=sec.number("batch_size", EvalParams.batch_size, lo=1, integer=True),
-        detail_blocks=sec.number("detail_blocks", EvalParams.detail_blocks, lo=1, integer=True),
-        protocol=sec.choice("protocol", PROTOCOLS, EvalParams.protocol),
-        context=sec.number("context", EvalParams.context, lo=8, integer=True),
-        stride=sec.number("stride", EvalParams.stride, lo=1, integer=True),
-        max_windows=sec.number("max_windows", EvalParams.max_windows, lo=0, integer=True),
-    )
+    evaluation = EvalParams(**read_keys(EvalParams, sec))
     sec.finish()
     sec.require_le("stride", evaluation.stride, "context", evaluation.context)
     if evaluation.resolved_protocol(data.source) != "block":
@@ -259,13 +256,9 @@ def _parse_eval(sec: Section, data: DataParams) -> EvalParams:
 
 def _parse_summary(sec: Section, sweep_configs: Sequence[str]) -> SummaryParams:
     reference = sec.get("reference", "UNIF-ALL" if "UNIF-ALL" in sweep_configs else None)
-    summary = SummaryParams(
-        reference=None
-        if reference is None
-        else _config_ref(reference, sec.key("reference"), sweep_configs, sec.source),
-        min_damage=sec.number("min_damage", SummaryParams.min_damage, lo=0),
-        noise_sigmas=sec.number("noise_sigmas", SummaryParams.noise_sigmas, lo=0),
-    )
+    if reference is not None:
+        reference = _config_ref(reference, sec.key("reference"), sweep_configs, sec.source)
+    summary = SummaryParams(**read_keys(SummaryParams, sec, reference=reference))
     sec.finish()
     return summary
 
@@ -335,26 +328,7 @@ def _bos(sec: Section) -> bool | str:
 
 
 def _parse_train(sec: Section) -> TrainParams:
-    T = TrainParams  # defaults live once, on the dataclass
-    train = TrainParams(
-        lr=sec.number("lr", T.lr, lo=0, lo_open=True),
-        epochs=sec.number("epochs", T.epochs, lo=1, integer=True),
-        batch_size=sec.number("batch_size", T.batch_size, lo=1, integer=True),
-        schedule=sec.choice("schedule", SCHEDULES, T.schedule),
-        warmup_steps=sec.number("warmup_steps", T.warmup_steps, lo=0, integer=True),
-        weight_decay=sec.number("weight_decay", T.weight_decay, lo=0),
-        grad_clip=sec.number("grad_clip", T.grad_clip, lo=0),
-        seed=sec.number("seed", T.seed, lo=0, integer=True),
-        teacher_cache=sec.boolean("teacher_cache", T.teacher_cache),
-        teacher_cache_gib=sec.number("teacher_cache_gib", T.teacher_cache_gib, lo=0),
-        teacher_topk=sec.number("teacher_topk", T.teacher_topk, lo=0, integer=True),
-        kl_chunk=sec.number("kl_chunk", T.kl_chunk, lo=0, integer=True),
-        init=sec.choice("init", INITS, T.init),
-        loss=sec.choice("loss", LOSSES, T.loss),
-        logit_l2=sec.number("logit_l2", T.logit_l2, lo=0),
-        blocks=sec.number("blocks", T.blocks, lo=0, integer=True),
-        autocast=sec.choice("autocast", AUTOCASTS, T.autocast),
-    )
+    train = TrainParams(**read_keys(TrainParams, sec))
     sec.finish()
     if (train.teacher_topk or train.kl_chunk) and train.loss != "kl":
         raise sec.fail(

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, fields
 from typing import Any, TypeVar
 
 T = TypeVar("T")
@@ -107,3 +108,68 @@ class Section:
                 f"{self.source}: unknown key(s) {[self.key(k) for k in unknown]}; "
                 f"allowed here: {sorted(self.used)}"
             )
+
+
+# Declaring a key once: a dataclass field carries its default, a one-line help and its check, and
+# read_keys reads every declared field of a params dataclass from its section.
+
+
+@dataclass(frozen=True)
+class Check:
+    """How one key is read: its kind (number, integer, choice, flag, string) and bounds."""
+
+    kind: str
+    lo: float | None = None
+    hi: float | None = None
+    lo_open: bool = False
+    allowed: tuple[str, ...] = ()
+
+    def read(self, sec: Section, name: str, default: Any) -> Any:
+        if self.kind == "choice":
+            return sec.choice(name, self.allowed, default)
+        if self.kind == "flag":
+            return sec.boolean(name, default)
+        if self.kind == "string":
+            return sec.string(name, default)
+        integer = self.kind == "integer"
+        return sec.number(name, default, self.lo, self.hi, integer=integer, lo_open=self.lo_open)
+
+
+def _key(default: Any, help: str, check: Check) -> Any:
+    return field(default=default, metadata={"help": help, "check": check})
+
+
+def number(default: float, help: str, lo=None, hi=None, lo_open: bool = False) -> Any:
+    """A float key: ``lo`` <= value (> with ``lo_open``) <= ``hi``."""
+    return _key(default, help, Check("number", lo, hi, lo_open))
+
+
+def integer(default: int, help: str, lo=None, hi=None) -> Any:
+    """An integer key within ``[lo, hi]``."""
+    return _key(default, help, Check("integer", lo, hi))
+
+
+def choice(default: str, allowed: Sequence[str], help: str) -> Any:
+    """A key whose value is one of ``allowed``."""
+    return _key(default, help, Check("choice", allowed=tuple(allowed)))
+
+
+def flag(default: bool, help: str) -> Any:
+    """A true / false key."""
+    return _key(default, help, Check("flag"))
+
+
+def read_keys(cls: type, sec: Section, **given: Any) -> dict[str, Any]:
+    """Every field of params dataclass ``cls`` declared with a check, read from ``sec`` (default:
+    the field's), plus ``given`` (keys the caller parses itself, e.g. from another section)."""
+    out = dict(given)
+    for f in fields(cls):
+        check = f.metadata.get("check")
+        if check is not None and f.name not in given:
+            out[f.name] = check.read(sec, f.name, f.default)
+    return out
+
+
+def help_of(cls: type) -> dict[str, str]:
+    """``{key: help}`` of a params dataclass (what ``params.yaml`` comments say, in one place)."""
+    return {f.name: f.metadata["help"] for f in fields(cls) if "help" in f.metadata}
