@@ -22,7 +22,6 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from sponlab.io.batches import TokenBatch
-from sponlab.io.data import SPLITS
 from sponlab.model.hooks import installed
 from sponlab.model.sites import Site, SiteError, SiteMap, parse_layer_spec
 from sponlab.paramcheck import Section
@@ -70,20 +69,6 @@ def parse_layers(sec: Section, default: str) -> str:
     except SiteError as err:
         raise sec.fail("layers", f"is invalid: {err}") from err
     return value
-
-
-def parse_text_sample(sec: Section, defaults: Any) -> dict[str, Any]:
-    """The fields the importance and sae sections share (where activations are read, which text,
-    how much of it, in which batches), with ``defaults``' values: keyword arguments for either
-    params dataclass."""
-    return {
-        "site": sec.choice("site", SITES, defaults.site),
-        "split": sec.choice("split", SPLITS, defaults.split),
-        "samples": sec.number("samples", defaults.samples, lo=1, integer=True),
-        "min_tokens": sec.number("min_tokens", defaults.min_tokens, lo=2, integer=True),
-        "max_length": sec.number("max_length", defaults.max_length, lo=2, integer=True),
-        "batch_size": sec.number("batch_size", defaults.batch_size, lo=1, integer=True),
-    }
 
 
 def mlp_input_module(model: nn.Module, site_map: SiteMap, layer: int) -> nn.Linear:

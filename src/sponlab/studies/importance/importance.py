@@ -47,14 +47,16 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from sponlab.config import Section
+from sponlab.io.data import SPLITS
 from sponlab.model.capture import (
     AGGREGATE_BY,
     AGGREGATIONS,
+    SITES,
     ImportanceError,
     PassResult,
     parse_layers,
-    parse_text_sample,
 )
+from sponlab.paramcheck import choice, flag, integer, number, read_keys
 
 log = logging.getLogger(__name__)
 FEATURES: tuple[str, ...] = ("mlp", "sae")
@@ -71,15 +73,15 @@ class ImportanceParams:
     aggregation: tuple[str, ...] = AGGREGATIONS
     power: float | None = None
     normalize: tuple[str, ...] = BOTH_NORMALIZATIONS
-    sum_tolerance: float = 1e-6
-    layers: str = "all"
-    site: str = "mlp_out"
-    split: str = "val"
-    samples: int = 32
-    min_tokens: int = 32
-    max_length: int = 128
-    batch_size: int = 8
-    layer_figures: bool = True
+    sum_tolerance: float = number(1e-6, "normalised layers must sum to 1 within this", lo=0, hi=1)
+    layers: str = "all"  # parse_layers
+    site: str = choice("mlp_out", SITES, "the activations whose importance is measured")
+    split: str = choice("val", SPLITS, "the text they are measured on")
+    samples: int = integer(32, "documents", lo=1)
+    min_tokens: int = integer(32, "shortest document kept (tokens)", lo=2)
+    max_length: int = integer(128, "tokens per document", lo=2)
+    batch_size: int = integer(8, "documents per forward", lo=1)
+    layer_figures: bool = flag(True, "one figure per layer besides the summaries")
 
 
 def _one_or_many(sec: Section, name: str, allowed: Sequence[str], both: Sequence[str]) -> tuple:
@@ -127,21 +129,19 @@ def _power(sec: Section) -> float | None:
 
 def parse_params(sec: Section) -> ImportanceParams:
     """Validate the ``importance`` section; every bad value names its key."""
-    params = ImportanceParams(
-        features=_one_or_many(sec, "features", FEATURES, FEATURES),
-        aggregate_by=_one_or_many(sec, "aggregate_by", AGGREGATE_BY, AGGREGATE_BY),
-        aggregation=_expand(
+    by_hand = {
+        "features": _one_or_many(sec, "features", FEATURES, FEATURES),
+        "aggregate_by": _one_or_many(sec, "aggregate_by", AGGREGATE_BY, AGGREGATE_BY),
+        "aggregation": _expand(
             sec.choice("aggregation", (*AGGREGATIONS, "both"), "both"), AGGREGATIONS
         ),
-        power=_power(sec),
-        normalize=_expand(
+        "power": _power(sec),
+        "normalize": _expand(
             sec.choice("normalize", (*NORMALIZATIONS, "both"), "both"), BOTH_NORMALIZATIONS
         ),
-        sum_tolerance=sec.number("sum_tolerance", ImportanceParams.sum_tolerance, lo=0, hi=1),
-        layers=parse_layers(sec, ImportanceParams.layers),
-        **parse_text_sample(sec, ImportanceParams),
-        layer_figures=sec.boolean("layer_figures", ImportanceParams.layer_figures),
-    )
+        "layers": parse_layers(sec, ImportanceParams.layers),
+    }
+    params = ImportanceParams(**read_keys(ImportanceParams, sec, **by_hand))
     sec.finish()
     sec.require_le("min_tokens", params.min_tokens, "max_length", params.max_length)
     return params

@@ -25,7 +25,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from sponlab.config import Section
-from sponlab.model.capture import parse_layers, parse_text_sample
+from sponlab.io.data import SPLITS
+from sponlab.model.capture import SITES, parse_layers
+from sponlab.paramcheck import choice, integer, number, read_keys
 
 log = logging.getLogger(__name__)
 
@@ -36,35 +38,27 @@ TENSOR_NAMES: tuple[str, ...] = ("W_enc", "b_enc", "W_dec", "b_dec")
 class SAEParams:
     """The ``sae`` section of params.yaml (SAE training for the importance analysis)."""
 
-    layers: str = "auto"  # first, middle and last layer
-    site: str = "mlp_out"
-    split: str = "train"
-    samples: int = 48
-    min_tokens: int = 32
-    max_length: int = 128
-    batch_size: int = 8
-    expansion: int = 2
-    l1: float = 2.0
-    lr: float = 2e-3
-    steps: int = 250
-    token_batch: int = 256
-    holdout: float = 0.1
-    seed: int = 0
+    layers: str = "auto"  # first, middle and last layer (parse_layers)
+    site: str = choice("mlp_out", SITES, "the activations the SAE encodes")
+    split: str = choice("train", SPLITS, "the text it trains on")
+    samples: int = integer(48, "documents", lo=1)
+    min_tokens: int = integer(32, "shortest document kept (tokens)", lo=2)
+    max_length: int = integer(128, "tokens per document", lo=2)
+    batch_size: int = integer(8, "documents per forward", lo=1)
+    expansion: int = integer(2, "features per activation dimension", lo=1)
+    l1: float = number(2.0, "L1 weight of the feature activations", lo=0)
+    lr: float = number(2e-3, "Adam learning rate", lo=0, lo_open=True)
+    steps: int = integer(250, "optimizer steps", lo=1)
+    token_batch: int = integer(256, "tokens per step", lo=1)
+    holdout: float = number(
+        0.1, "fraction of tokens held out for the FVE", lo=0, hi=0.5, lo_open=True
+    )
+    seed: int = integer(0, "seed of the initialisation and token order", lo=0)
 
 
 def parse_params(sec: Section) -> SAEParams:
     """Validate the ``sae`` section; every bad value names its key."""
-    params = SAEParams(
-        layers=parse_layers(sec, SAEParams.layers),
-        **parse_text_sample(sec, SAEParams),
-        expansion=sec.number("expansion", SAEParams.expansion, lo=1, integer=True),
-        l1=sec.number("l1", SAEParams.l1, lo=0),
-        lr=sec.number("lr", SAEParams.lr, lo=0, lo_open=True),
-        steps=sec.number("steps", SAEParams.steps, lo=1, integer=True),
-        token_batch=sec.number("token_batch", SAEParams.token_batch, lo=1, integer=True),
-        holdout=sec.number("holdout", SAEParams.holdout, lo=0, hi=0.5, lo_open=True),
-        seed=sec.number("seed", SAEParams.seed, lo=0, integer=True),
-    )
+    params = SAEParams(**read_keys(SAEParams, sec, layers=parse_layers(sec, SAEParams.layers)))
     sec.finish()
     sec.require_le("min_tokens", params.min_tokens, "max_length", params.max_length)
     return params

@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 
 from sponlab.config import ConfigError, Section
 from sponlab.model.sites import PROJECTIONS, Site, SiteMap, discover_sites, parse_modules
+from sponlab.paramcheck import choice, integer, number, read_keys
 from sponlab.studies.spectrum.attention_kernels import (
     DownSVD,
     FocusKernel,
@@ -67,16 +68,16 @@ class SpectrumParams:
     """The ``spectrum`` section of params.yaml."""
 
     modules: tuple[str, ...] = PROJECTIONS
-    workers: int = 0  # 0: one thread per CPU core
+    workers: int = integer(0, "threads (0: one per CPU core)", lo=0)
     kernel_layer: int | str = "middle"  # int (negative from the end) or "middle"
-    kernel_head: int = 0
+    kernel_head: int = integer(0, "the attention head whose kernel is drawn", lo=0)
     down_layer: int | str = "middle"
     energy_thresholds: tuple[float, ...] = (0.5, 0.75, 0.9, 0.95, 0.99)
-    kernel_energy: float = 0.99
-    tag_reference: str = "percentile"
-    tag_low: float = 0.8
-    tag_high: float = 1.1
-    trend_tolerance: float = 0.02
+    kernel_energy: float = number(0.99, "energy the kernel rank keeps", lo=0, hi=1, lo_open=True)
+    tag_reference: str = choice("percentile", TAG_REFERENCES, "what layer tags compare with")
+    tag_low: float = number(0.8, "below this x the reference: tagged low", lo=0)
+    tag_high: float = number(1.1, "above this x the reference: tagged high", lo=0)
+    trend_tolerance: float = number(0.02, "relative change a trend ignores", lo=0)
 
 
 def _layer_choice(sec: Section, name: str) -> int | str:
@@ -98,21 +99,13 @@ def parse_params(sec: Section) -> SpectrumParams:
     """Validate the ``spectrum`` section (every key optional; unknown keys rejected)."""
     default = SpectrumParams()
     thresholds = sec.items("energy_thresholds", _fraction, list(default.energy_thresholds))
-    params = SpectrumParams(
-        modules=parse_modules(sec, "modules", "all"),
-        workers=sec.number("workers", SpectrumParams.workers, lo=0, integer=True),
-        kernel_layer=_layer_choice(sec, "kernel_layer"),
-        kernel_head=sec.number("kernel_head", SpectrumParams.kernel_head, lo=0, integer=True),
-        down_layer=_layer_choice(sec, "down_layer"),
-        energy_thresholds=tuple(sorted(set(thresholds))),
-        kernel_energy=sec.number(
-            "kernel_energy", SpectrumParams.kernel_energy, lo=0, hi=1, lo_open=True
-        ),
-        tag_reference=sec.choice("tag_reference", TAG_REFERENCES, SpectrumParams.tag_reference),
-        tag_low=sec.number("tag_low", default.tag_low, lo=0),
-        tag_high=sec.number("tag_high", default.tag_high, lo=0),
-        trend_tolerance=sec.number("trend_tolerance", SpectrumParams.trend_tolerance, lo=0),
-    )
+    by_hand = {
+        "modules": parse_modules(sec, "modules", "all"),
+        "kernel_layer": _layer_choice(sec, "kernel_layer"),
+        "down_layer": _layer_choice(sec, "down_layer"),
+        "energy_thresholds": tuple(sorted(set(thresholds))),
+    }
+    params = SpectrumParams(**read_keys(SpectrumParams, sec, **by_hand))
     if params.tag_low >= params.tag_high:
         raise sec.fail("tag_low", f"must be < tag_high ({params.tag_high}), got {params.tag_low}")
     sec.finish()
