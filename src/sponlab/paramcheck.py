@@ -123,6 +123,7 @@ class Check:
     hi: float | None = None
     lo_open: bool = False
     allowed: tuple[str, ...] = ()
+    pattern: re.Pattern[str] | None = None
 
     def read(self, sec: Section, name: str, default: Any) -> Any:
         if self.kind == "choice":
@@ -130,7 +131,7 @@ class Check:
         if self.kind == "flag":
             return sec.boolean(name, default)
         if self.kind == "string":
-            return sec.string(name, default)
+            return sec.string(name, default, self.pattern)
         integer = self.kind == "integer"
         return sec.number(name, default, self.lo, self.hi, integer=integer, lo_open=self.lo_open)
 
@@ -152,6 +153,11 @@ def integer(default: int, help: str, lo=None, hi=None) -> Any:
 def choice(default: str, allowed: Sequence[str], help: str) -> Any:
     """A key whose value is one of ``allowed``."""
     return _key(default, help, Check("choice", allowed=tuple(allowed)))
+
+
+def text(default: str, help: str, pattern: re.Pattern[str] | None = None) -> Any:
+    """A non-empty string key (matching ``pattern``, if given)."""
+    return _key(default, help, Check("string", pattern=pattern))
 
 
 def flag(default: bool, help: str) -> Any:

@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from sponlab.paramcheck import ConfigError, Section
+from sponlab.paramcheck import ConfigError, Section, choice, flag, read_keys, text
 
 
 @dataclass(frozen=True)
@@ -70,13 +70,13 @@ class BaseModelParams:
     """Where the base model comes from: a model embedded in PyPI wheels (the offline SmolLM2
     default, Gemma-3-270M), or a hub id / local path."""
 
-    source: str = "smollm2"
-    name: str = EMBEDDED["smollm2"].model_id
-    device: str = "auto"
-    dtype: str = "auto"
+    source: str = choice("smollm2", BASE_SOURCES, "an embedded model (offline) or hub")
+    name: str = EMBEDDED["smollm2"].model_id  # hub id or local path (_name: per source)
+    device: str = text("auto", "auto | cpu | mps | cuda[:n]", DEVICE_RE)
+    dtype: str = choice("auto", ("auto", *DTYPES), "the weights' dtype")
     revision: str | None = None  # hub: branch, tag or commit (resolved to a commit and recorded)
-    copy_weights: bool = False  # hub: save the weights into models/base instead of the hub cache
-    trust_remote_code: bool = False
+    copy_weights: bool = flag(False, "hub: save the weights into models/base, not the hub cache")
+    trust_remote_code: bool = flag(False, "hub: run the repository's model code")
     device_map: str | None = None  # None: the whole model on `device` | auto: accelerate
 
 
@@ -98,16 +98,9 @@ def _name(sec: Section) -> str:
 
 def parse_base(sec: Section) -> BaseModelParams:
     """``base:`` of params.yaml, every value checked (accelerate present for device_map)."""
-    base = BaseModelParams(
-        source=sec.choice("source", BASE_SOURCES, BaseModelParams.source),
-        name=_name(sec),
-        device=sec.string("device", BaseModelParams.device, pattern=DEVICE_RE),
-        dtype=sec.choice("dtype", ("auto", *DTYPES), BaseModelParams.dtype),
-        revision=sec.get("revision", None),
-        copy_weights=sec.boolean("copy_weights", BaseModelParams.copy_weights),
-        trust_remote_code=sec.boolean("trust_remote_code", BaseModelParams.trust_remote_code),
-        device_map=sec.get("device_map", None),
-    )
+    declared = read_keys(BaseModelParams, sec)  # source first: name is checked against it
+    base = BaseModelParams(**declared, name=_name(sec), revision=sec.get("revision", None),
+                           device_map=sec.get("device_map", None))  # fmt: skip
     sec.finish()
     if base.revision is not None and not isinstance(base.revision, str):
         raise sec.fail("revision", f"must be a branch, tag or commit hash, got {base.revision!r}")
