@@ -24,6 +24,7 @@ from sponlab.allocations import AllocationConfig
 from sponlab.config import ConfigError, Section
 from sponlab.method.spon import SponBiases
 from sponlab.model.sites import Site, SiteMap, sort_sites
+from sponlab.paramcheck import choice, integer, number, read_keys, text
 from sponlab.studies.interpret.directions import nanmean
 from sponlab.studies.transfer.params import (
     LearningCurveParams,
@@ -43,18 +44,18 @@ PHASES = ("early", "middle", "late")
 class LayerImportanceParams:
     """``interpret.layers``: leave-one-layer-out perplexity on validation blocks."""
 
-    config: str = "UNIF-ALL"
-    val_blocks: int = 4
-    batch_size: int = 4
-    cumulative: str = "measured"
-    targets: tuple[float, ...] = (0.8, 0.9, 0.95)
+    config: str = text("UNIF-ALL", "the trained config whose layers are left out one by one")
+    val_blocks: int = integer(4, "first validation blocks scored", lo=1)
+    batch_size: int = integer(4, "blocks per forward", lo=1)
+    cumulative: str = choice("measured", CUMULATIVE, "cumulative benefit: measured or estimated")
+    targets: tuple[float, ...] = (0.8, 0.9, 0.95)  # coverage fractions (_targets)
 
 
 @dataclass(frozen=True)
 class InterpretParams:
     """The ``interpret`` section of params.yaml."""
 
-    sparsity: float = 0.5
+    sparsity: float = 0.5  # in [0, 1): checked in parse_params
     configs: tuple[str, ...] = ("UNIF-ALL", "ATTN-ONLY")
     similarity: tuple[str, ...] = (
         "UNIF-ALL",
@@ -63,19 +64,19 @@ class InterpretParams:
         "BOTTOM-50",
         "ATTN-ONLY",
     )
-    blocks: int = 4
-    batch_size: int = 4
-    pca_components: int = 8
-    pca_tokens: int = 256
-    random_vectors: int = 100
-    seed: int = 0
-    near_zero: float = 1e-3
-    heatmap_dims: int = 64
-    prompts: str = "builtin"
+    blocks: int = integer(4, "first test blocks: activation scale, mean error, PCA", lo=1)
+    batch_size: int = integer(4, "blocks per forward", lo=1)
+    pca_components: int = integer(8, "principal components each bias is compared with", lo=0)
+    pca_tokens: int = integer(256, "tokens sampled per layer for the PCA", lo=2)
+    random_vectors: int = integer(100, "random directions of the chance level", lo=2)
+    seed: int = integer(0, "seed of the token samples and random directions", lo=0)
+    near_zero: float = number(1e-3, "|b| below this x the site's scale counts as zero", lo=0, hi=1)
+    heatmap_dims: int = integer(64, "bias coordinates drawn in the heatmaps", lo=1)
+    prompts: str = text("builtin", "builtin or a YAML file of prompt categories")
     categories: tuple[str, ...] | None = None  # None: every category of the prompt file
-    prompts_per_category: int = 20
-    prompt_batch: int = 8
-    max_prompt_tokens: int = 64
+    prompts_per_category: int = integer(20, "prompts scored per category", lo=1)
+    prompt_batch: int = integer(8, "prompts per forward", lo=1)
+    max_prompt_tokens: int = integer(64, "tokens per prompt", lo=2)
     layers: LayerImportanceParams = field(default_factory=LayerImportanceParams)
     transfer: TransferParams = field(default_factory=TransferParams)
     learning_curve: LearningCurveParams = field(default_factory=LearningCurveParams)
@@ -102,13 +103,7 @@ def _targets(sec: Section) -> tuple[float, ...]:
 
 
 def parse_layer_params(sec: Section) -> LayerImportanceParams:
-    params = LayerImportanceParams(
-        config=sec.string("config", LayerImportanceParams.config),
-        val_blocks=sec.number("val_blocks", LayerImportanceParams.val_blocks, lo=1, integer=True),
-        batch_size=sec.number("batch_size", LayerImportanceParams.batch_size, lo=1, integer=True),
-        cumulative=sec.choice("cumulative", CUMULATIVE, LayerImportanceParams.cumulative),
-        targets=_targets(sec),
-    )
+    params = LayerImportanceParams(**read_keys(LayerImportanceParams, sec, targets=_targets(sec)))
     sec.finish()
     return params
 
@@ -118,35 +113,16 @@ def parse_params(sec: Section) -> InterpretParams:
     sparsity = sec.number("sparsity", InterpretParams.sparsity, lo=0, hi=1)
     if sparsity >= 1:
         raise sec.fail("sparsity", f"must be in [0, 1), got {sparsity}")
-    params = InterpretParams(
-        sparsity=sparsity,
-        configs=_names(sec, "configs", InterpretParams.configs),
-        similarity=_names(sec, "similarity", InterpretParams.similarity),
-        blocks=sec.number("blocks", InterpretParams.blocks, lo=1, integer=True),
-        batch_size=sec.number("batch_size", InterpretParams.batch_size, lo=1, integer=True),
-        pca_components=sec.number(
-            "pca_components", InterpretParams.pca_components, lo=0, integer=True
-        ),
-        pca_tokens=sec.number("pca_tokens", InterpretParams.pca_tokens, lo=2, integer=True),
-        random_vectors=sec.number(
-            "random_vectors", InterpretParams.random_vectors, lo=2, integer=True
-        ),
-        seed=sec.number("seed", InterpretParams.seed, lo=0, integer=True),
-        near_zero=sec.number("near_zero", InterpretParams.near_zero, lo=0, hi=1),
-        heatmap_dims=sec.number("heatmap_dims", InterpretParams.heatmap_dims, lo=1, integer=True),
-        prompts=sec.string("prompts", InterpretParams.prompts),
-        categories=_names(sec, "categories", "all", allow_all=True),
-        prompts_per_category=sec.number(
-            "prompts_per_category", InterpretParams.prompts_per_category, lo=1, integer=True
-        ),
-        prompt_batch=sec.number("prompt_batch", InterpretParams.prompt_batch, lo=1, integer=True),
-        max_prompt_tokens=sec.number(
-            "max_prompt_tokens", InterpretParams.max_prompt_tokens, lo=2, integer=True
-        ),
-        layers=parse_layer_params(sec.section("layers")),
-        transfer=parse_transfer(sec.section("transfer")),
-        learning_curve=parse_learning_curve(sec.section("learning_curve")),
-    )
+    by_hand = {
+        "sparsity": sparsity,
+        "configs": _names(sec, "configs", InterpretParams.configs),
+        "similarity": _names(sec, "similarity", InterpretParams.similarity),
+        "categories": _names(sec, "categories", "all", allow_all=True),
+        "layers": parse_layer_params(sec.section("layers")),
+        "transfer": parse_transfer(sec.section("transfer")),
+        "learning_curve": parse_learning_curve(sec.section("learning_curve")),
+    }
+    params = InterpretParams(**read_keys(InterpretParams, sec, **by_hand))
     sec.finish()
     if len(params.similarity) < 2:
         raise sec.fail(
