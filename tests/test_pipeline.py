@@ -221,4 +221,11 @@ def check_learning_curve(repo: Path) -> None:
     assert "(default)" in (repo / "metrics/learning_curve/curve.md").read_text()
     assert (repo / "plots/learning_curve/curve.png").stat().st_size > 1000
     metrics = json.loads((repo / "metrics/learning_curve.json").read_text())
-    assert set(metrics["UNIF-ALL"]) == {"b2", "b4", "slope_at_default", "data_limited"}
+    assert set(metrics["UNIF-ALL"]) == {
+        "b2",
+        "b4",
+        "default_blocks",
+        "slope_at_default",
+        "data_limited",
+    }
+    assert metrics["UNIF-ALL"]["default_blocks"] == 4
