@@ -14,9 +14,8 @@ from sponlab.io.provenance import write_metrics
 from sponlab.io.tensorio import read_json, write_text
 from sponlab.stages.common import PARAMS_OPTION, read_params
 from sponlab.studies.interpret.params import InterpretParams
+from sponlab.sweep.budget import budget_line, curve_line
 from sponlab.sweep.findings import (
-    budget_line,
-    curve_line,
     false_positive_line,
     findings_json,
     findings_markdown,

@@ -3,8 +3,8 @@
 import pandas as pd
 import pytest
 
+from sponlab.sweep.budget import budget_line, curve_line
 from sponlab.sweep.findings import (
-    budget_line,
     claim_a,
     claim_b,
     claim_c,
@@ -236,11 +236,12 @@ def test_budget_line_flags_limited_cells():
 
 
 def test_curve_line_reads_the_learning_curves_verdict():
-    from sponlab.sweep.findings import curve_line
 
     slope = {"slope": 0.062, "se": 0.011, "df": 2.0}
     curve = {"UNIF-ALL": {"slope_at_default": {"test_recovered": slope}, "data_limited": "supported"},
              "env": {"torch": "2.13"}}  # fmt: skip
+    assert "records no default budget" in curve_line(curve, 128, 0.5)
+    curve["UNIF-ALL"]["default_blocks"] = 128
     line = curve_line(curve, 128, 0.5)
     assert "at the default 128 training blocks" in line and "s=0.5" in line
     assert (
@@ -248,7 +249,5 @@ def test_curve_line_reads_the_learning_curves_verdict():
         in line
     )
     assert "not run" in curve_line(None, 128, 0.5)
-    curve["UNIF-ALL"]["default_blocks"] = 128
-    assert curve_line(curve, 128, 0.5) == line
     stale = curve_line(curve, 256, 0.5)  # the default budget moved after the curve ran
     assert "default of 128" in stale and "trains 256" in stale and "+6.2" not in stale

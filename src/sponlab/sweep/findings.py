@@ -19,7 +19,6 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
-from typing import Any
 
 import pandas as pd
 
@@ -37,7 +36,6 @@ from sponlab.stats import (
 )
 from sponlab.sweep.summary import block_se, dr_test, seed_values
 
-STUDY_BUDGET = "2,048 blocks x 128 tokens = 262,144 tokens, 10 epochs"
 STUDY_GAP = (0.54, 0.57)  # claim (a): o_proj minus down_proj damage recovered
 MAGNITUDE_TOLERANCE = 0.10  # (a) magnitude supported when the interval lies within +-10 points
 STUDY_COSINE = 0.943  # claim (d)
@@ -320,52 +318,6 @@ def _not_worse(part: pd.DataFrame, config: str, sparsity: float, domain: str) ->
     ours = f"{_pm(values)} of TEAL's damage recovered"
     return Finding(f"transfer@{domain}", statement, sparsity, "-", ours, outcome(test),
                    describe_test(test), evidence)  # fmt: skip
-
-
-def budget_line(frame: pd.DataFrame) -> str:
-    """The training budget of the run's trained cells beside the study's."""
-    trained = frame[frame["training_tokens"] > 0] if "training_tokens" in frame else frame[:0]
-    if trained.empty:
-        return f"Training budget: no trained cell (study: {STUDY_BUDGET})."
-    tokens, steps = int(trained["training_tokens"].max()), int(trained["steps"].max())
-    limited = trained[trained["budget"] != "converged"]
-    flags = ", ".join(f"{r.config} s={r.sparsity:g} ({r.budget})" for r in limited.itertuples())
-    return (
-        f"Training budget per seed: {tokens:,} distinct tokens, {steps} steps (study: "
-        f"{STUDY_BUDGET}). Budget-limited cells: {flags or 'none'}."
-    )
-
-
-CURVE_READING = {SUPPORTED: "data-limited", CONTRADICTED: "saturated", INCONCLUSIVE: "inconclusive"}
-
-
-def curve_line(curve: Mapping[str, Any] | None, blocks: int, sparsity: float) -> str:
-    """Is the default's recovery limited by its training data? The learning curve's per-seed slope
-    at the default size, tested one-sided against zero (metrics/learning_curve.json); a curve
-    whose default was another ``train.blocks`` says so instead of lending its slope to this one."""
-    if not curve:
-        return "Learning curve: not run (README *Other sweeps*); data limitation untested."
-    ran_at = {c.get("default_blocks", blocks) for k, c in curve.items() if k != "env"}
-    if ran_at != {blocks}:
-        return (
-            f"Learning curve: measured with a default of {', '.join(map(str, sorted(ran_at)))} "
-            f"training blocks per seed, this run trains {blocks}; re-run the learning-curve stage "
-            "(README *Other sweeps*) to test the slope at this budget."
-        )
-    parts = []
-    for config, cell in curve.items():
-        slope = cell.get("slope_at_default", {}).get("test_recovered") if config != "env" else None
-        if not slope:
-            continue
-        verdict = cell.get("data_limited")
-        parts.append(
-            f"{config} {100 * slope['slope']:+.1f} ± {100 * slope['se']:.1f} points per doubling "
-            f"(t({slope['df']:.0f}), more data helps: {verdict}; {CURVE_READING.get(verdict, verdict)})"
-        )
-    return (
-        f"Learning curve (s={sparsity:g}, test text) at the default {blocks} training blocks per "
-        f"seed: {'; '.join(parts) or 'no slope at this size'}."
-    )
 
 
 def false_positive_line(findings: Sequence[Finding]) -> str:
