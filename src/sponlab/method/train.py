@@ -199,20 +199,6 @@ def validation_kls(
     return torch.cat(out)
 
 
-def validation_kl(
-    model: nn.Module,
-    site_map: SiteMap,
-    spec: SparsifySpec | None,
-    biases: SponBiases | None,
-    teacher: TeacherCache,
-    batch_size: int,
-    device: torch.device,
-) -> float:
-    """Mean KL(dense || sparse[+biases]) over the blocks of ``teacher.blocks`` (equal lengths)."""
-    kls = validation_kls(model, site_map, spec, biases, teacher, batch_size, device)
-    return float(kls.double().mean())
-
-
 def cache_plan(
     settings: TrainParams, train_blocks: int, val_blocks: int, block_len: int, vocab: int
 ) -> tuple[bool, bool]:
