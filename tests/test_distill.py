@@ -108,3 +108,27 @@ def test_biases_and_bounded_kl_follow_each_layers_device():
         loss = chunked_kl(model, ids, target, chunk=4)
     assert logits.device.type == loss.device.type == "meta"
     assert biases.vector(Site(1, "down_proj")).device.type == "cpu"  # never moved in place
+
+
+def test_every_per_token_kl_is_the_one_kl_bit_for_bit():
+    """evaluate's detail KL (chunked rows) and the prompt-category KL go through kl_per_token:
+    the same bits as the textbook KL(p || q) = sum p (log p - log q) written out directly."""
+    import torch.nn.functional as F
+
+    from sponlab.method.evaluate import KL_CHUNK_TOKENS, hidden_shift, row_kl
+
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(KL_CHUNK_TOKENS + 7, 33, generator=gen)  # two chunks
+    ref = torch.log_softmax(torch.randn(KL_CHUNK_TOKENS + 7, 33, generator=gen), dim=-1)
+    direct = F.kl_div(F.log_softmax(logits, -1), ref, log_target=True, reduction="none").sum(-1)
+    assert torch.equal(row_kl(logits, ref), direct)
+    textbook = (ref.exp() * (ref - F.log_softmax(logits.double(), -1).float())).sum(-1)
+    assert torch.allclose(direct, textbook, atol=1e-5)
+    hidden, ref_hidden = (
+        torch.randn(2, 3, 5, 4, generator=gen),
+        torch.randn(2, 3, 5, 4, generator=gen),
+    )
+    l2, rel = hidden_shift(hidden, ref_hidden)
+    assert l2.shape == rel.shape == (2, 3, 5)
+    assert torch.allclose(rel * ref_hidden.norm(dim=-1), l2)
+    assert torch.allclose(l2[1, 2, 3], (hidden[1, 2, 3] - ref_hidden[1, 2, 3]).norm())

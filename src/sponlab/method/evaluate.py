@@ -18,6 +18,7 @@ from torch import nn
 
 from sponlab.io.data import device_batches
 from sponlab.io.tensorio import check_made_for, input_error, load_tensors, read_json
+from sponlab.method.distill import TeacherTarget, kl_per_token
 from sponlab.method.sparsify import SparsifySpec, SparsityStats, sparsified
 from sponlab.method.spon import SponBiases, maybe_attached
 from sponlab.model.sites import SiteMap
@@ -124,10 +125,17 @@ def row_kl(logits: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
     parts = []
     for start in range(0, len(logits), KL_CHUNK_TOKENS):
         part = slice(start, start + KL_CHUNK_TOKENS)
-        logp = F.log_softmax(logits[part].float(), dim=-1)
-        ref = ref_logp[part].float()
-        parts.append(F.kl_div(logp, ref, log_target=True, reduction="none").sum(-1))
+        parts.append(kl_per_token(TeacherTarget(ref_logp[part]), logits[part]))
     return torch.cat(parts)
+
+
+def hidden_shift(
+    hidden: torch.Tensor, ref_hidden: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Shift of hidden states from the dense model's, per layer and token: ``||h - h_ref||`` and
+    ``||h - h_ref|| / ||h_ref||``, each ``[..., L+1, T]`` from ``[..., L+1, T, D]`` stacks."""
+    diff = (hidden - ref_hidden).norm(dim=-1)
+    return diff, diff / ref_hidden.norm(dim=-1).clamp_min(1e-12)
 
 
 def evaluate_variant(
@@ -180,8 +188,7 @@ def evaluate_variant(
             kl_tokens += kl_tok.numel()
             hidden = hidden_stack(out.hidden_states)[:n]  # [n, L+1, T, D]
             ref_hidden = reference.hidden[start:stop].to(device)
-            diff = (hidden - ref_hidden).norm(dim=-1)  # [n, L+1, T]
-            rel = diff / ref_hidden.norm(dim=-1).clamp_min(1e-12)
+            diff, rel = hidden_shift(hidden, ref_hidden)  # [n, L+1, T] each
             l2 = diff.sum(dim=(0, 2)).cpu()
             rl = rel.sum(dim=(0, 2)).cpu()
             l2_sum = l2 if l2_sum is None else l2_sum + l2

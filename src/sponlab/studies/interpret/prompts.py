@@ -25,7 +25,8 @@ from transformers import PreTrainedTokenizerBase
 
 from sponlab.config import ConfigError
 from sponlab.io.batches import TokenBatch, ensure_pad_token, pad_batches
-from sponlab.method.evaluate import hidden_stack
+from sponlab.method.distill import TeacherTarget, kl_per_token
+from sponlab.method.evaluate import hidden_shift, hidden_stack
 from sponlab.method.sparsify import SparsifySpec, sparsified
 from sponlab.method.spon import SponBiases, maybe_attached
 from sponlab.model.sites import SiteMap
@@ -133,10 +134,8 @@ def masked_comparison(
     Returns (kl_sum, l2_sum [L+1], rel_sum [L+1]).
     """
     keep = mask.bool()  # [B, T]
-    logp = F.log_softmax(logits.float(), dim=-1)
-    kl_tok = F.kl_div(logp, ref_logp, log_target=True, reduction="none").sum(-1)  # [B, T]
-    diff = (hidden - ref_hidden).norm(dim=-1)  # [B, L+1, T]
-    rel = diff / ref_hidden.norm(dim=-1).clamp_min(1e-12)
+    kl_tok = kl_per_token(TeacherTarget(ref_logp), logits)  # [B, T]
+    diff, rel = hidden_shift(hidden, ref_hidden)  # [B, L+1, T] each
     weight = keep[:, None, :].to(diff.dtype)  # [B, 1, T]
     return (
         float(kl_tok[keep].sum()),
