@@ -95,7 +95,7 @@ def stage_terms(m: Shapes, w: Workload) -> dict[str, dict[str, dict[str, float]]
         + w.train_batch * t * per_token
     )
     samples = w.calib * t * m.intermediate * 4 * (3 if w.exact_quantile else 0)  # |x|, cat, sort
-    # sponlab.method.train.cache_plan: validation targets first, then the training set, within
+    # sponlab.method.teachers.cache_plan: validation targets first, then the training set, within
     # the cap; what does not fit is recomputed when needed
     budget, val_bytes, train_bytes = (
         w.teacher_cache_gib * 2**30,

@@ -46,11 +46,10 @@ from benchlib import (
 )
 from torch import nn
 
-from sponlab.method.distill import dense_logprobs
+from sponlab.method.distill import dense_logprobs, kl_to_teacher
 from sponlab.method.precision import Bf16Student
 from sponlab.method.sparsify import SparsifySpec, calibrate_thresholds, sparsified
 from sponlab.method.spon import SponBiases
-from sponlab.method.train import kl_to_teacher
 from sponlab.model.sites import PROJECTIONS, SiteMap, discover_sites
 
 TARGET = 1.6

@@ -24,10 +24,9 @@ from sponlab.io.data import BlockSpec, wants_bos
 from sponlab.io.layout import CURVE_VARIANTS, cell_path, curve_variant_path, seed_path
 from sponlab.io.provenance import write_metrics
 from sponlab.io.tensorio import read_json, write_rows, write_table, write_text
-from sponlab.method.distill import output_vocab
 from sponlab.method.experiment import bias_sites, cell_spec
 from sponlab.method.spon import load_biases
-from sponlab.method.train import TeacherCache, cache_plan
+from sponlab.method.teachers import validation_targets
 from sponlab.stages.common import (
     MODEL_OPTION,
     PARAMS_OPTION,
@@ -83,16 +82,13 @@ def main(
             f"has {len(pool)}"
         )
     val = load_blocks(data / "val.safetensors")
-    vocab = output_vocab(loaded.model)
-    keep_val = cache_plan(p.train, 0, len(val), val.shape[1], vocab)[1]
-    val_targets = TeacherCache(loaded.model, val, keep_val, p.train.teacher_topk, p.train.kl_chunk)
+    val_targets = validation_targets(loaded.model, val, p.train)
     rows, cells, labels = [], [], {}
     for config in lc.configs:
         alloc = p.config(config)
         spec = cell_spec(p, alloc, lc.sparsity, site_map, thresholds, loaded.fingerprint)
         sites = bias_sites(alloc, site_map)
         for size in lc.sizes:
-            keep = cache_plan(p.train, size, len(val), pool.shape[1], vocab)[0]
             seeds = {}
             for seed in lc.seeds:
                 settings = replace(p.train, seed=seed, blocks=size, loss=alloc.loss)
@@ -104,7 +100,7 @@ def main(
                     recipe = variant_recipe(settings, spec, sites, alloc.parametrization, pool, val)
                     biases, info = _retrained(
                         folder, recipe, lc.sparsity, loaded, site_map, spec, sites, pool,
-                        val_targets, settings, keep, alloc.parametrization,
+                        val_targets, settings, alloc.parametrization,
                     )  # fmt: skip
                 seeds[seed] = biases
                 rows.append(curve_row(config, size, pool.shape[1], seed, info, reused is not None))
@@ -122,7 +118,7 @@ def main(
 
 
 def _retrained(folder, recipe, sparsity, loaded, site_map, spec, sites, pool, val_targets,
-               settings, keep, parametrization):  # fmt: skip
+               settings, parametrization):  # fmt: skip
     """A variant trained from zeros, or the one an earlier (interrupted) run saved under the same
     recipe in ``folder``."""
     saved = load_variant(folder, recipe, sparsity, loaded.fingerprint)
@@ -131,7 +127,7 @@ def _retrained(folder, recipe, sparsity, loaded, site_map, spec, sites, pool, va
         return saved
     with timed(f"training {folder}"):
         biases, info = train_variant(loaded.model, site_map, spec, sites, pool, val_targets,
-                                     settings, keep, parametrization)  # fmt: skip
+                                     settings, parametrization)  # fmt: skip
     save_variant(folder, biases, info, recipe,
                  {"sparsity": sparsity, "model_fingerprint": loaded.fingerprint})  # fmt: skip
     return biases, info

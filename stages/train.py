@@ -17,11 +17,11 @@ import typer
 from sponlab.io.layout import cell_path, seed_path, threshold_path
 from sponlab.io.tensorio import load_tensors, write_json, write_rows
 from sponlab.method.closed_form import closed_form_biases
-from sponlab.method.distill import output_vocab
 from sponlab.method.experiment import bias_sites, cell_spec
 from sponlab.method.ranked import ranked_layers, read_ranking
 from sponlab.method.spon import SponBiases, save_biases
-from sponlab.method.train import Teachers, TrainResult, cache_plan, train_spon
+from sponlab.method.teachers import teachers_for, validation_targets
+from sponlab.method.train import TrainResult, train_spon
 from sponlab.model.sites import LayerSelection
 from sponlab.stages.common import (
     MODEL_OPTION,
@@ -94,31 +94,22 @@ def train_seeds(cfg, alloc, sparsity, model, data, thresholds, out, meta) -> Non
     sites = bias_sites(alloc, site_map)
     spec = cell_spec(cfg, alloc, sparsity, site_map, thresholds, loaded.fingerprint)
     start = initial_biases(cfg, alloc, loaded.model, site_map, spec, sites, data, sparsity)
-    teachers = None
+    val = None  # the validation blocks' dense targets, shared by the seeds
     if sites and alloc.bias == "trained":
-        pool, val = load_blocks(data / "train.safetensors"), load_blocks(data / "val.safetensors")
-        drawn = cfg.train.blocks or len(pool)  # each seed's training set
-        keep = cache_plan(cfg.train, drawn, len(val), pool.shape[1], output_vocab(loaded.model))
-        teachers = Teachers.for_blocks(loaded.model, pool, val, keep[0], cfg.train.teacher_topk,
-                                       cfg.train.kl_chunk, keep[1])  # fmt: skip
+        pool = load_blocks(data / "train.safetensors")
+        val = validation_targets(loaded.model, load_blocks(data / "val.safetensors"), cfg.train)
     for seed in alloc.seeds:
         biases = SponBiases.for_model(loaded.model, site_map, sites, alloc.parametrization)
         biases.load_state(start.state())
         result = TrainResult()
-        if teachers is not None:
-            teachers = teachers.fresh_train()  # each seed draws its own blocks: host memory
-            # holds one seed's training targets, the validation targets are shared
+        if val is not None:
+            settings = replace(cfg.train, seed=seed, loss=alloc.loss)
+            # each seed draws its own blocks: host memory holds one seed's training targets
+            teachers = teachers_for(loaded.model, pool, settings.blocks or len(pool), val, settings)
             what = f"train {alloc.name} at s={sparsity}, seed {seed}: {len(sites)} sites"
             with timed(f"{what}, {biases.num_parameters()} params"):
                 result = train_spon(
-                    loaded.model,
-                    site_map,
-                    spec,
-                    biases,
-                    teachers.train.blocks,
-                    teachers.val.blocks,
-                    replace(cfg.train, seed=seed, loss=alloc.loss),
-                    teachers,
+                    loaded.model, site_map, spec, biases, pool, val.blocks, settings, teachers
                 )
         write_seed(seed_path(out, seed), {**meta, "seed": seed}, biases, result, len(sites))
 

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from sponlab.method.closed_form import closed_form_biases
-from sponlab.method.sparsify import SparsifySpec, calibrate_thresholds, capture_inputs, sparsified
+from sponlab.method.sparsify import SparsifySpec, calibrate_thresholds, sparsified
+from sponlab.model.hooks import capture_inputs
 
 
 def spec_for(model, site_map, blocks, sparsity, modules=None):

@@ -14,10 +14,11 @@ from sponlab.method.convergence import (
     paired_gain,
     replaces,
 )
+from sponlab.method.distill import kl_to_teacher
 from sponlab.method.precision import Bf16Student, uses_autocast
 from sponlab.method.sparsify import SparsifySpec, calibrate_thresholds, sparsified
 from sponlab.method.spon import SponBiases
-from sponlab.method.train import draw_blocks, kl_to_teacher
+from sponlab.method.train import draw_blocks
 
 
 def test_mean_se_matches_the_textbook_formula():

@@ -45,8 +45,8 @@ def test_padding_mask_follows_the_activations_device():
 
 def test_kl_targets_follow_the_logits_device():
     # cached targets live on the embedding's device; the LM head may be on the last GPU
-    from sponlab.method.distill import TeacherTarget, kl_per_token, top_k_target
-    from sponlab.method.train import centred_logit_l2, kl_to_teacher, next_token_ce
+    from sponlab.method.distill import TeacherTarget, kl_per_token, kl_to_teacher, top_k_target
+    from sponlab.method.train import centred_logit_l2, next_token_ce
 
     logp = torch.log_softmax(torch.randn(2, 3, 11), -1)  # host
     logits = torch.zeros(2, 3, 11, device="meta")  # "another GPU"

@@ -9,10 +9,17 @@ import torch
 import torch.nn.functional as F
 
 from sponlab.config import ConfigError, TrainParams, parse_params
-from sponlab.method.distill import chunked_kl, dense_target, kl_per_token, top_k_target
+from sponlab.method.distill import (
+    chunked_kl,
+    dense_target,
+    kl_per_token,
+    kl_to_teacher,
+    top_k_target,
+)
 from sponlab.method.sparsify import SparsifySpec, sparsified
 from sponlab.method.spon import SponBiases
-from sponlab.method.train import Teachers, kl_to_teacher, train_spon
+from sponlab.method.teachers import TeacherCache, Teachers
+from sponlab.method.train import train_spon
 from sponlab.model.sites import Site, discover_sites
 from sponlab.model.tiny import tiny_model
 
@@ -71,7 +78,8 @@ def test_bounded_training_equals_full_training_when_k_is_the_vocabulary(llama, b
         biases = SponBiases.for_model(model, site_map, site_map.select(range(4), ["down_proj"]))
         settings = replace(TrainParams(), epochs=2, batch_size=2, lr=0.01, teacher_topk=topk,
                            kl_chunk=chunk)  # fmt: skip
-        teachers = Teachers.for_blocks(model, blocks, blocks[:2], True, topk=topk, chunk=chunk)
+        teachers = Teachers(TeacherCache(model, blocks, True, topk, chunk),
+                            TeacherCache(model, blocks[:2], True, topk, chunk))  # fmt: skip
         result = train_spon(model, site_map, spec, biases, blocks, blocks[:2], settings, teachers)
         trained[topk] = (biases.state(), result)
         cached = next(iter(teachers.train.cache.values()))

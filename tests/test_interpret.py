@@ -13,8 +13,9 @@ from sklearn.decomposition import PCA
 
 from sponlab.allocations import AllocationConfig
 from sponlab.config import ConfigError, Section
-from sponlab.method.sparsify import SparsifySpec, calibrate_thresholds, capture_inputs, sparsified
+from sponlab.method.sparsify import SparsifySpec, calibrate_thresholds, sparsified
 from sponlab.method.spon import SponBiases
+from sponlab.model.hooks import capture_inputs
 from sponlab.model.sites import LayerSelection, Site
 from sponlab.model.tiny import tiny_tokenizer
 from sponlab.studies.interpret import directions as dr

@@ -2,9 +2,11 @@ import pytest
 import torch
 
 from sponlab.config import TrainParams
+from sponlab.method.distill import kl_to_teacher
 from sponlab.method.sparsify import SparsifySpec, calibrate_thresholds
 from sponlab.method.spon import SponBiases, fold_into_model, load_biases, save_biases
-from sponlab.method.train import TrainingDivergedError, kl_to_teacher, train_spon
+from sponlab.method.teachers import TeacherCache, Teachers
+from sponlab.method.train import TrainingDivergedError, train_spon
 from sponlab.model.sites import Site, discover_sites
 from sponlab.model.tiny import tiny_model
 
@@ -125,7 +127,7 @@ def test_kl_is_zero_for_identical_distributions_and_positive_otherwise():
 
 
 def test_training_keeps_the_best_validation_epoch(llama):
-    from sponlab.method.train import Teachers, validation_kls
+    from sponlab.method.train import validation_kls
 
     model, site_map = llama
     train, spec = teal_setup(model, site_map, 0.6, seed=5)
@@ -140,7 +142,7 @@ def test_training_keeps_the_best_validation_epoch(llama):
     # the last epoch stays within that error, so epoch 1's biases come back
     train, spec = teal_setup(model, site_map, 0.7, seed=3)
     biases = SponBiases.for_model(model, site_map, site_map.sites)
-    teachers = Teachers.for_blocks(model, train, train, keep=True)
+    teachers = Teachers(TeacherCache(model, train, True), TeacherCache(model, train, True))
     result = train_spon(
         model, site_map, spec, biases, train, train, settings(lr=1e-3, epochs=4), teachers
     )
@@ -152,11 +154,10 @@ def test_training_keeps_the_best_validation_epoch(llama):
 
 
 def test_shared_teachers_give_the_same_training(llama):
-    from sponlab.method.train import Teachers
 
     model, site_map = llama
     train, spec = teal_setup(model, site_map, 0.5, seed=6)
-    teachers = Teachers.for_blocks(model, train, train[:4], keep=True)
+    teachers = Teachers(TeacherCache(model, train, True), TeacherCache(model, train[:4], True))
     runs = []
     for shared in (None, teachers, teachers):  # the second shared run reuses the cached targets
         biases = SponBiases.for_model(model, site_map, site_map.select([0, 3], ["o_proj"]))
@@ -170,7 +171,7 @@ def test_teacher_cache_is_bounded_by_its_budget_and_changes_no_value(llama):
     """The kept training targets never exceed train.teacher_cache_gib: at a budget below their
     size they are recomputed each epoch, with the same biases to the bit."""
     from sponlab.method.distill import output_vocab, target_bytes
-    from sponlab.method.train import cache_plan
+    from sponlab.method.teachers import cache_plan
 
     model, site_map = llama
     train, spec = teal_setup(model, site_map, 0.5, seed=4)

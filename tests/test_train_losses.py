@@ -10,14 +10,20 @@ import torch
 from test_spon import settings, teal_setup
 
 from sponlab.config import TrainParams
+from sponlab.method.distill import TeacherTarget, kl_to_teacher
 from sponlab.method.spon import SponBiases
-from sponlab.method.train import (
-    centred_logit_l2,
-    kl_to_teacher,
-    next_token_ce,
-    train_spon,
-    training_loss,
-)
+from sponlab.method.train import centred_logit_l2, next_token_ce, train_spon, training_loss
+
+
+class FixedLogits(torch.nn.Module):
+    """A stand-in student whose forward returns the given logits whatever the ids."""
+
+    def __init__(self, logits: torch.Tensor) -> None:
+        super().__init__()
+        self.logits = logits
+
+    def forward(self, ids: torch.Tensor):
+        return type("Output", (), {"logits": self.logits})()
 
 
 def test_next_token_ce_equals_the_mean_negative_log_prob_of_the_next_token():
@@ -45,16 +51,17 @@ def test_kl_plus_logit_l2_adds_its_weighted_term_and_ce_needs_no_teacher():
     teacher_logp = torch.log_softmax(torch.randn(1, 3, 5), -1)
     ids = torch.tensor([[0, 1, 2]])
     kl = kl_to_teacher(teacher_logp, student)
+    model, target = FixedLogits(student), TeacherTarget(teacher_logp)
     mixed = training_loss(replace(TrainParams(), loss="kl+logit_l2", logit_l2=0.5),
-                          teacher_logp, student, ids)  # fmt: skip
+                          target, model, ids)  # fmt: skip
     assert mixed.item() == pytest.approx(
         (kl + 0.5 * centred_logit_l2(teacher_logp, student)).item(), rel=1e-6
     )
-    assert torch.equal(training_loss(TrainParams(loss="kl"), teacher_logp, student, ids), kl)
-    ce = training_loss(TrainParams(loss="ce"), None, student, ids)
+    assert torch.equal(training_loss(TrainParams(loss="kl"), target, model, ids), kl)
+    ce = training_loss(TrainParams(loss="ce"), None, model, ids)
     assert ce.item() == pytest.approx(next_token_ce(student, ids).item())
     with pytest.raises(ValueError, match="needs the dense teacher"):
-        training_loss(TrainParams(loss="kl"), None, student, ids)
+        training_loss(TrainParams(loss="kl"), None, model, ids)
 
 
 @pytest.mark.parametrize("loss", ["ce", "kl+logit_l2"])

@@ -30,11 +30,10 @@ from sponlab.io.data import device_batches
 from sponlab.method.sparsify import (
     MagnitudeSample,
     SparsifySpec,
-    capture_inputs,
     group_representatives,
     sparsified,
 )
-from sponlab.model.hooks import installed
+from sponlab.model.hooks import capture_inputs, installed
 from sponlab.model.sites import Site, SiteMap, sort_sites
 
 

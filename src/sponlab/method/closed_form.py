@@ -18,8 +18,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from sponlab.method.calibration import decoder_layers, record_layer_calls, run_layer
-from sponlab.method.sparsify import SparsifySpec, capture_inputs, sparsified
+from sponlab.method.sparsify import SparsifySpec, sparsified
 from sponlab.method.spon import SponBiases
+from sponlab.model.hooks import capture_inputs
 from sponlab.model.sites import Site, SiteMap, sort_sites
 
 

@@ -151,3 +151,33 @@ def chunked_kl(
         for part in chunks(len(hidden), chunk)
     )
     return total / len(hidden)
+
+
+def kl_to_teacher(teacher_logp: torch.Tensor, student_logits: torch.Tensor) -> torch.Tensor:
+    """Mean over tokens of KL(p_teacher || p_student), computed in fp32.
+
+    teacher_logp: [B, T, V] log-probabilities; student_logits: [B, T, V] raw logits.
+    """
+    return kl_per_token(TeacherTarget(teacher_logp), student_logits).mean()
+
+
+def student_kl(
+    model: nn.Module, ids: torch.Tensor, target: TeacherTarget, chunk: int
+) -> torch.Tensor:
+    """Mean KL(teacher || student) on ``ids`` [B, T] (hooks active): one forward and full
+    log-probs, or the memory-bounded path when the target is top-k or ``chunk`` is set."""
+    if target.is_full and chunk == 0:
+        return kl_to_teacher(target.logp, model(ids).logits)
+    return chunked_kl(model, ids, target, chunk)
+
+
+def block_kls(
+    model: nn.Module, ids: torch.Tensor, target: TeacherTarget, chunk: int
+) -> torch.Tensor:
+    """Per-block mean KL(teacher || student) ``[B]`` on ``ids`` [B, T] (no grad, hooks active)."""
+    if target.is_full and chunk == 0:
+        return kl_per_token(target, model(ids).logits).mean(-1)  # [B]
+    return torch.stack(
+        [student_kl(model, ids[b : b + 1], target.map(lambda t, b=b: t[b : b + 1]), chunk)
+         for b in range(len(ids))]
+    )  # fmt: skip

@@ -30,11 +30,11 @@ from tqdm.auto import tqdm
 from sponlab.method.calibration import LayerCall, decoder_layers, record_layer_calls, run_layer
 from sponlab.method.sparsify import (
     SparsifySpec,
-    capture_inputs,
     group_representatives,
     quantile_threshold,
     sparsified,
 )
+from sponlab.model.hooks import capture_inputs
 from sponlab.model.sites import Site, SiteMap, sort_sites
 
 log = logging.getLogger(__name__)

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from sponlab.io.data import device_batches
 from sponlab.io.tensorio import check_made_for, input_error, load_tensors
-from sponlab.model.hooks import installed
+from sponlab.model.hooks import capture_inputs, installed
 from sponlab.model.sites import Site, SiteMap, file_sites, sort_sites
 
 log = logging.getLogger(__name__)
@@ -135,20 +135,6 @@ def sparsified(
 
 
 # ---------------------------------------------------------------- calibration
-
-
-@contextmanager
-def capture_inputs(
-    model: nn.Module, site_map: SiteMap, sites: Sequence[Site], sink
-) -> Iterator[None]:
-    """Call ``sink(site, x)`` with the input ``[B, T, D]`` of every site on each forward."""
-    with installed(
-        site_map.linear(model, site).register_forward_pre_hook(
-            lambda _m, args, site=site: sink(site, args[0])
-        )
-        for site in site_map.require(sites)
-    ):
-        yield
 
 
 def group_representatives(sites: Iterable[Site]) -> dict[Site, list[Site]]:

@@ -24,17 +24,11 @@ from tqdm.auto import tqdm
 
 from sponlab.config import TrainParams
 from sponlab.method.convergence import diagnostics, fraction_at_bound, mean_se, replaces
-from sponlab.method.distill import (
-    TeacherTarget,
-    chunked_kl,
-    dense_target,
-    kl_per_token,
-    output_vocab,
-    target_bytes,
-)
+from sponlab.method.distill import TeacherTarget, block_kls, kl_to_teacher, student_kl
 from sponlab.method.precision import Bf16Student, uses_autocast
 from sponlab.method.sparsify import SparsifySpec, sparsified
 from sponlab.method.spon import SponBiases, maybe_attached
+from sponlab.method.teachers import TeacherCache, Teachers, teachers_for, validation_targets
 from sponlab.model.loading import freeze
 from sponlab.model.sites import SiteMap
 
@@ -43,14 +37,6 @@ log = logging.getLogger(__name__)
 
 class TrainingDivergedError(RuntimeError):
     """The loss became NaN or infinite."""
-
-
-def kl_to_teacher(teacher_logp: torch.Tensor, student_logits: torch.Tensor) -> torch.Tensor:
-    """Mean over tokens of KL(p_teacher || p_student), computed in fp32.
-
-    teacher_logp: [B, T, V] log-probabilities; student_logits: [B, T, V] raw logits.
-    """
-    return kl_per_token(TeacherTarget(teacher_logp), student_logits).mean()
 
 
 def next_token_ce(student_logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
@@ -72,21 +58,21 @@ def centred_logit_l2(teacher_logp: torch.Tensor, student_logits: torch.Tensor) -
 
 
 def training_loss(
-    settings: TrainParams,
-    teacher_logp: torch.Tensor | None,
-    student_logits: torch.Tensor,
-    ids: torch.Tensor,
+    settings: TrainParams, target: TeacherTarget | None, model: nn.Module, ids: torch.Tensor
 ) -> torch.Tensor:
-    """The objective ``settings.loss`` of one batch (``teacher_logp`` unused by ``ce``)."""
+    """The objective ``settings.loss`` of the student ``model`` (hooks active) on ``ids`` [B, T]:
+    ``kl`` to the dense ``target`` (memory-bounded when it is top-k or ``train.kl_chunk`` is set),
+    ``ce`` on the text (``target`` unused) or ``kl+logit_l2``."""
     if settings.loss == "ce":
-        return next_token_ce(student_logits, ids)
-    if teacher_logp is None:
-        raise ValueError(f"loss {settings.loss!r} needs the dense teacher's log-probs")
-    kl = kl_to_teacher(teacher_logp, student_logits)
-    if settings.loss == "kl":
-        return kl
+        return next_token_ce(model(ids).logits, ids)
+    if target is None:
+        raise ValueError(f"loss {settings.loss!r} needs the dense teacher's targets")
+    if settings.loss == "kl":  # the only loss the bounded targets allow (config check)
+        return student_kl(model, ids, target, settings.kl_chunk)
     if settings.loss == "kl+logit_l2":
-        return kl + settings.logit_l2 * centred_logit_l2(teacher_logp, student_logits)
+        logits = model(ids).logits  # [B, T, V]
+        kl = kl_to_teacher(target.logp, logits)  # first, as before: the same backward order
+        return kl + settings.logit_l2 * centred_logit_l2(target.logp, logits)
     raise ValueError(f"unknown loss {settings.loss!r}")
 
 
@@ -125,58 +111,6 @@ class TrainResult:
     diagnostics: dict = field(default_factory=dict)
 
 
-class TeacherCache:
-    """Dense targets per block index, computed on first use (kept when ``keep``): full log-probs,
-    or with ``topk`` the top-k and the rest (:mod:`sponlab.method.distill`), ``chunk`` tokens at a time.
-    Kept targets live in host memory (a cache, not work), each batch is moved to the device."""
-
-    def __init__(
-        self, model: nn.Module, blocks: torch.Tensor, keep: bool, topk: int = 0, chunk: int = 0
-    ) -> None:
-        self.model, self.blocks, self.keep = model, blocks, keep
-        self.topk, self.chunk = topk, chunk
-        self.cache: dict[int, TeacherTarget] = {}
-
-    def get(self, index: torch.Tensor, device: torch.device) -> TeacherTarget:
-        missing = [int(i) for i in index if int(i) not in self.cache]
-        if missing:
-            ids = self.blocks[missing].to(device)
-            target = dense_target(self.model, ids, self.topk, self.chunk)
-            if not self.keep:
-                order = {j: k for k, j in enumerate(missing)}
-                return target.map(lambda t: t[[order[int(i)] for i in index]])
-            pin = device.type == "cuda"  # page-locked rows copy to the GPU asynchronously
-            for k, j in enumerate(missing):
-                self.cache[j] = target.map(
-                    lambda t, k=k: t[k].cpu().pin_memory() if pin else t[k].cpu()
-                )
-        return TeacherTarget.stack(
-            [self.cache[int(i)].map(lambda t: t.to(device, non_blocking=True)) for i in index]
-        )
-
-
-def student_kl(
-    model: nn.Module, ids: torch.Tensor, target: TeacherTarget, chunk: int
-) -> torch.Tensor:
-    """Mean KL(teacher || student) on ``ids`` [B, T] (hooks active): one forward and full
-    log-probs, or the memory-bounded path when the target is top-k or ``chunk`` is set."""
-    if target.is_full and chunk == 0:
-        return kl_to_teacher(target.logp, model(ids).logits)
-    return chunked_kl(model, ids, target, chunk)
-
-
-def block_kls(
-    model: nn.Module, ids: torch.Tensor, target: TeacherTarget, chunk: int
-) -> torch.Tensor:
-    """Per-block mean KL(teacher || student) ``[B]`` on ``ids`` [B, T] (no grad, hooks active)."""
-    if target.is_full and chunk == 0:
-        return kl_per_token(target, model(ids).logits).mean(-1)  # [B]
-    return torch.stack(
-        [student_kl(model, ids[b : b + 1], target.map(lambda t, b=b: t[b : b + 1]), chunk)
-         for b in range(len(ids))]
-    )  # fmt: skip
-
-
 def validation_kls(
     model: nn.Module,
     site_map: SiteMap,
@@ -199,21 +133,6 @@ def validation_kls(
     return torch.cat(out)
 
 
-def cache_plan(
-    settings: TrainParams, train_blocks: int, val_blocks: int, block_len: int, vocab: int
-) -> tuple[bool, bool]:
-    """``(keep the training targets, keep the validation targets)`` within
-    ``train.teacher_cache_gib``: the validation targets first (read every epoch), then the training
-    set's if ``train.teacher_cache`` and both fit. What is not kept is recomputed when needed (the
-    same values: the teacher is deterministic), so host memory is bounded whatever the vocabulary
-    and the amount of data."""
-    budget = settings.teacher_cache_gib * 2**30
-    val = target_bytes(val_blocks * block_len, vocab, settings.teacher_topk)
-    train = target_bytes(train_blocks * block_len, vocab, settings.teacher_topk)
-    keep_val = val <= budget
-    return settings.teacher_cache and train + (val if keep_val else 0) <= budget, keep_val
-
-
 def draw_blocks(pool: int, count: int, seed: int) -> torch.Tensor:
     """The pool indices of the ``count`` training blocks seed ``seed`` trains on (sorted; 0 or
     ``count >= pool``: the whole pool), so seeds differ in their data as well as its order. The
@@ -222,36 +141,6 @@ def draw_blocks(pool: int, count: int, seed: int) -> torch.Tensor:
         return torch.arange(pool)
     generator = torch.Generator().manual_seed(1_000_003 + seed)
     return torch.randperm(pool, generator=generator)[:count].sort().values
-
-
-@dataclass
-class Teachers:
-    """Dense targets of the train and validation blocks, shareable by several trainings."""
-
-    train: TeacherCache
-    val: TeacherCache
-
-    @classmethod
-    def for_blocks(
-        cls,
-        model: nn.Module,
-        train_blocks: torch.Tensor,
-        val_blocks: torch.Tensor,
-        keep: bool,
-        topk: int = 0,
-        chunk: int = 0,
-        keep_val: bool = True,
-    ) -> Teachers:
-        """Train targets kept when ``keep``, validation targets when ``keep_val`` (:func:`cache_plan`)."""
-        return cls(
-            TeacherCache(model, train_blocks, keep, topk, chunk),
-            TeacherCache(model, val_blocks, keep_val, topk, chunk),
-        )
-
-    def fresh_train(self) -> Teachers:
-        """The same validation targets with an empty training cache (for the next seed's draw)."""
-        t = self.train
-        return Teachers(TeacherCache(t.model, t.blocks, t.keep, t.topk, t.chunk), self.val)
 
 
 def _optimizer(biases: SponBiases, settings: TrainParams, total_steps: int):
@@ -291,11 +180,8 @@ def train_spon(
     total_steps = math.ceil(len(drawn) / settings.batch_size) * settings.epochs
     optimizer, scheduler = _optimizer(biases, settings, total_steps)
     if teachers is None:
-        keep, keep_val = cache_plan(
-            settings, len(drawn), len(val_blocks), train_blocks.shape[1], output_vocab(model)
-        )
-        teachers = Teachers.for_blocks(model, train_blocks, val_blocks, keep,
-                                       settings.teacher_topk, settings.kl_chunk, keep_val)  # fmt: skip
+        val = validation_targets(model, val_blocks, settings)
+        teachers = teachers_for(model, train_blocks, len(drawn), val, settings)
     student = Bf16Student(model) if uses_autocast(settings.autocast, model) else None
     result = TrainResult(
         blocks=drawn.tolist(),
@@ -371,11 +257,7 @@ def _step(model, site_map, spec, biases, blocks, index, teachers, settings, stud
         biases.attached(model, site_map),
         student.active() if student else nullcontext(),
     ):
-        if settings.loss == "kl":  # the only loss the bounded targets allow (config check)
-            loss = student_kl(model, ids, target, settings.kl_chunk)
-        else:
-            logp = None if target is None else target.logp
-            loss = training_loss(settings, logp, model(ids).logits, ids)
+        loss = training_loss(settings, target, model, ids)
     loss.backward()
     return {"loss": loss.item()}
 

@@ -26,12 +26,11 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.hooks import RemovableHandle
 from tqdm.auto import tqdm
 
 from sponlab.io.data import device_batches
 from sponlab.method.sparsify import SparsifySpec, sparsified
-from sponlab.model.hooks import installed
+from sponlab.model.hooks import capture_inputs, capture_outputs
 from sponlab.model.sites import Site, SiteMap, sort_sites
 from sponlab.studies.interpret.directions import RandomBaseline, cosine, expected_abs_cos
 
@@ -89,27 +88,22 @@ def recording(
     forward hook receives the (possibly sparsified) input the layer used and its output.
     """
 
-    def pre_hook(_m, args, site):
-        x = args[0].detach()  # [B, T, D_in]
-        _add(moments.in_raw, site, x.double().sum(dim=(0, 1)).cpu())
+    def on_input(site: Site, x: torch.Tensor) -> None:  # before any sparsification
+        _add(moments.in_raw, site, x.detach().double().sum(dim=(0, 1)).cpu())  # x [B, T, D_in]
 
-    def post_hook(_m, args, output, site):
+    def on_output(site: Site, used: torch.Tensor, output: torch.Tensor) -> None:
         y = output.detach().double()  # [B, T, D_out]
-        _add(moments.in_used, site, args[0].detach().double().sum(dim=(0, 1)).cpu())
+        _add(moments.in_used, site, used.detach().double().sum(dim=(0, 1)).cpu())
         _add(moments.out_sum, site, y.sum(dim=(0, 1)).cpu())
         moments.out_sq[site] = moments.out_sq.get(site, 0.0) + float(y.pow(2).sum())
         if keep_samples:
             flat = output.detach().float().reshape(-1, output.shape[-1]).cpu()
             moments.samples.setdefault(site, []).append(flat)
 
-    def register(site: Site) -> Iterator[RemovableHandle]:
-        linear = site_map.linear(model, site)
-        yield linear.register_forward_pre_hook(
-            lambda m, a, site=site: pre_hook(m, a, site), prepend=True
-        )
-        yield linear.register_forward_hook(lambda m, a, o, site=site: post_hook(m, a, o, site))
-
-    with installed(handle for site in site_map.require(sites) for handle in register(site)):
+    with (
+        capture_inputs(model, site_map, sites, on_input, prepend=True),
+        capture_outputs(model, site_map, sites, on_output),
+    ):
         yield moments
 
 

@@ -29,7 +29,8 @@ from sponlab.io.tables import pm
 from sponlab.io.tensorio import read_json, write_json
 from sponlab.method.sparsify import SparsifySpec
 from sponlab.method.spon import SponBiases, load_biases, save_biases
-from sponlab.method.train import TeacherCache, Teachers, train_spon
+from sponlab.method.teachers import TeacherCache, teachers_for
+from sponlab.method.train import train_spon
 from sponlab.model.sites import Site, SiteMap
 from sponlab.paramcheck import ConfigError
 from sponlab.stats import Test, outcome, spread, welch
@@ -56,16 +57,14 @@ def train_variant(
     pool: torch.Tensor,
     val_targets: TeacherCache,
     settings: TrainParams,
-    keep: bool,
     parametrization: str = "output",
 ) -> tuple[SponBiases, dict[str, Any]]:
     """Biases trained from zeros on ``settings.blocks`` blocks of ``pool`` [P, T] (the seed's
     draw), sharing the validation targets; returns them and the train.json fields the curve
     reads (epochs, kept epoch, steps, diagnostics)."""
     biases = SponBiases.for_model(model, site_map, sites, parametrization)
-    train = TeacherCache(model, pool, keep, settings.teacher_topk, settings.kl_chunk)
-    result = train_spon(model, site_map, spec, biases, pool, val_targets.blocks, settings,
-                        Teachers(train, val_targets))  # fmt: skip
+    teachers = teachers_for(model, pool, settings.blocks or len(pool), val_targets, settings)
+    result = train_spon(model, site_map, spec, biases, pool, val_targets.blocks, settings, teachers)
     info = {"epochs": result.epochs, "best_epoch": result.best_epoch,
             "steps": len(result.steps), "diagnostics": result.diagnostics}  # fmt: skip
     return biases, info

@@ -31,11 +31,11 @@ from torch import nn
 from sponlab.config import TrainParams
 from sponlab.io.data import BlockSpec, make_blocks, read_builtin_file
 from sponlab.io.tables import is_missing, markdown_table, pm
-from sponlab.method.distill import output_vocab
 from sponlab.method.evaluate import VariantMetrics, damage_recovered, evaluate_variant
 from sponlab.method.sparsify import SparsifySpec, SparsityStats
 from sponlab.method.spon import SponBiases
-from sponlab.method.train import TeacherCache, Teachers, cache_plan, train_spon
+from sponlab.method.teachers import teachers_for, validation_targets
+from sponlab.method.train import train_spon
 from sponlab.model.sites import Site, SiteMap
 from sponlab.stats import block_bootstrap_se, damage, spread
 from sponlab.sweep.summary import pareto_front
@@ -258,14 +258,10 @@ def train_variants(
     ``training_sets``: (mix, size) -> blocks [size, T]. Every variant shares the validation
     blocks (and their dense targets) that choose its kept epoch.
     """
-    bounds = (settings.teacher_topk, settings.kl_chunk)  # memory-bounded targets, if set
-    vocab, length = output_vocab(model), val_blocks.shape[1]
-    keep_val = cache_plan(settings, 0, len(val_blocks), length, vocab)[1]
-    val = TeacherCache(model, val_blocks, keep_val, *bounds)
+    val = validation_targets(model, val_blocks, settings)
     out: dict[tuple[str, int], dict[int, SponBiases]] = {}
     for (mix, size), blocks in training_sets.items():
-        keep = cache_plan(settings, len(blocks), len(val_blocks), length, vocab)[0]
-        teachers = Teachers(TeacherCache(model, blocks, keep, *bounds), val)
+        teachers = teachers_for(model, blocks, len(blocks), val, settings)
         out[(mix, size)] = {}
         for seed in seeds:
             biases = SponBiases.for_model(model, site_map, sites, parametrization)
