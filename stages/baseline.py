@@ -12,7 +12,7 @@ from pathlib import Path
 
 import typer
 
-from sponlab.io.layout import baseline_path
+from sponlab.io.layout import BASELINES, baseline_path, block_path
 from sponlab.io.provenance import write_metrics
 from sponlab.method.evaluate import baseline_payload, evaluate_variant, load_reference
 from sponlab.method.experiment import set_spec
@@ -33,7 +33,7 @@ def main(
     sparsified: str = typer.Option("all", "--set", help="Sparsified set from sparsify.sets."),
     params: Path = PARAMS_OPTION,
     model: Path = MODEL_OPTION,
-    blocks: Path = typer.Option(Path("data/blocks/test.safetensors"), "--blocks"),
+    blocks: Path = typer.Option(block_path("test"), "--blocks"),
     dense: Path = typer.Option(Path("data/dense"), "--dense", help="Dense reference folder."),
     thresholds: Path = THRESHOLDS_OPTION,
     out: Path = typer.Option(None, "--out", help="Default: data/baseline/s<sparsity>/<set>.json"),
@@ -41,7 +41,7 @@ def main(
     cfg = read_params(params)
     cfg.check_sparsity(sparsity)
     modules = cfg.sparsified_set(sparsified)
-    out = out or baseline_path(Path("data/baseline"), sparsity, sparsified)
+    out = out or baseline_path(BASELINES, sparsity, sparsified)
     loaded, site_map = load_base(cfg, model)
     spec = set_spec(cfg, sparsified, modules, sparsity, site_map, thresholds, loaded.fingerprint)
     stats = SparsityStats()

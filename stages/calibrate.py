@@ -13,7 +13,7 @@ from pathlib import Path
 
 import typer
 
-from sponlab.io.layout import threshold_path
+from sponlab.io.layout import ALLOCATIONS, THRESHOLDS, block_path, threshold_path
 from sponlab.io.tensorio import save_tensors, write_rows
 from sponlab.method.calibration import calibrate_sequential
 from sponlab.method.greedy import ALLOCATION_FIELDS, PATH_FIELDS, allocation_rows, greedy_allocation
@@ -33,7 +33,7 @@ def main(
     sparsified: str = typer.Option("all", "--set", help="Sparsified set from sparsify.sets."),
     params: Path = PARAMS_OPTION,
     model: Path = MODEL_OPTION,
-    blocks: Path = typer.Option(Path("data/blocks/calib.safetensors"), "--blocks"),
+    blocks: Path = typer.Option(block_path("calib"), "--blocks"),
     out: Path = typer.Option(
         None, "--out", help="Default: models/thresholds/s<sparsity>/<set>.safetensors"
     ),
@@ -47,8 +47,8 @@ def main(
     cfg = read_params(params)
     cfg.check_sparsity(sparsity)
     modules = cfg.sparsified_set(sparsified)
-    out = out or threshold_path(Path("models/thresholds"), sparsity, sparsified)
-    report = report or Path("metrics/allocation") / f"s{sparsity:g}" / sparsified
+    out = out or threshold_path(THRESHOLDS, sparsity, sparsified)
+    report = report or ALLOCATIONS / f"s{sparsity:g}" / sparsified
     loaded, site_map = load_base(cfg, model)
     ids = load_blocks(blocks)
     sites = site_map.select(list(range(site_map.num_layers)), modules)

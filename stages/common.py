@@ -11,21 +11,18 @@ from pathlib import Path
 import typer
 
 from sponlab.config import Params, load_params
+from sponlab.io.layout import BASE, SPON, THRESHOLDS
 
 log = logging.getLogger("sponlab.stages")
 
 PARAMS_OPTION = typer.Option(
     Path("params.yaml"), "--params", help="Parameters file (validated first)."
 )
-MODEL_OPTION = typer.Option(
-    Path("models/base"), "--model", help="Base model directory (stage base)."
-)
+MODEL_OPTION = typer.Option(BASE, "--model", help="Base model directory (stage base).")
 THRESHOLDS_OPTION = typer.Option(
-    Path("models/thresholds"), "--thresholds", help="Root of s<s>/<set>.safetensors (calibrate)."
+    THRESHOLDS, "--thresholds", help="Root of s<s>/<set>.safetensors (calibrate)."
 )
-SPON_OPTION = typer.Option(
-    Path("models/spon"), "--spon", help="Root of the train cells: CONFIG/s<s>/seed<k>/."
-)
+SPON_OPTION = typer.Option(SPON, "--spon", help="Root of the train cells: CONFIG/s<s>/seed<k>/.")
 
 
 def read_params(path: Path) -> Params:

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import typer
 
+from sponlab.io.layout import block_path
 from sponlab.io.provenance import write_metrics
 from sponlab.io.tensorio import save_tensors
 from sponlab.method.evaluate import capture_dense, evaluate_variant
@@ -22,7 +23,7 @@ from sponlab.stages.common import (
 def main(
     params: Path = PARAMS_OPTION,
     model: Path = MODEL_OPTION,
-    blocks: Path = typer.Option(Path("data/blocks/test.safetensors"), "--blocks"),
+    blocks: Path = typer.Option(block_path("test"), "--blocks"),
     out: Path = typer.Option(Path("data/dense"), "--out", help="Folder for reference.safetensors."),
     metrics: Path = typer.Option(Path("metrics/dense.json"), "--metrics"),
 ) -> None:

@@ -13,7 +13,15 @@ from pathlib import Path
 
 import typer
 
-from sponlab.io.layout import BASELINES, EVALS, SPON, baseline_path, cell_path, seed_path
+from sponlab.io.layout import (
+    BASELINES,
+    EVALS,
+    SPON,
+    baseline_path,
+    block_path,
+    cell_path,
+    seed_path,
+)
 from sponlab.io.provenance import write_metrics
 from sponlab.io.tensorio import read_json, write_rows
 from sponlab.method.evaluate import (
@@ -47,7 +55,7 @@ def main(
     sparsity: float = typer.Option(..., "--sparsity"),
     params: Path = PARAMS_OPTION,
     model: Path = MODEL_OPTION,
-    blocks: Path = typer.Option(Path("data/blocks/test.safetensors"), "--blocks"),
+    blocks: Path = typer.Option(block_path("test"), "--blocks"),
     dense: Path = typer.Option(Path("data/dense"), "--dense", help="Dense reference folder."),
     dense_metrics: Path = typer.Option(Path("metrics/dense.json"), "--dense-metrics"),
     thresholds: Path = THRESHOLDS_OPTION,

@@ -9,7 +9,7 @@ import pandas as pd
 import typer
 
 from sponlab.config import analysis_params
-from sponlab.io.layout import cell_path, seed_path
+from sponlab.io.layout import EVALS, cell_path, seed_path
 from sponlab.io.provenance import write_metrics
 from sponlab.io.tensorio import read_json, write_text
 from sponlab.stages.common import PARAMS_OPTION, read_params
@@ -27,7 +27,7 @@ from sponlab.sweep.findings import (
 def main(
     params: Path = PARAMS_OPTION,
     summary: Path = typer.Option(Path("metrics/tables/summary.csv"), "--summary"),
-    evals: Path = typer.Option(Path("metrics/eval"), "--evals", help="Evaluate cells root."),
+    evals: Path = typer.Option(EVALS, "--evals", help="Evaluate cells root."),
     interpret: Path = typer.Option(Path("metrics/interpret.json"), "--interpret"),
     trained: Path = typer.Option(Path("models/spon"), "--trained", help="Train cells root."),
     out: Path = typer.Option(Path("metrics/findings.json"), "--out"),

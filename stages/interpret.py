@@ -17,7 +17,7 @@ import typer
 
 from sponlab.config import analysis_params
 from sponlab.io.data import wants_bos
-from sponlab.io.layout import cell_path, seed_path
+from sponlab.io.layout import EVALS, block_path, cell_path, seed_path
 from sponlab.io.provenance import write_metrics
 from sponlab.io.tensorio import write_table
 from sponlab.method.experiment import cell_spec
@@ -44,12 +44,10 @@ from sponlab.studies.interpret.similarity import similarity_table
 def main(
     params: Path = PARAMS_OPTION,
     model: Path = MODEL_OPTION,
-    blocks: Path = typer.Option(Path("data/blocks/test.safetensors"), "--blocks"),
+    blocks: Path = typer.Option(block_path("test"), "--blocks"),
     thresholds: Path = THRESHOLDS_OPTION,
     spon: Path = SPON_OPTION,
-    evals: Path = typer.Option(
-        Path("metrics/eval"), "--evals", help="Root of CONFIG/s<s>/shift.csv."
-    ),
+    evals: Path = typer.Option(EVALS, "--evals", help="Root of CONFIG/s<s>/shift.csv."),
     tables: Path = typer.Option(Path("metrics/interpret"), "--tables", help="CSV tables root."),
     figures: Path = typer.Option(Path("plots/interpret"), "--figures", help="Figures root."),
     metrics: Path = typer.Option(Path("metrics/interpret.json"), "--metrics"),

@@ -15,7 +15,7 @@ from pathlib import Path
 import typer
 
 from sponlab.config import analysis_params
-from sponlab.io.layout import cell_path, seed_path
+from sponlab.io.layout import EVALS, block_path, cell_path, seed_path
 from sponlab.io.provenance import write_metrics
 from sponlab.io.tensorio import write_table
 from sponlab.method.experiment import cell_spec
@@ -42,11 +42,11 @@ from sponlab.studies.layers.plots import plot_bias_stats, plot_drift_importance,
 def main(
     params: Path = PARAMS_OPTION,
     model: Path = MODEL_OPTION,
-    blocks: Path = typer.Option(Path("data/blocks/val.safetensors"), "--blocks"),
+    blocks: Path = typer.Option(block_path("val"), "--blocks"),
     thresholds: Path = THRESHOLDS_OPTION,
     spon: Path = SPON_OPTION,
     evals: Path = typer.Option(
-        Path("metrics/eval"), "--evals", help="Root of CONFIG/s<s>/shift.csv (test drift)."
+        EVALS, "--evals", help="Root of CONFIG/s<s>/shift.csv (test drift)."
     ),
     tables: Path = typer.Option(Path("metrics/interpret/layers"), "--tables", help="CSV tables."),
     figures: Path = typer.Option(Path("plots/interpret/layers"), "--figures", help="Figures."),

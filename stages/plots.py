@@ -7,7 +7,7 @@ from pathlib import Path
 import pandas as pd
 import typer
 
-from sponlab.io.layout import cell_path, seed_path
+from sponlab.io.layout import EVALS, SPON, cell_path, seed_path
 from sponlab.io.tensorio import atomic_path, read_json
 from sponlab.stages.common import PARAMS_OPTION, read_params
 from sponlab.sweep import plots as figures
@@ -18,8 +18,8 @@ def main(
     params: Path = PARAMS_OPTION,
     summary: Path = typer.Option(Path("metrics/tables/summary.csv"), "--summary"),
     dense_metrics: Path = typer.Option(Path("metrics/dense.json"), "--dense-metrics"),
-    evals: Path = typer.Option(Path("metrics/eval"), "--evals"),
-    trained: Path = typer.Option(Path("models/spon"), "--trained"),
+    evals: Path = typer.Option(EVALS, "--evals"),
+    trained: Path = typer.Option(SPON, "--trained"),
     allocations: Path = typer.Option(
         Path("metrics/allocation"), "--allocations", help="calibrate's s<s>/<set>/ folders."
     ),

@@ -7,6 +7,7 @@ from pathlib import Path
 import pandas as pd
 import typer
 
+from sponlab.io.layout import REPORT
 from sponlab.io.tensorio import read_json, write_text
 from sponlab.stages.common import PARAMS_OPTION, read_params
 from sponlab.sweep.report import FIGURES, RunFiles, build_report
@@ -24,7 +25,7 @@ def _optional_json(path: Path, producer: str):
 def main(
     params: Path = PARAMS_OPTION,
     root: Path = typer.Option(Path("."), "--root", help="Run folder (metrics/, plots/)."),
-    out: Path = typer.Option(Path("metrics/report.md"), "--out"),
+    out: Path = typer.Option(REPORT, "--out"),
 ) -> None:
     cfg = read_params(params)
     metrics = root / "metrics"

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-from sponlab.io.layout import cell_path, seed_path
+from sponlab.io.layout import EVALS, cell_path, seed_path
 from sponlab.io.provenance import write_metrics
 from sponlab.io.tensorio import atomic_path, read_json, write_text
 from sponlab.stages.common import PARAMS_OPTION, read_params
@@ -23,7 +23,7 @@ from sponlab.sweep.summary import (
 
 def main(
     params: Path = PARAMS_OPTION,
-    evals: Path = typer.Option(Path("metrics/eval"), "--evals", help="Evaluate cells root."),
+    evals: Path = typer.Option(EVALS, "--evals", help="Evaluate cells root."),
     trained: Path = typer.Option(Path("models/spon"), "--trained", help="Train cells root."),
     dense_metrics: Path = typer.Option(Path("metrics/dense.json"), "--dense-metrics"),
     metrics: Path = typer.Option(Path("metrics/summary.json"), "--metrics"),

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import typer
 
-from sponlab.io.layout import cell_path, seed_path, threshold_path
+from sponlab.io.layout import SPON, cell_path, seed_path, threshold_path
 from sponlab.io.tensorio import load_tensors, write_json, write_rows
 from sponlab.method.closed_form import closed_form_biases
 from sponlab.method.experiment import bias_sites, cell_spec
@@ -51,7 +51,7 @@ def main(
     cfg = read_params(params)
     alloc = cfg.config(config)
     cfg.check_sparsity(sparsity)
-    out = out or cell_path(Path("models/spon"), config, sparsity)
+    out = out or cell_path(SPON, config, sparsity)
     described = alloc.layers.describe()
     if alloc.ranked:
         if ranking is None:

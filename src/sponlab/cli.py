@@ -12,6 +12,8 @@ from pathlib import Path
 
 import typer
 
+from sponlab.io.layout import BASE, SPON, THRESHOLDS
+
 app = typer.Typer(
     help="sponlab: TEAL activation sparsification and SPON bias compensation, stage by stage.",
     no_args_is_help=True,
@@ -145,9 +147,9 @@ def lm_eval_cmd(
     num_fewshot: int = typer.Option(None, "--num-fewshot"),
     batch_size: int = typer.Option(8, "--batch-size"),
     params: Path = typer.Option(Path("params.yaml"), "--params"),
-    model: Path = typer.Option(Path("models/base"), "--model"),
-    thresholds: Path = typer.Option(Path("models/thresholds"), "--thresholds"),
-    spon: Path = typer.Option(Path("models/spon"), "--spon", help="Root of the train cells."),
+    model: Path = typer.Option(BASE, "--model"),
+    thresholds: Path = typer.Option(THRESHOLDS, "--thresholds"),
+    spon: Path = typer.Option(SPON, "--spon", help="Root of the train cells."),
     out: Path = typer.Option(
         None, "--out", help="Default: metrics/lmeval/CONFIG/s<S>/VARIANT.json"
     ),

@@ -8,11 +8,23 @@ from __future__ import annotations
 
 from pathlib import Path
 
+BASE = Path("models/base")  # the de-quantised / downloaded base model (stage base)
+BLOCKS = Path("data/blocks")  # <split>.safetensors token blocks (stage prepare)
 THRESHOLDS = Path("models/thresholds")  # s<sparsity>/<set>.safetensors
 SPON = Path("models/spon")  # <config>/s<sparsity>/seed<k>/{biases.safetensors,train.json,...}
 BASELINES = Path("data/baseline")  # s<sparsity>/<set>.json (TEAL-only, shared by the cells)
 EVALS = Path("metrics/eval")  # <config>/s<sparsity>/{metrics.json,shift.csv,sparsity.csv}
 CURVE_VARIANTS = Path("models/learning_curve")  # <config>/s<sparsity>/b<size>/seed<k>/...
+ALLOCATIONS = Path("metrics/allocation")  # s<sparsity>/<set>/ per-site sparsity (calibrate)
+SUMMARY_CSV = Path("metrics/tables/summary.csv")  # one row per cell (stage summarize)
+SUMMARY_MD = Path("metrics/tables/summary.md")
+REPORT = Path("metrics/report.md")  # stage report
+LMEVAL = Path("metrics/lmeval")  # <config>/s<sparsity>/<variant>.json (sponlab lmeval)
+
+
+def block_path(split: str, root: Path = BLOCKS) -> Path:
+    """The prepare stage's token blocks of one split: ``data/blocks/test.safetensors``."""
+    return Path(root) / f"{split}.safetensors"
 
 
 def threshold_path(root: Path, sparsity: float, sparsified: str) -> Path:

@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass, replace
 
 import pandas as pd
 
+from sponlab.io.layout import EVALS, SPON, SUMMARY_CSV, cell_path
 from sponlab.io.tables import markdown_table, pm
 from sponlab.stats import (
     CONTRADICTED,
@@ -143,7 +144,7 @@ def claim_a(frame, sparsity, o_cfg, down_cfg, claim: str = "a") -> list[Finding]
     the direction, and the study's magnitude (+54 to +57 points) as a separate verdict."""
     study = "o_proj 77-80% vs down_proj 23% of the damage recovered (gap +54 to +57 points)"
     label = f"{o_cfg} (o_proj biases) recovers more than {down_cfg} (down_proj biases)"
-    evidence = "metrics/tables/summary.csv"
+    evidence = str(SUMMARY_CSV)
     pair = _pair(frame, o_cfg, down_cfg, sparsity)
     if isinstance(pair, str):
         return [_untestable(claim, label, sparsity, study, pair, evidence)]
@@ -175,7 +176,7 @@ def claim_b(frame: pd.DataFrame, sparsity: float) -> Finding:
     """(b) TOP-50 captures >= 85% of UNIF-ALL's benefit (one-sided test of a - 0.85 b > 0)."""
     study = "TOP-50 gets 85% of UNIF-ALL's benefit at 0.5x parameters (Pareto-optimal)"
     statement = "TOP-50 captures >= 85% of UNIF-ALL's damage recovered"
-    evidence = "metrics/tables/summary.csv"
+    evidence = str(SUMMARY_CSV)
     pair = _pair(frame, "TOP-50", "UNIF-ALL", sparsity)
     if isinstance(pair, str):
         return _untestable("b", statement, sparsity, study, pair, evidence)
@@ -194,7 +195,7 @@ def claim_c(shift, row: pd.Series | None, sparsity: float, config: str) -> Findi
     supported when most intermediate layers move farther and SPON beats TEAL beyond noise."""
     study = "intermediate hidden states move further from dense; output improves"
     statement = f"{config}: SPON shift > TEAL shift at most intermediate layers, ppl improves"
-    evidence = f"metrics/eval/{config}/s{sparsity:g}/shift.csv"
+    evidence = str(cell_path(EVALS, config, sparsity) / "shift.csv")
     why = _testable(row) if shift else "cell not in the sweep"
     if why or row is None:
         return _untestable("c", statement, sparsity, study, why, evidence)
@@ -237,7 +238,7 @@ def claim_d(similarity: Mapping[str, Mapping], sparsity: float | None) -> Findin
 def closed_form_free(frame: pd.DataFrame, sparsity: float) -> Finding:
     """Does training add to the closed-form bias (b = W E[x - S(x)], no training)?"""
     statement = "trained UNIF-ALL recovers more than CLOSED-FORM (no training)"
-    evidence = "metrics/tables/summary.csv"
+    evidence = str(SUMMARY_CSV)
     pair = _pair(frame, "UNIF-ALL", "CLOSED-FORM", sparsity)
     if isinstance(pair, str):
         return _untestable("cf", statement, sparsity, "-", pair, evidence)
@@ -252,7 +253,7 @@ def closed_form_init(curves: Mapping[str, Sequence[Sequence[float]]], sparsity: 
     """Does starting from the closed form lower the validation KL after epoch 1 (UNIF-ALL-CF-INIT
     vs UNIF-ALL's seeds from zeros; a lone CF-INIT seed borrows the zeros' spread)?"""
     statement = "training from the closed form lowers val KL after epoch 1 (vs from zeros)"
-    evidence = f"models/spon/{{UNIF-ALL,UNIF-ALL-CF-INIT}}/s{sparsity:g}/seed*/val.csv"
+    evidence = f"{SPON}/{{UNIF-ALL,UNIF-ALL-CF-INIT}}/s{sparsity:g}/seed*/val.csv"
     init, zeros = curves.get("UNIF-ALL-CF-INIT"), curves.get("UNIF-ALL")
     if not init or not zeros or min(len(c) for c in [*init, *zeros]) < 2:
         return _untestable("cf-init", statement, sparsity, "-", "cells missing", evidence)

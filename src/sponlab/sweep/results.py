@@ -15,7 +15,15 @@ from typing import Any
 import pandas as pd
 
 from sponlab.config import Params, load_params
-from sponlab.io.layout import EVALS, SPON, THRESHOLDS, cell_path, seed_path, threshold_path
+from sponlab.io.layout import (
+    EVALS,
+    SPON,
+    SUMMARY_CSV,
+    THRESHOLDS,
+    cell_path,
+    seed_path,
+    threshold_path,
+)
 from sponlab.io.tensorio import read_json
 from sponlab.method.sparsify import load_thresholds
 from sponlab.method.spon import SponBiases, load_biases
@@ -63,7 +71,7 @@ def load_cell(
 
 def load_summary(root: Path | str = ".") -> pd.DataFrame:
     """The sweep's summary table (``metrics/tables/summary.csv``) as a DataFrame."""
-    path = Path(root) / "metrics/tables/summary.csv"
+    path = Path(root) / SUMMARY_CSV
     if not path.is_file():
         raise FileNotFoundError(f"{path}: not built yet; run `make repro` (stage summarize)")
     return pd.read_csv(path)

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from sponlab.io.layout import SUMMARY_MD
 from sponlab.io.tables import markdown_table, pm
 from sponlab.stats import (
     CONTRADICTED,
@@ -385,7 +386,7 @@ def results_overview(root: Path) -> str:
     for rel, what in RESULT_PLACES:
         state = "" if (root / rel).exists() else "  (not built)"
         lines.append(f"  {rel:<28} {what}{state}")
-    table = root / "metrics/tables/summary.md"
+    table = root / SUMMARY_MD
     if table.is_file():
         lines += ["", table.read_text().rstrip()]
     return "\n".join(lines) + "\n"

@@ -22,6 +22,7 @@ from typing import Any
 from torch import nn
 
 from sponlab.io.data import wants_bos
+from sponlab.io.layout import BASE, LMEVAL, SPON, THRESHOLDS, cell_path, seed_path
 from sponlab.method.sparsify import SparsifySpec, sparsified
 from sponlab.method.spon import SponBiases, maybe_attached
 from sponlab.model.sites import SiteMap
@@ -196,14 +197,13 @@ def run_cell(
     cell: CellRef,
     tasks: Sequence[str | Mapping[str, Any]],
     options: TaskOptions = TaskOptions(),
-    model: Path = Path("models/base"),
-    thresholds: Path = Path("models/thresholds"),
-    spon: Path = Path("models/spon"),
+    model: Path = BASE,
+    thresholds: Path = THRESHOLDS,
+    spon: Path = SPON,
     out: Path | None = None,
 ) -> Path:
     """Evaluate one network of a finished pipeline run on ``tasks``; writes and returns a JSON."""
     from sponlab.config import load_params
-    from sponlab.io.layout import cell_path, seed_path
     from sponlab.io.provenance import write_metrics
     from sponlab.method.experiment import cell_spec
     from sponlab.method.spon import load_biases
@@ -234,7 +234,7 @@ def run_cell(
         add_bos=bos_for_lm_eval(loaded.tokenizer, params.data.bos),
     )  # fmt: skip
     name = cell.variant + (f"-seed{seed}" if cell.variant == "spon" else "")
-    root = Path("metrics/lmeval")
+    root = LMEVAL
     where = root / "dense" if spec is None else cell_path(root, cell.config, cell.sparsity)
     payload = {"network": cell.label(), **asdict(cell), "options": asdict(options)}
     payload |= {"scores": result.scores, "samples": result.samples}
