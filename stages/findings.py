@@ -8,12 +8,11 @@ from pathlib import Path
 import pandas as pd
 import typer
 
-from sponlab.config import analysis_params
 from sponlab.io.layout import EVALS, cell_path, seed_path
 from sponlab.io.provenance import write_metrics
 from sponlab.io.tensorio import read_json, write_text
 from sponlab.stages.common import PARAMS_OPTION, read_params
-from sponlab.studies.interpret.params import InterpretParams
+from sponlab.studies.interpret.params import InterpretParams, interpret_params
 from sponlab.sweep.budget import budget_line, curve_line
 from sponlab.sweep.findings import (
     false_positive_line,
@@ -47,7 +46,7 @@ def main(
             file = cell_path(evals, "UNIF-ALL", s) / "shift.csv"
             shifts[s] = pd.read_csv(file).to_dict("records")
     similarity, sim_sparsity = None, None
-    ip: InterpretParams = analysis_params(cfg, "interpret")
+    ip: InterpretParams = interpret_params(cfg)
     if interpret.is_file():
         similarity, sim_sparsity = read_json(interpret, "interpret")["similarity"], ip.sparsity
     curves: dict[float, dict[str, list[list[float]]]] = {s: {} for s in cfg.sparsities}

@@ -7,7 +7,6 @@ from typing import Any
 
 import typer
 
-from sponlab.config import analysis_params
 from sponlab.io.batches import build_batches
 from sponlab.io.data import load_corpus, wants_bos
 from sponlab.io.provenance import write_metrics
@@ -29,7 +28,7 @@ from sponlab.studies.importance.files import (
     write_timing,
     write_variants,
 )
-from sponlab.studies.importance.importance import ImportanceParams, finalize
+from sponlab.studies.importance.importance import ImportanceParams, finalize, importance_params
 from sponlab.studies.importance.plots import plot_variants
 from sponlab.studies.importance.sae_files import find_saes, load_saes
 
@@ -51,7 +50,7 @@ def main(
     metrics: Path = typer.Option(Path("metrics/importance.json"), "--metrics"),
 ) -> None:
     p = read_params(params)
-    cfg: ImportanceParams = analysis_params(p, "importance")
+    cfg: ImportanceParams = importance_params(p)
     lm = load_model(model, p.base.device, p.base.dtype, p.base.device_map)
     site_map = discover_sites(lm.model)
     targets_layers = what_to_analyse(cfg, lm.model, site_map, sae)

@@ -15,7 +15,6 @@ from typing import Any
 
 import typer
 
-from sponlab.config import analysis_params
 from sponlab.io.data import wants_bos
 from sponlab.io.layout import EVALS, block_path, cell_path, seed_path
 from sponlab.io.provenance import write_metrics
@@ -37,6 +36,7 @@ from sponlab.studies.interpret import params as ia
 from sponlab.studies.interpret import plots, study
 from sponlab.studies.interpret import shift as sh
 from sponlab.studies.interpret.directions import RandomBaseline
+from sponlab.studies.interpret.params import interpret_params
 from sponlab.studies.interpret.prompts import load_prompt_sets, select_prompts
 from sponlab.studies.interpret.similarity import similarity_table
 
@@ -54,7 +54,7 @@ def main(
 ) -> None:
     begin = time.perf_counter()
     p = read_params(params)
-    ip: ia.InterpretParams = analysis_params(p, "interpret")
+    ip: ia.InterpretParams = interpret_params(p)
     s = p.check_sparsity(ip.sparsity)
     ia.check_configs(ip.configs, p.configs, p.swept, "interpret.configs")
     ia.check_configs(ip.similarity, p.configs, p.swept, "interpret.similarity")

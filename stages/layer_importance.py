@@ -14,7 +14,6 @@ from pathlib import Path
 
 import typer
 
-from sponlab.config import analysis_params
 from sponlab.io.layout import EVALS, block_path, cell_path, seed_path
 from sponlab.io.provenance import write_metrics
 from sponlab.io.tensorio import write_table
@@ -33,6 +32,7 @@ from sponlab.stages.common import (
 )
 from sponlab.studies.interpret import params as ia
 from sponlab.studies.interpret import shift as sh
+from sponlab.studies.interpret.params import interpret_params
 from sponlab.studies.interpret.plots import plot_layer_importance
 from sponlab.studies.layers import drift as dl
 from sponlab.studies.layers import leave_one_out as la
@@ -53,7 +53,7 @@ def main(
     metrics: Path = typer.Option(Path("metrics/interpret_layers.json"), "--metrics"),
 ) -> None:
     p = read_params(params)
-    ip: ia.InterpretParams = analysis_params(p, "interpret")
+    ip: ia.InterpretParams = interpret_params(p)
     lp, s = ip.layers, p.check_sparsity(ip.sparsity)
     ia.check_configs([lp.config], p.configs, p.sweep_configs, "interpret.layers.config")
     loaded, site_map = load_base(p, model)

@@ -19,7 +19,6 @@ from pathlib import Path
 import pandas as pd
 import typer
 
-from sponlab.config import analysis_params
 from sponlab.io.data import BlockSpec, wants_bos
 from sponlab.io.layout import CURVE_VARIANTS, cell_path, curve_variant_path, seed_path
 from sponlab.io.provenance import write_metrics
@@ -36,7 +35,7 @@ from sponlab.stages.common import (
     read_params,
     timed,
 )
-from sponlab.studies.interpret.params import InterpretParams
+from sponlab.studies.interpret.params import InterpretParams, interpret_params
 from sponlab.studies.transfer.curve_plots import plot_curve
 from sponlab.studies.transfer.learning_curve import (
     CURVE_FIELDS,
@@ -70,7 +69,7 @@ def main(
     ),
 ) -> None:
     p = read_params(params)
-    ip: InterpretParams = analysis_params(p, "interpret")
+    ip: InterpretParams = interpret_params(p)
     lc: LearningCurveParams = ip.learning_curve
     p.check_sparsity(lc.sparsity)
     check_trained(lc, p.configs)

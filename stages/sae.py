@@ -7,7 +7,6 @@ from pathlib import Path
 
 import typer
 
-from sponlab.config import analysis_params
 from sponlab.io.batches import build_batches
 from sponlab.io.data import load_corpus, wants_bos
 from sponlab.io.provenance import write_metrics
@@ -17,7 +16,7 @@ from sponlab.model.loading import load_model
 from sponlab.model.sites import discover_sites
 from sponlab.stages.common import MODEL_OPTION, PARAMS_OPTION, read_params, replace_dir, timed
 from sponlab.studies.importance.plots import plot_sae_training
-from sponlab.studies.importance.sae import train_sae
+from sponlab.studies.importance.sae import sae_params, train_sae
 from sponlab.studies.importance.sae_files import save_sae
 
 
@@ -35,7 +34,7 @@ def main(
     metrics: Path = typer.Option(Path("metrics/sae.json"), "--metrics"),
 ) -> None:
     p = read_params(params)
-    cfg = analysis_params(p, "sae")
+    cfg = sae_params(p)
     lm = load_model(model, p.base.device, p.base.dtype, p.base.device_map)
     site_map = discover_sites(lm.model)
     layers = resolve_layers(cfg.layers, site_map.num_layers)

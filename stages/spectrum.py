@@ -6,13 +6,17 @@ from pathlib import Path
 
 import typer
 
-from sponlab.config import analysis_params
 from sponlab.io.provenance import write_metrics
 from sponlab.io.tensorio import write_text
 from sponlab.stages.common import MODEL_OPTION, PARAMS_OPTION, read_params, replace_dir, timed
 from sponlab.studies.spectrum.plots import plot_all
 from sponlab.studies.spectrum.report import relative_link, render_report
-from sponlab.studies.spectrum.spectrum import analyse, headline_metrics, load_weights
+from sponlab.studies.spectrum.spectrum import (
+    analyse,
+    headline_metrics,
+    load_weights,
+    spectrum_params,
+)
 from sponlab.studies.spectrum.stats import write_statistics, write_tables
 
 
@@ -25,7 +29,7 @@ def main(
     figures: Path = typer.Option(Path("plots/spectrum"), "--figures", help="Folder for figures."),
     metrics: Path = typer.Option(Path("metrics/spectrum.json"), "--metrics"),
 ) -> None:
-    cfg = analysis_params(read_params(params), "spectrum")
+    cfg = spectrum_params(read_params(params))
     weights = load_weights(model)
     result = analyse(weights, cfg)
     with (

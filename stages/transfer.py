@@ -14,7 +14,6 @@ from pathlib import Path
 import pandas as pd
 import typer
 
-from sponlab.config import analysis_params
 from sponlab.io.data import BlockSpec, wants_bos
 from sponlab.io.layout import cell_path, seed_path
 from sponlab.io.provenance import write_metrics
@@ -31,6 +30,7 @@ from sponlab.stages.common import (
     timed,
 )
 from sponlab.studies.interpret import params as ia
+from sponlab.studies.interpret.params import interpret_params
 from sponlab.studies.transfer.plots import plot_transfer
 from sponlab.studies.transfer.transfer import (
     CellModels,
@@ -53,7 +53,7 @@ def main(
     metrics: Path = typer.Option(Path("metrics/transfer.json"), "--metrics"),
 ) -> None:
     p = read_params(params)
-    tp = analysis_params(p, "interpret").transfer
+    tp = interpret_params(p).transfer
     ia.check_configs(tp.configs, p.configs, p.swept, "interpret.transfer.configs")
     in_domain = pd.read_csv(summary)
     in_domain = in_domain[in_domain["config"].isin(tp.configs)].assign(domain="wikipedia (test)")

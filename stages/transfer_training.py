@@ -19,7 +19,7 @@ import pandas as pd
 import torch
 import typer
 
-from sponlab.config import ConfigError, analysis_params
+from sponlab.config import ConfigError
 from sponlab.io.data import BlockSpec, load_corpus, wants_bos
 from sponlab.io.provenance import write_metrics
 from sponlab.io.tensorio import write_table, write_text
@@ -33,7 +33,7 @@ from sponlab.stages.common import (
     read_params,
     timed,
 )
-from sponlab.studies.interpret.params import InterpretParams
+from sponlab.studies.interpret.params import InterpretParams, interpret_params
 from sponlab.studies.transfer.plots import plot_training
 from sponlab.studies.transfer.transfer import (
     CellModels,
@@ -59,7 +59,7 @@ def main(
     metrics: Path = typer.Option(Path("metrics/transfer_training.json"), "--metrics"),
 ) -> None:
     p = read_params(params)
-    ip: InterpretParams = analysis_params(p, "interpret")
+    ip: InterpretParams = interpret_params(p)
     tt, sparsity = ip.transfer.training, ip.sparsity
     alloc = p.config(tt.config)
     if alloc.bias != "trained" or alloc.init != "zeros" or alloc.ranked or not alloc.has_biases:

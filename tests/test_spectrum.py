@@ -250,10 +250,11 @@ def _parse(data):
 
 
 def test_params_defaults_and_repo_section():
-    from sponlab.config import analysis_params, load_params
+    from sponlab.config import load_params
+    from sponlab.studies.spectrum.spectrum import spectrum_params
 
     assert _parse({}) == sp.SpectrumParams()
-    params = analysis_params(load_params(PARAMS), "spectrum")
+    params = spectrum_params(load_params(PARAMS))
     assert isinstance(params, sp.SpectrumParams)
     assert params.modules == PROJECTIONS
 

@@ -11,7 +11,7 @@ import importlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import yaml
 
@@ -34,6 +34,8 @@ from sponlab.paramcheck import (  # ConfigError, Section re-exported: analysis p
     number,
     read_keys,
 )
+
+T = TypeVar("T")
 
 DATA_SOURCES = ("builtin", "wikitext")
 SCHEDULES = ("constant", "cosine", "linear")
@@ -303,7 +305,7 @@ def _parse_sweep(sec: Section, configs: Mapping[str, AllocationConfig], sets: Ma
 def _check_ranked(params: Params, source: str) -> None:
     """A ranking comes from the layer-importance stage: of interpret.layers.config, swept, at
     interpret.sparsity, which must be swept too (its thresholds are calibrated)."""
-    interpret = analysis_params(params, "interpret", source)
+    interpret = section_params(params, "interpret", _import(ANALYSIS_PARSERS["interpret"]), source)
     layers_config = interpret.layers.config
     if not any(abs(interpret.sparsity - s) < 1e-9 for s in params.sparsities):
         raise ConfigError(
@@ -353,7 +355,9 @@ def _config_ref(
 
 
 # Top-level sections owned by analysis modules: "module:function" taking a Section and returning
-# that analysis' typed params (calling Section.finish()). Imported only when the section is present.
+# that analysis' typed params (calling Section.finish()), so load_params validates every section
+# up front. Named here, not imported: the studies sit above config (they read its Params); each
+# stage imports its own study's parser through that study's ``*_params`` wrapper.
 ANALYSIS_PARSERS: dict[str, str] = {
     "interpret": "sponlab.studies.interpret.params:parse_params",
     "importance": "sponlab.studies.importance.importance:parse_params",
@@ -372,11 +376,16 @@ def _import(target: str) -> Callable[[Section], Any]:
     return getattr(importlib.import_module(module), func)
 
 
-def analysis_params(params: Params, name: str, source: str = "params.yaml") -> Any:
-    """Typed params of analysis section ``name`` (its defaults when the section is absent)."""
+def section_params(
+    params: Params, name: str, parser: Callable[[Section], T], source: str = "params.yaml"
+) -> T:
+    """Typed params of analysis section ``name``: parsed by its study's ``parser`` when
+    params.yaml was loaded (if present), else that parser's defaults. Stages call their study's
+    wrapper (e.g. ``sponlab.studies.importance.importance.importance_params``), so the parser a
+    stage depends on is a real import that dvc.yaml's deps test sees."""
     if name in params.analyses:
         return params.analyses[name]
-    return _import(ANALYSIS_PARSERS[name])(Section({}, name, source))
+    return parser(Section({}, name, source))
 
 
 def load_params(path: Path | str = "params.yaml") -> Params:

@@ -46,7 +46,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from sponlab.config import Section
+from sponlab.config import Params, Section, section_params
 from sponlab.io.data import SPLITS
 from sponlab.model.capture import (
     AGGREGATE_BY,
@@ -145,6 +145,11 @@ def parse_params(sec: Section) -> ImportanceParams:
     sec.finish()
     sec.require_le("min_tokens", params.min_tokens, "max_length", params.max_length)
     return params
+
+
+def importance_params(params: Params) -> ImportanceParams:
+    """The ``importance`` section of loaded params (its defaults when absent)."""
+    return section_params(params, "importance", parse_params)
 
 
 def _expand(choice: str, both: tuple[str, ...]) -> tuple[str, ...]:

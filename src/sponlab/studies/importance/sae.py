@@ -24,7 +24,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from sponlab.config import Section
+from sponlab.config import Params, Section, section_params
 from sponlab.io.data import SPLITS
 from sponlab.model.capture import SITES, parse_layers
 from sponlab.paramcheck import choice, integer, number, read_keys
@@ -62,6 +62,11 @@ def parse_params(sec: Section) -> SAEParams:
     sec.finish()
     sec.require_le("min_tokens", params.min_tokens, "max_length", params.max_length)
     return params
+
+
+def sae_params(params: Params) -> SAEParams:
+    """The ``sae`` section of loaded params (its defaults when absent)."""
+    return section_params(params, "sae", parse_params)
 
 
 ARCHITECTURES: tuple[str, ...] = ("standard", "jumprelu", "topk")

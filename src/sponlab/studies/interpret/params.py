@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from sponlab.allocations import AllocationConfig
-from sponlab.config import ConfigError, Section
+from sponlab.config import ConfigError, Params, Section, section_params
 from sponlab.method.spon import SponBiases
 from sponlab.model.sites import Site, SiteMap, sort_sites
 from sponlab.paramcheck import choice, integer, number, read_keys, text
@@ -129,6 +129,11 @@ def parse_params(sec: Section) -> InterpretParams:
             "similarity", f"must name at least two configs, got {list(params.similarity)}"
         )
     return params
+
+
+def interpret_params(params: Params) -> InterpretParams:
+    """The ``interpret`` section of loaded params (its defaults when absent)."""
+    return section_params(params, "interpret", parse_params)
 
 
 def check_config_names(

@@ -33,7 +33,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from sponlab.config import ConfigError, Section
+from sponlab.config import ConfigError, Params, Section, section_params
 from sponlab.model.sites import PROJECTIONS, Site, SiteMap, discover_sites, parse_modules
 from sponlab.paramcheck import choice, integer, number, read_keys
 from sponlab.studies.spectrum.attention_kernels import (
@@ -110,6 +110,11 @@ def parse_params(sec: Section) -> SpectrumParams:
         raise sec.fail("tag_low", f"must be < tag_high ({params.tag_high}), got {params.tag_low}")
     sec.finish()
     return params
+
+
+def spectrum_params(params: Params) -> SpectrumParams:
+    """The ``spectrum`` section of loaded params (its defaults when absent)."""
+    return section_params(params, "spectrum", parse_params)
 
 
 def resolve_layer(choice: int | str, num_layers: int, key: str) -> int:
