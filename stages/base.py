@@ -6,14 +6,15 @@ from pathlib import Path
 
 import typer
 
+from sponlab.io.layout import BASE
 from sponlab.model.loading import build_base
 from sponlab.stages.common import PARAMS_OPTION, read_params, replace_dir, timed
 
 
 def main(
-    params: Path = PARAMS_OPTION,
-    out: Path = typer.Option(Path("models/base"), "--out", help="Output model directory."),
+    params_file: Path = PARAMS_OPTION,
+    out: Path = typer.Option(BASE, "--out", help="Output model directory."),
 ) -> None:
-    cfg = read_params(params).base
-    with timed(f"base model ({cfg.source}: {cfg.name})"), replace_dir(out) as tmp:
-        build_base(cfg, tmp)
+    base = read_params(params_file).base
+    with timed(f"base model ({base.source}: {base.name})"), replace_dir(out) as tmp:
+        build_base(base, tmp)

@@ -31,27 +31,27 @@ from sponlab.stages.common import (
 def main(
     sparsity: float = typer.Option(..., "--sparsity"),
     sparsified: str = typer.Option("all", "--set", help="Sparsified set from sparsify.sets."),
-    params: Path = PARAMS_OPTION,
+    params_file: Path = PARAMS_OPTION,
     model: Path = MODEL_OPTION,
     blocks: Path = typer.Option(block_path("test"), "--blocks"),
     dense: Path = typer.Option(Path("data/dense"), "--dense", help="Dense reference folder."),
     thresholds: Path = THRESHOLDS_OPTION,
     out: Path = typer.Option(None, "--out", help="Default: data/baseline/s<sparsity>/<set>.json"),
 ) -> None:
-    cfg = read_params(params)
-    cfg.check_sparsity(sparsity)
-    modules = cfg.sparsified_set(sparsified)
+    params = read_params(params_file)
+    params.check_sparsity(sparsity)
+    modules = params.sparsified_set(sparsified)
     out = out or baseline_path(BASELINES, sparsity, sparsified)
-    loaded, site_map = load_base(cfg, model)
-    spec = set_spec(cfg, sparsified, modules, sparsity, site_map, thresholds, loaded.fingerprint)
+    loaded, site_map = load_base(params, model)
+    spec = set_spec(params, sparsified, modules, sparsity, site_map, thresholds, loaded.fingerprint)
     stats = SparsityStats()
-    ids, score_from, protocol = load_test_set(blocks, cfg.sparsify)
+    ids, score_from, protocol = load_test_set(blocks, params.sparsify)
     with timed(f"evaluate TEAL-only (set {sparsified}, s={sparsity})"):
         teal = evaluate_variant(
             loaded.model,
             site_map,
             ids,
-            cfg.eval.batch_size,
+            params.eval.batch_size,
             spec=spec,
             reference=load_reference(dense / "reference.safetensors", loaded.fingerprint),
             stats=stats,

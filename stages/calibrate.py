@@ -31,7 +31,7 @@ from sponlab.stages.common import (
 def main(
     sparsity: float = typer.Option(..., "--sparsity", help="Target fraction of zeroed inputs."),
     sparsified: str = typer.Option("all", "--set", help="Sparsified set from sparsify.sets."),
-    params: Path = PARAMS_OPTION,
+    params_file: Path = PARAMS_OPTION,
     model: Path = MODEL_OPTION,
     blocks: Path = typer.Option(block_path("calib"), "--blocks"),
     out: Path = typer.Option(
@@ -44,25 +44,25 @@ def main(
         "metrics/allocation/s<sparsity>/<set>",
     ),
 ) -> None:
-    cfg = read_params(params)
-    cfg.check_sparsity(sparsity)
-    modules = cfg.sparsified_set(sparsified)
+    params = read_params(params_file)
+    params.check_sparsity(sparsity)
+    modules = params.sparsified_set(sparsified)
     out = out or threshold_path(THRESHOLDS, sparsity, sparsified)
     report = report or ALLOCATIONS / f"s{sparsity:g}" / sparsified
-    loaded, site_map = load_base(cfg, model)
+    loaded, site_map = load_base(params, model)
     ids = load_blocks(blocks)
     sites = site_map.select(list(range(site_map.num_layers)), modules)
-    mode, method = cfg.sparsify.calibration, cfg.sparsify.threshold
-    allocation = cfg.set_allocation(sparsified)
-    greedy = cfg.sparsify.greedy[sparsified]
+    mode, method = params.sparsify.calibration, params.sparsify.threshold
+    allocation = params.set_allocation(sparsified)
+    greedy = params.sparsify.greedy[sparsified]
     targets, path = allocate(
-        allocation, greedy, loaded.model, site_map, ids, sparsity, sites, cfg.eval.batch_size
+        allocation, greedy, loaded.model, site_map, ids, sparsity, sites, params.eval.batch_size
     )
     with timed(
         f"calibrate {mode} {method} thresholds of set {sparsified} ({len(sites)} sites, "
         f"{allocation}) at s={sparsity} on {tuple(ids.shape)}"
     ):
-        run = dict(method=method, batch_size=cfg.eval.batch_size)
+        run = dict(method=method, batch_size=params.eval.batch_size)
         if mode == "sequential":
             thresholds = calibrate_sequential(
                 loaded.model, site_map, ids, sparsity, sites, **run, targets=targets

@@ -21,22 +21,22 @@ from sponlab.stages.common import (
 
 
 def main(
-    params: Path = PARAMS_OPTION,
+    params_file: Path = PARAMS_OPTION,
     model: Path = MODEL_OPTION,
     blocks: Path = typer.Option(block_path("test"), "--blocks"),
     out: Path = typer.Option(Path("data/dense"), "--out", help="Folder for reference.safetensors."),
     metrics: Path = typer.Option(Path("metrics/dense.json"), "--metrics"),
 ) -> None:
-    cfg = read_params(params)
-    loaded, site_map = load_base(cfg, model)
-    ids, score_from, protocol = load_test_set(blocks, cfg.sparsify)
-    detail = ids[: cfg.eval.detail_blocks]
+    params = read_params(params_file)
+    loaded, site_map = load_base(params, model)
+    ids, score_from, protocol = load_test_set(blocks, params.sparsify)
+    detail = ids[: params.eval.detail_blocks]
     with timed(f"dense perplexity on {tuple(ids.shape)} ({protocol['protocol']})"):
         dense = evaluate_variant(
-            loaded.model, site_map, ids, cfg.eval.batch_size, desc="dense", score_from=score_from
+            loaded.model, site_map, ids, params.eval.batch_size, desc="dense", score_from=score_from
         )
     with timed(f"dense reference on {tuple(detail.shape)}"):
-        reference = capture_dense(loaded.model, detail, cfg.eval.batch_size)
+        reference = capture_dense(loaded.model, detail, params.eval.batch_size)
     meta = {
         "model": str(model),
         "model_fingerprint": loaded.fingerprint,

@@ -53,7 +53,7 @@ from sponlab.stats import block_bootstrap_se, damage, finite_or_none
 def main(
     config: str = typer.Option(..., "--config"),
     sparsity: float = typer.Option(..., "--sparsity"),
-    params: Path = PARAMS_OPTION,
+    params_file: Path = PARAMS_OPTION,
     model: Path = MODEL_OPTION,
     blocks: Path = typer.Option(block_path("test"), "--blocks"),
     dense: Path = typer.Option(Path("data/dense"), "--dense", help="Dense reference folder."),
@@ -67,9 +67,9 @@ def main(
     ),
     out: Path = typer.Option(None, "--out", help="Default: metrics/eval/<config>/s<sparsity>"),
 ) -> None:
-    cfg = read_params(params)
-    alloc = cfg.config(config)
-    cfg.check_sparsity(sparsity)
+    params = read_params(params_file)
+    alloc = params.config(config)
+    params.check_sparsity(sparsity)
     trained = trained or cell_path(SPON, config, sparsity)
     out = out or cell_path(EVALS, config, sparsity)
     dense_info = read_json(dense_metrics, producer="dense")
@@ -88,15 +88,15 @@ def main(
     device, dtype = made["env"]["device"], made["env"]["dtype"]
     if any(size["bias_sites"] for size in sizes.values()):  # only then is a model needed
         device, dtype = evaluate_seeds(
-            cfg, alloc, sparsity, files, seeds, model, blocks, dense, thresholds
+            params, alloc, sparsity, files, seeds, model, blocks, dense, thresholds
         )
     hurt = damage(
         dense_info["ppl"],
         teal.ppl,
         dense_info["block_nll"],
         teal.block_nll,
-        cfg.summary.min_damage,
-        cfg.summary.noise_sigmas,
+        params.summary.min_damage,
+        params.summary.noise_sigmas,
     )
     payload = cell_metrics(config, sparsity, alloc.sparsify, dense_info["ppl"], teal, seeds)
     payload |= {"teal_damage": hurt.as_dict(), **same_for_all_seeds(sizes, trained)}
@@ -113,17 +113,17 @@ def main(
     write_rows(out / "sparsity.csv", rows, SPARSITY_FIELDS)
 
 
-def evaluate_seeds(cfg, alloc, sparsity, files, seeds, model, blocks, dense, thresholds):
+def evaluate_seeds(params, alloc, sparsity, files, seeds, model, blocks, dense, thresholds):
     """TEAL+SPON metrics of every seed with biases, into ``seeds``; the model's device, dtype."""
-    loaded, site_map = load_base(cfg, model)
-    ids, score_from, _ = load_test_set(blocks, cfg.sparsify)
+    loaded, site_map = load_base(params, model)
+    ids, score_from, _ = load_test_set(blocks, params.sparsify)
     run = dict(
         model=loaded.model,
         site_map=site_map,
         blocks=ids,
         score_from=score_from,
-        batch_size=cfg.eval.batch_size,
-        spec=cell_spec(cfg, alloc, sparsity, site_map, thresholds, loaded.fingerprint),
+        batch_size=params.eval.batch_size,
+        spec=cell_spec(params, alloc, sparsity, site_map, thresholds, loaded.fingerprint),
         reference=load_reference(dense / "reference.safetensors", loaded.fingerprint),
     )
     for seed, file in files.items():

@@ -24,7 +24,7 @@ from sponlab.sweep.findings import (
 
 
 def main(
-    params: Path = PARAMS_OPTION,
+    params_file: Path = PARAMS_OPTION,
     summary: Path = typer.Option(Path("metrics/tables/summary.csv"), "--summary"),
     evals: Path = typer.Option(EVALS, "--evals", help="Evaluate cells root."),
     interpret: Path = typer.Option(Path("metrics/interpret.json"), "--interpret"),
@@ -38,26 +38,26 @@ def main(
         Path("metrics/learning_curve.json"), "--curve", help="Learning-curve metrics (optional)."
     ),
 ) -> None:
-    cfg = read_params(params)
+    params = read_params(params_file)
     frame = pd.read_csv(summary)
     shifts = {}
-    if "UNIF-ALL" in cfg.swept:
-        for s in cfg.sparsities:
+    if "UNIF-ALL" in params.swept:
+        for s in params.sparsities:
             file = cell_path(evals, "UNIF-ALL", s) / "shift.csv"
             shifts[s] = pd.read_csv(file).to_dict("records")
     similarity, sim_sparsity = None, None
-    ip: InterpretParams = interpret_params(cfg)
+    ip: InterpretParams = interpret_params(params)
     if interpret.is_file():
         similarity, sim_sparsity = read_json(interpret, "interpret")["similarity"], ip.sparsity
-    curves: dict[float, dict[str, list[list[float]]]] = {s: {} for s in cfg.sparsities}
+    curves: dict[float, dict[str, list[list[float]]]] = {s: {} for s in params.sparsities}
     for config in ("UNIF-ALL", "UNIF-ALL-CF-INIT"):
-        if config not in cfg.swept:
+        if config not in params.swept:
             continue
-        for s in cfg.sparsities:
+        for s in params.sparsities:
             cell = cell_path(trained, config, s)
             curves[s][config] = [
                 pd.read_csv(seed_path(cell, k) / "val.csv")["val_kl"].tolist()
-                for k in cfg.config(config).seeds
+                for k in params.config(config).seeds
             ]
     found = study_findings(frame, shifts, similarity, sim_sparsity, curves)
     moved = []
@@ -66,7 +66,7 @@ def main(
     everything = [*found, *moved]
     write_metrics(out, findings_json(everything))
     lc = read_json(curve, "learning-curve") if curve.is_file() else None
-    lines = [budget_line(frame), curve_line(lc, cfg.train.blocks, ip.learning_curve.sparsity)]
+    lines = [budget_line(frame), curve_line(lc, params.train.blocks, ip.learning_curve.sparsity)]
     text = "\n\n".join([*lines, false_positive_line(everything), ""])
     text += findings_markdown(found)
     if moved:

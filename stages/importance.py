@@ -34,7 +34,7 @@ from sponlab.studies.importance.sae_files import find_saes, load_saes
 
 
 def main(
-    params: Path = PARAMS_OPTION,
+    params_file: Path = PARAMS_OPTION,
     model: Path = MODEL_OPTION,
     sae: Path = typer.Option(
         Path("models/sae"),
@@ -49,43 +49,54 @@ def main(
     ),
     metrics: Path = typer.Option(Path("metrics/importance.json"), "--metrics"),
 ) -> None:
-    p = read_params(params)
-    cfg: ImportanceParams = importance_params(p)
-    lm = load_model(model, p.base.device, p.base.dtype, p.base.device_map)
+    params = read_params(params_file)
+    settings: ImportanceParams = importance_params(params)
+    lm = load_model(model, params.base.device, params.base.dtype, params.base.device_map)
     site_map = discover_sites(lm.model)
-    targets_layers = what_to_analyse(cfg, lm.model, site_map, sae)
-    docs = load_corpus(p.data.source, p.data.seed)[cfg.split]
-    bos = wants_bos(lm.tokenizer, p.data.bos)
+    targets_layers = what_to_analyse(settings, lm.model, site_map, sae)
+    docs = load_corpus(params.data.source, params.data.seed)[settings.split]
+    bos = wants_bos(lm.tokenizer, params.data.bos)
     batches = build_batches(
-        docs, lm.tokenizer, cfg.samples, cfg.max_length, cfg.batch_size, cfg.min_tokens, bos
+        docs,
+        lm.tokenizer,
+        settings.samples,
+        settings.max_length,
+        settings.batch_size,
+        settings.min_tokens,
+        bos,
     )
     context = {
         "model": str(model),
         "model_type": lm.model.config.model_type,
-        "site": cfg.site,
-        "split": cfg.split,
+        "site": settings.site,
+        "split": settings.split,
     }
-    summary: dict[str, Any] = {"config": params_dict(cfg), **context, "passes": {}, "files": {}}
+    summary: dict[str, Any] = {
+        "config": params_dict(settings),
+        **context,
+        "passes": {},
+        "files": {},
+    }
     summary["loading"] = LOADING
     every: dict[str, list] = {}  # features -> variants of all passes (consolidated file)
     with replace_dir(tables) as tmp, replace_dir(figures) as fig:
-        for aggregate_by in cfg.aggregate_by:
+        for aggregate_by in settings.aggregate_by:
             targets = feature_targets(
                 targets_layers.get("mlp", []), targets_layers.get("sae", {}), aggregate_by
             )
             result = run_importance(
-                lm.model, site_map, batches, aggregate_by, targets, site=cfg.site
+                lm.model, site_map, batches, aggregate_by, targets, site=settings.site
             )
             summary["passes"][aggregate_by] = result.timing()
             for features in targets:
-                variants = finalize(result, features, cfg)
+                variants = finalize(result, features, settings)
                 every.setdefault(features, []).extend(variants)
                 with timed(f"write {features} {aggregate_by} results and figures"):
-                    written = write_variants(tmp / features, variants, result, cfg, context)
+                    written = write_variants(tmp / features, variants, result, settings, context)
                     plot_variants(
                         fig / features,
                         variants,
-                        cfg.layer_figures,
+                        settings.layer_figures,
                         "SAE feature" if features == "sae" else "MLP dimension",
                     )
                 summary["files"].update({f"{features}/{k}.npz": v for k, v in written.items()})
@@ -96,17 +107,17 @@ def main(
     write_metrics(metrics, importance_headline(summary, targets_layers), lm.device, lm.dtype)
 
 
-def what_to_analyse(cfg: ImportanceParams, model, site_map, sae: Path) -> dict[str, Any]:
+def what_to_analyse(settings: ImportanceParams, model, site_map, sae: Path) -> dict[str, Any]:
     """``mlp``: the selected layers; ``sae``: the SAEs of ``sae`` on those layers (checked
     against the site and its width)."""
-    layers = resolve_layers(cfg.layers, site_map.num_layers)
+    layers = resolve_layers(settings.layers, site_map.num_layers)
     out: dict[str, Any] = {}
-    if "mlp" in cfg.features:
+    if "mlp" in settings.features:
         out["mlp"] = layers
-    if "sae" in cfg.features:
+    if "sae" in settings.features:
         chosen = [i for i in find_saes(sae) if i in layers]
         if not chosen:
-            raise typer.BadParameter(f"no SAE in {sae} for the selected layers {cfg.layers}")
-        d_in = site_dim(model, site_map, chosen[0], cfg.site)
-        out["sae"] = load_saes(sae, cfg.site, d_in, chosen)
+            raise typer.BadParameter(f"no SAE in {sae} for the selected layers {settings.layers}")
+        d_in = site_dim(model, site_map, chosen[0], settings.site)
+        out["sae"] = load_saes(sae, settings.site, d_in, chosen)
     return out

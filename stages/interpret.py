@@ -42,7 +42,7 @@ from sponlab.studies.interpret.similarity import similarity_table
 
 
 def main(
-    params: Path = PARAMS_OPTION,
+    params_file: Path = PARAMS_OPTION,
     model: Path = MODEL_OPTION,
     blocks: Path = typer.Option(block_path("test"), "--blocks"),
     thresholds: Path = THRESHOLDS_OPTION,
@@ -53,18 +53,20 @@ def main(
     metrics: Path = typer.Option(Path("metrics/interpret.json"), "--metrics"),
 ) -> None:
     begin = time.perf_counter()
-    p = read_params(params)
-    ip: ia.InterpretParams = interpret_params(p)
-    s = p.check_sparsity(ip.sparsity)
-    ia.check_configs(ip.configs, p.configs, p.swept, "interpret.configs")
-    ia.check_configs(ip.similarity, p.configs, p.swept, "interpret.similarity")
+    params = read_params(params_file)
+    ip: ia.InterpretParams = interpret_params(params)
+    s = params.check_sparsity(ip.sparsity)
+    ia.check_configs(ip.configs, params.configs, params.swept, "interpret.configs")
+    ia.check_configs(ip.similarity, params.configs, params.swept, "interpret.similarity")
     sets = select_prompts(load_prompt_sets(ip.prompts), ip.categories, ip.prompts_per_category)
-    loaded, site_map = load_base(p, model)
-    checkpoints = ia.seed_checkpoints(list(dict.fromkeys(ip.configs + ip.similarity)), p.configs)
+    loaded, site_map = load_base(params, model)
+    checkpoints = ia.seed_checkpoints(
+        list(dict.fromkeys(ip.configs + ip.similarity)), params.configs
+    )
     biases = load_checkpoints(checkpoints, spon, s, loaded, site_map)
     vectors = {n: ia.output_vectors(b, loaded.model, site_map) for n, b in biases.items()}
     specs = {
-        n: cell_spec(p, p.config(n), s, site_map, thresholds, loaded.fingerprint)
+        n: cell_spec(params, params.config(n), s, site_map, thresholds, loaded.fingerprint)
         for n in ip.configs
     }
     baseline = RandomBaseline(ip.random_vectors, ip.seed)
@@ -78,7 +80,7 @@ def main(
     seconds["bias_and_alignment"] = time.perf_counter() - start
 
     start = time.perf_counter()
-    bos = wants_bos(loaded.tokenizer, p.data.bos)
+    bos = wants_bos(loaded.tokenizer, params.data.bos)
     with timed(f"prompt categories: {len(sets)} x {ip.prompts_per_category} prompts"):
         prompts = study.prompt_report(
             loaded.model, loaded.tokenizer, site_map, ip, specs, biases, sets, bos
@@ -89,7 +91,7 @@ def main(
     write_shift(tables / "shift", figures / "shift", s, shift, prompts.shift)
 
     names = [n for n, (config, _) in checkpoints.items() if config in ip.similarity]
-    owners = {n: p.config(config) for n, (config, _) in checkpoints.items()}
+    owners = {n: params.config(config) for n, (config, _) in checkpoints.items()}
     seeds = {n: seed for n, (_, seed) in checkpoints.items()}
     table = similarity_table(names, owners, vectors, baseline, seeds)
     with replace_dir(tables / "similarity") as out, replace_dir(figures / "similarity") as fig:

@@ -40,7 +40,7 @@ from sponlab.studies.layers.plots import plot_bias_stats, plot_drift_importance,
 
 
 def main(
-    params: Path = PARAMS_OPTION,
+    params_file: Path = PARAMS_OPTION,
     model: Path = MODEL_OPTION,
     blocks: Path = typer.Option(block_path("val"), "--blocks"),
     thresholds: Path = THRESHOLDS_OPTION,
@@ -52,15 +52,15 @@ def main(
     figures: Path = typer.Option(Path("plots/interpret/layers"), "--figures", help="Figures."),
     metrics: Path = typer.Option(Path("metrics/interpret_layers.json"), "--metrics"),
 ) -> None:
-    p = read_params(params)
-    ip: ia.InterpretParams = interpret_params(p)
-    lp, s = ip.layers, p.check_sparsity(ip.sparsity)
-    ia.check_configs([lp.config], p.configs, p.sweep_configs, "interpret.layers.config")
-    loaded, site_map = load_base(p, model)
-    alloc = p.config(lp.config)
+    params = read_params(params_file)
+    ip: ia.InterpretParams = interpret_params(params)
+    lp, s = ip.layers, params.check_sparsity(ip.sparsity)
+    ia.check_configs([lp.config], params.configs, params.sweep_configs, "interpret.layers.config")
+    loaded, site_map = load_base(params, model)
+    alloc = params.config(lp.config)
     cell = seed_path(cell_path(spon, lp.config, s), alloc.seeds[0]) / "biases.safetensors"
     biases = load_biases(cell, site_map, s, loaded.fingerprint)[0].to(loaded.device)
-    spec = cell_spec(p, alloc, s, site_map, thresholds, loaded.fingerprint)
+    spec = cell_spec(params, alloc, s, site_map, thresholds, loaded.fingerprint)
     ids = ia.first_blocks(load_blocks(blocks), lp.val_blocks, "interpret.layers.val_blocks")
     start = time.perf_counter()
     with timed(f"leave-one-layer-out on {tuple(ids.shape)} ({lp.cumulative} cumulative curve)"):

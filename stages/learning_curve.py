@@ -56,7 +56,7 @@ log = logging.getLogger(__name__)
 
 
 def main(
-    params: Path = PARAMS_OPTION,
+    params_file: Path = PARAMS_OPTION,
     model: Path = MODEL_OPTION,
     data: Path = typer.Option(Path("data/blocks"), "--data", help="Train, val and test blocks."),
     thresholds: Path = THRESHOLDS_OPTION,
@@ -68,12 +68,12 @@ def main(
         CURVE_VARIANTS, "--work", help="Retrained variants, kept so an interrupted run resumes."
     ),
 ) -> None:
-    p = read_params(params)
-    ip: InterpretParams = interpret_params(p)
+    params = read_params(params_file)
+    ip: InterpretParams = interpret_params(params)
     lc: LearningCurveParams = ip.learning_curve
-    p.check_sparsity(lc.sparsity)
-    check_trained(lc, p.configs)
-    loaded, site_map = load_base(p, model)
+    params.check_sparsity(lc.sparsity)
+    check_trained(lc, params.configs)
+    loaded, site_map = load_base(params, model)
     pool = load_blocks(data / "train.safetensors")
     if max(lc.sizes) > len(pool):
         raise typer.BadParameter(
@@ -81,17 +81,17 @@ def main(
             f"has {len(pool)}"
         )
     val = load_blocks(data / "val.safetensors")
-    val_targets = validation_targets(loaded.model, val, p.train)
+    val_targets = validation_targets(loaded.model, val, params.train)
     rows, cells, labels = [], [], {}
     for config in lc.configs:
-        alloc = p.config(config)
-        spec = cell_spec(p, alloc, lc.sparsity, site_map, thresholds, loaded.fingerprint)
+        alloc = params.config(config)
+        spec = cell_spec(params, alloc, lc.sparsity, site_map, thresholds, loaded.fingerprint)
         sites = bias_sites(alloc, site_map)
         for size in lc.sizes:
             seeds = {}
             for seed in lc.seeds:
-                settings = replace(p.train, seed=seed, blocks=size, loss=alloc.loss)
-                reused = _default_cell(spon, config, lc.sparsity, seed, size, p, loaded)
+                settings = replace(params.train, seed=seed, blocks=size, loss=alloc.loss)
+                reused = _default_cell(spon, config, lc.sparsity, seed, size, params, loaded)
                 if reused is not None:
                     biases, info = reused
                 else:
@@ -106,9 +106,9 @@ def main(
             labels[f"{config} x{size}"] = (config, size)
             cells.append(CellModels(f"{config} x{size}", lc.sparsity, alloc.sparsify, spec, seeds,
                                     math.nan))  # fmt: skip
-    _score(p, lc, loaded, site_map, data, cells, labels, rows)
+    _score(params, lc, loaded, site_map, data, cells, labels, rows)
     table, frame = curve_table(rows), pd.DataFrame(rows)
-    default = p.train.blocks or len(pool)
+    default = params.train.blocks or len(pool)
     write_rows(tables / "curve.csv", rows, CURVE_FIELDS)
     write_table(tables / "table.csv", table.to_dict("records"))
     write_text(tables / "curve.md", curve_markdown(table, frame, default, lc.domain))
@@ -132,10 +132,10 @@ def _retrained(folder, recipe, sparsity, loaded, site_map, spec, sites, pool, va
     return biases, info
 
 
-def _default_cell(spon: Path, config, sparsity, seed, size, p, loaded):
+def _default_cell(spon: Path, config, sparsity, seed, size, params, loaded):
     """The default train cell's biases and train.json when it trained this very variant."""
     folder = seed_path(cell_path(spon, config, sparsity), seed)
-    if size != p.train.blocks or not (folder / "train.json").is_file():
+    if size != params.train.blocks or not (folder / "train.json").is_file():
         return None
     info = read_json(folder / "train.json", "train")
     if info.get("training_blocks") != size:
@@ -144,18 +144,18 @@ def _default_cell(spon: Path, config, sparsity, seed, size, p, loaded):
     return biases, info
 
 
-def _score(p, lc, loaded, site_map, data: Path, cells, labels, rows) -> None:
+def _score(params, lc, loaded, site_map, data: Path, cells, labels, rows) -> None:
     """Damage recovered of every variant on the test blocks and on the transfer domain."""
-    block = BlockSpec(p.data.block_len, lc.domain_blocks, wants_bos(loaded.tokenizer, p.data.bos),
-                      p.data.seed)  # fmt: skip
+    block = BlockSpec(params.data.block_len, lc.domain_blocks, wants_bos(loaded.tokenizer, params.data.bos),
+                      params.data.seed)  # fmt: skip
     sets = {
         "test": load_blocks(data / "test.safetensors"),
         "domain": domain_blocks(lc.domain, loaded.tokenizer, block),
     }
     for name, blocks in sets.items():
         with timed(f"score {len(cells)} variants on {name} {tuple(blocks.shape)}"):
-            found = evaluate_cells(loaded.model, site_map, blocks, p.eval.batch_size, cells,
-                                   p.summary.min_damage, p.summary.noise_sigmas)  # fmt: skip
+            found = evaluate_cells(loaded.model, site_map, blocks, params.eval.batch_size, cells,
+                                   params.summary.min_damage, params.summary.noise_sigmas)  # fmt: skip
         for cell in found:
             config, size = labels[cell["config"]]
             per_seed = [float(v) for v in cell["damage_recovered_seeds"].split(";") if v]

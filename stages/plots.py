@@ -15,7 +15,7 @@ from sponlab.sweep.summary import sparsity_key
 
 
 def main(
-    params: Path = PARAMS_OPTION,
+    params_file: Path = PARAMS_OPTION,
     summary: Path = typer.Option(Path("metrics/tables/summary.csv"), "--summary"),
     dense_metrics: Path = typer.Option(Path("metrics/dense.json"), "--dense-metrics"),
     evals: Path = typer.Option(EVALS, "--evals"),
@@ -25,16 +25,16 @@ def main(
     ),
     out: Path = typer.Option(Path("plots/sweep"), "--out", help="Folder for PNGs and CSV data."),
 ) -> None:
-    cfg = read_params(params)
+    params = read_params(params_file)
     frame = pd.read_csv(summary)
     dense_ppl = read_json(dense_metrics)["ppl"]
     figures.ppl_by_config(frame, dense_ppl, out / "ppl_by_config.png")
     figures.damage_recovered(frame, out / "damage_recovered.png")
     figures.pareto(frame, out / "pareto.png")
     curves, shifts = {}, []
-    for config in cfg.swept:
-        for s in cfg.sparsities:
-            first = cfg.config(config).seeds[0]
+    for config in params.swept:
+        for s in params.sparsities:
+            first = params.config(config).seeds[0]
             loss = pd.read_csv(seed_path(cell_path(trained, config, s), first) / "loss.csv")
             if len(loss):
                 curves[f"{config} s={s:g}"] = loss
@@ -42,7 +42,7 @@ def main(
             shifts.append(shift.assign(config=config, sparsity=s))
     figures.loss_curves(curves, out / "loss_curves.png")
     shift_all = pd.concat(shifts, ignore_index=True)
-    for s in cfg.sparsities:
+    for s in params.sparsities:
         per_config = {
             c: g for c, g in shift_all[shift_all["sparsity"] == s].groupby("config", sort=False)
         }
@@ -56,9 +56,9 @@ def main(
         if curves
         else pd.DataFrame(columns=["step", "loss", "cell"])
     )
-    for name, kind in cfg.sparsify.allocations.items():
-        if kind == "greedy" and name in cfg.sweep_sets:
-            for s in cfg.sparsities:
+    for name, kind in params.sparsify.allocations.items():
+        if kind == "greedy" and name in params.sweep_sets:
+            for s in params.sparsities:
                 folder = allocations / f"s{s:g}" / name
                 figures.allocation(
                     pd.read_csv(folder / "allocation.csv"),

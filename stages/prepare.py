@@ -21,29 +21,29 @@ from sponlab.stages.common import MODEL_OPTION, PARAMS_OPTION, read_params, time
 
 
 def main(
-    params: Path = PARAMS_OPTION,
+    params_file: Path = PARAMS_OPTION,
     model: Path = MODEL_OPTION,
     out: Path = typer.Option(Path("data/blocks"), "--out", help="Folder for <split>.safetensors."),
 ) -> None:
-    p = read_params(params)
-    cfg = p.data
+    params = read_params(params_file)
+    settings = params.data
     tokenizer = load_tokenizer(model)
-    bos = wants_bos(tokenizer, cfg.bos)
+    bos = wants_bos(tokenizer, settings.bos)
     counts = {
-        "calib": cfg.calib_blocks,
-        "train": cfg.train_blocks,
-        "val": cfg.val_blocks,
-        "test": cfg.test_blocks,
+        "calib": settings.calib_blocks,
+        "train": settings.train_blocks,
+        "val": settings.val_blocks,
+        "test": settings.test_blocks,
     }
-    with timed(f"load corpus {cfg.source}"):
-        corpus = load_corpus(cfg.source, cfg.seed)
-    protocol = p.eval.resolved_protocol(cfg.source)  # decides what the test file holds
+    with timed(f"load corpus {settings.source}"):
+        corpus = load_corpus(settings.source, settings.seed)
+    protocol = params.eval.resolved_protocol(settings.source)  # decides what the test file holds
     for offset, split in enumerate(SPLITS):
-        spec = BlockSpec(cfg.block_len, counts[split], bos, cfg.seed + offset)
+        spec = BlockSpec(settings.block_len, counts[split], bos, settings.seed + offset)
         meta = {
             "split": split,
-            "source": cfg.source,
-            "block_len": cfg.block_len,
+            "source": settings.source,
+            "block_len": settings.block_len,
             "bos": bos,
             "seed": spec.seed,
             "documents": len(corpus[split]),
@@ -52,20 +52,20 @@ def main(
         if split == "test":
             meta["protocol"] = protocol
         if split == "test" and protocol != "block":
-            tensors, meta = test_set(p, tokenizer, corpus["test"], protocol, meta)
+            tensors, meta = test_set(params, tokenizer, corpus["test"], protocol, meta)
         else:
             with timed(f"tokenise {split}: {spec.count} x {spec.block_len}"):
                 tensors = {"input_ids": make_blocks(corpus[split], tokenizer, spec)}
         save_tensors(out / f"{split}.safetensors", tensors, meta)
 
 
-def test_set(p, tokenizer, docs: list[str], protocol: str, meta: dict) -> tuple[dict, dict]:
+def test_set(params, tokenizer, docs: list[str], protocol: str, meta: dict) -> tuple[dict, dict]:
     """Protocol A (gptq) / B (sliding) windows over the whole test text instead of blocks."""
-    ev = p.eval
+    ev = params.eval
     stride = ev.context if protocol == "gptq" else ev.stride
     with timed(f"tokenise the test text: {protocol} windows of {ev.context}, stride {stride}"):
         windows = text_windows(
-            joined_test_text(p.data.source, docs),
+            joined_test_text(params.data.source, docs),
             tokenizer,
             ev.context,
             stride,

@@ -23,19 +23,19 @@ def _optional_json(path: Path, producer: str):
 
 
 def main(
-    params: Path = PARAMS_OPTION,
+    params_file: Path = PARAMS_OPTION,
     root: Path = typer.Option(Path("."), "--root", help="Run folder (metrics/, plots/)."),
     out: Path = typer.Option(REPORT, "--out"),
 ) -> None:
-    cfg = read_params(params)
+    params = read_params(params_file)
     metrics = root / "metrics"
     findings = metrics / "findings.md"
     figures = {key: root / rel for key, rel in FIGURES}
-    for s in cfg.sparsities:
+    for s in params.sparsities:
         key = f"shift_{sparsity_key(s)}"
         figures[key] = root / f"plots/sweep/{key}.png"
     run = RunFiles(
-        params=cfg,
+        params=params,
         dense=read_json(metrics / "dense.json", "dense"),
         summary=pd.read_csv(metrics / "tables/summary.csv"),
         findings_md=findings.read_text() if findings.is_file() else None,

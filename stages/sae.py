@@ -21,7 +21,7 @@ from sponlab.studies.importance.sae_files import save_sae
 
 
 def main(
-    params: Path = PARAMS_OPTION,
+    params_file: Path = PARAMS_OPTION,
     model: Path = MODEL_OPTION,
     out: Path = typer.Option(
         Path("models/sae"),
@@ -33,40 +33,40 @@ def main(
     ),
     metrics: Path = typer.Option(Path("metrics/sae.json"), "--metrics"),
 ) -> None:
-    p = read_params(params)
-    cfg = sae_params(p)
-    lm = load_model(model, p.base.device, p.base.dtype, p.base.device_map)
+    params = read_params(params_file)
+    settings = sae_params(params)
+    lm = load_model(model, params.base.device, params.base.dtype, params.base.device_map)
     site_map = discover_sites(lm.model)
-    layers = resolve_layers(cfg.layers, site_map.num_layers)
-    docs = load_corpus(p.data.source, p.data.seed)[cfg.split]
+    layers = resolve_layers(settings.layers, site_map.num_layers)
+    docs = load_corpus(params.data.source, params.data.seed)[settings.split]
     batches = build_batches(
         docs,
         lm.tokenizer,
-        cfg.samples,
-        cfg.max_length,
-        cfg.batch_size,
-        cfg.min_tokens,
-        wants_bos(lm.tokenizer, p.data.bos),
+        settings.samples,
+        settings.max_length,
+        settings.batch_size,
+        settings.min_tokens,
+        wants_bos(lm.tokenizer, params.data.bos),
     )
-    with timed(f"collect {cfg.site} activations of layers {layers} ({cfg.split})"):
-        acts = collect_activations(lm.model, site_map, layers, batches, cfg.site)
+    with timed(f"collect {settings.site} activations of layers {layers} ({settings.split})"):
+        acts = collect_activations(lm.model, site_map, layers, batches, settings.site)
     results = {}
     with replace_dir(out) as tmp:
         for layer in layers:
             with timed(f"train SAE layer {layer} ({acts[layer].shape[0]} tokens)"):
                 result = train_sae(
                     acts[layer],
-                    cfg.expansion,
-                    cfg.l1,
-                    cfg.lr,
-                    cfg.steps,
-                    cfg.token_batch,
-                    cfg.holdout,
-                    cfg.seed + layer,
+                    settings.expansion,
+                    settings.l1,
+                    settings.lr,
+                    settings.steps,
+                    settings.token_batch,
+                    settings.holdout,
+                    settings.seed + layer,
                 )
             extra = {k: result.metrics[k] for k in ("fve", "l0", "mse", "dead_fraction")}
-            extra |= {"model_name": str(model), "l1": cfg.l1, "steps": cfg.steps}
-            save_sae(tmp / f"layer_{layer}", result.sae, cfg.site, layer, extra)
+            extra |= {"model_name": str(model), "l1": settings.l1, "steps": settings.steps}
+            save_sae(tmp / f"layer_{layer}", result.sae, settings.site, layer, extra)
             results[layer] = result
     with replace_dir(figures) as tmp:
         write_json(tmp / "history.json", {str(i): r.history for i, r in results.items()})
@@ -77,7 +77,7 @@ def main(
             "layers": {str(i): r.metrics for i, r in results.items()},
             "mean_fve": sum(r.metrics["fve"] for r in results.values()) / len(results),
             "mean_l0": sum(r.metrics["l0"] for r in results.values()) / len(results),
-            "config": asdict(cfg),
+            "config": asdict(settings),
         },
         lm.device,
         lm.dtype,

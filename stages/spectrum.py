@@ -21,7 +21,7 @@ from sponlab.studies.spectrum.stats import write_statistics, write_tables
 
 
 def main(
-    params: Path = PARAMS_OPTION,
+    params_file: Path = PARAMS_OPTION,
     model: Path = MODEL_OPTION,
     tables: Path = typer.Option(
         Path("metrics/spectrum"), "--tables", help="Folder for report.md and the CSV tables."
@@ -29,9 +29,9 @@ def main(
     figures: Path = typer.Option(Path("plots/spectrum"), "--figures", help="Folder for figures."),
     metrics: Path = typer.Option(Path("metrics/spectrum.json"), "--metrics"),
 ) -> None:
-    cfg = spectrum_params(read_params(params))
+    settings = spectrum_params(read_params(params_file))
     weights = load_weights(model)
-    result = analyse(weights, cfg)
+    result = analyse(weights, settings)
     with (
         timed(f"write spectrum report to {tables}, figures to {figures}"),
         replace_dir(tables) as tmp,

@@ -22,28 +22,28 @@ from sponlab.sweep.summary import (
 
 
 def main(
-    params: Path = PARAMS_OPTION,
+    params_file: Path = PARAMS_OPTION,
     evals: Path = typer.Option(EVALS, "--evals", help="Evaluate cells root."),
     trained: Path = typer.Option(Path("models/spon"), "--trained", help="Train cells root."),
     dense_metrics: Path = typer.Option(Path("metrics/dense.json"), "--dense-metrics"),
     metrics: Path = typer.Option(Path("metrics/summary.json"), "--metrics"),
     tables: Path = typer.Option(Path("metrics/tables"), "--tables", help="summary.{csv,md,tex}"),
 ) -> None:
-    cfg = read_params(params)
+    params = read_params(params_file)
     dense = read_json(dense_metrics)
     cells = [
         cell_result(
             read_json(cell_path(evals, config, s) / "metrics.json", producer="evaluate"),
             [
                 read_json(seed_path(cell_path(trained, config, s), k) / "train.json", "train")
-                for k in cfg.config(config).seeds
+                for k in params.config(config).seeds
             ],
             dense["parameters"],
         )
-        for config in cfg.swept
-        for s in cfg.sparsities
+        for config in params.swept
+        for s in params.sparsities
     ]
-    frame = summary_table(cells, cfg.summary.reference)
+    frame = summary_table(cells, params.summary.reference)
     with atomic_path(tables / "summary.csv") as tmp:
         frame.to_csv(tmp, index=False)
     write_text(tables / "summary.md", perplexity_line(dense) + "\n\n" + to_markdown(frame))

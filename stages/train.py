@@ -37,7 +37,7 @@ from sponlab.stages.common import (
 def main(
     config: str = typer.Option(..., "--config", help="Allocation config name from params.yaml."),
     sparsity: float = typer.Option(..., "--sparsity"),
-    params: Path = PARAMS_OPTION,
+    params_file: Path = PARAMS_OPTION,
     model: Path = MODEL_OPTION,
     data: Path = typer.Option(
         Path("data/blocks"), "--data", help="Folder with calib/train/val blocks."
@@ -48,9 +48,9 @@ def main(
         None, "--ranking", help="Layer-importance tables (layers.csv, curves.csv): ranked configs."
     ),
 ) -> None:
-    cfg = read_params(params)
-    alloc = cfg.config(config)
-    cfg.check_sparsity(sparsity)
+    params = read_params(params_file)
+    alloc = params.config(config)
+    params.check_sparsity(sparsity)
     out = out or cell_path(SPON, config, sparsity)
     described = alloc.layers.describe()
     if alloc.ranked:
@@ -68,7 +68,7 @@ def main(
         "modules": list(alloc.modules),
         "sparsify": alloc.sparsify,
         "sparsify_modules": list(alloc.sparsify_modules),
-        "method": cfg.sparsify.method,
+        "method": params.sparsify.method,
         "bias": alloc.bias,
         "init": alloc.init,
         "loss": alloc.loss if alloc.bias == "trained" else None,
@@ -79,7 +79,7 @@ def main(
             empty = SponBiases([], {}, alloc.parametrization)
             write_seed(seed_path(out, seed), {**meta, "seed": seed}, empty, TrainResult(), 0)
         return
-    train_seeds(cfg, alloc, sparsity, model, data, thresholds, out, meta)
+    train_seeds(params, alloc, sparsity, model, data, thresholds, out, meta)
 
 
 def made_for(thresholds: Path) -> str:
@@ -87,23 +87,23 @@ def made_for(thresholds: Path) -> str:
     return load_tensors(thresholds, producer="calibrate")[1]["model_fingerprint"]
 
 
-def train_seeds(cfg, alloc, sparsity, model, data, thresholds, out, meta) -> None:
+def train_seeds(params, alloc, sparsity, model, data, thresholds, out, meta) -> None:
     """Load the model, fit (or compute) the biases of every seed and write one folder each."""
-    loaded, site_map = load_base(cfg, model)
+    loaded, site_map = load_base(params, model)
     meta["model_fingerprint"] = loaded.fingerprint
     sites = bias_sites(alloc, site_map)
-    spec = cell_spec(cfg, alloc, sparsity, site_map, thresholds, loaded.fingerprint)
-    start = initial_biases(cfg, alloc, loaded.model, site_map, spec, sites, data, sparsity)
+    spec = cell_spec(params, alloc, sparsity, site_map, thresholds, loaded.fingerprint)
+    start = initial_biases(params, alloc, loaded.model, site_map, spec, sites, data, sparsity)
     val = None  # the validation blocks' dense targets, shared by the seeds
     if sites and alloc.bias == "trained":
         pool = load_blocks(data / "train.safetensors")
-        val = validation_targets(loaded.model, load_blocks(data / "val.safetensors"), cfg.train)
+        val = validation_targets(loaded.model, load_blocks(data / "val.safetensors"), params.train)
     for seed in alloc.seeds:
         biases = SponBiases.for_model(loaded.model, site_map, sites, alloc.parametrization)
         biases.load_state(start.state())
         result = TrainResult()
         if val is not None:
-            settings = replace(cfg.train, seed=seed, loss=alloc.loss)
+            settings = replace(params.train, seed=seed, loss=alloc.loss)
             # each seed draws its own blocks: host memory holds one seed's training targets
             teachers = teachers_for(loaded.model, pool, settings.blocks or len(pool), val, settings)
             what = f"train {alloc.name} at s={sparsity}, seed {seed}: {len(sites)} sites"
@@ -114,7 +114,7 @@ def train_seeds(cfg, alloc, sparsity, model, data, thresholds, out, meta) -> Non
         write_seed(seed_path(out, seed), {**meta, "seed": seed}, biases, result, len(sites))
 
 
-def initial_biases(cfg, alloc, model, site_map, spec, sites, data: Path, sparsity: float):
+def initial_biases(params, alloc, model, site_map, spec, sites, data: Path, sparsity: float):
     """Zeros, or the closed form on the calibration blocks (``bias`` or ``init: closed_form``)."""
     if sites and (alloc.bias == "closed_form" or alloc.init == "closed_form"):
         with timed(f"closed-form biases of {alloc.name} at s={sparsity} ({len(sites)} sites)"):
@@ -124,7 +124,7 @@ def initial_biases(cfg, alloc, model, site_map, spec, sites, data: Path, sparsit
                 spec,
                 sites,
                 load_blocks(data / "calib.safetensors"),
-                cfg.eval.batch_size,
+                params.eval.batch_size,
                 alloc.parametrization,
             )
     return SponBiases.for_model(model, site_map, sites, alloc.parametrization)

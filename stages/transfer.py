@@ -43,7 +43,7 @@ from sponlab.studies.transfer.transfer import (
 
 
 def main(
-    params: Path = PARAMS_OPTION,
+    params_file: Path = PARAMS_OPTION,
     model: Path = MODEL_OPTION,
     thresholds: Path = THRESHOLDS_OPTION,
     spon: Path = SPON_OPTION,
@@ -52,16 +52,16 @@ def main(
     figures: Path = typer.Option(Path("plots/transfer"), "--figures"),
     metrics: Path = typer.Option(Path("metrics/transfer.json"), "--metrics"),
 ) -> None:
-    p = read_params(params)
-    tp = interpret_params(p).transfer
-    ia.check_configs(tp.configs, p.configs, p.swept, "interpret.transfer.configs")
+    params = read_params(params_file)
+    tp = interpret_params(params).transfer
+    ia.check_configs(tp.configs, params.configs, params.swept, "interpret.transfer.configs")
     in_domain = pd.read_csv(summary)
     in_domain = in_domain[in_domain["config"].isin(tp.configs)].assign(domain="wikipedia (test)")
-    loaded, site_map = load_base(p, model)
+    loaded, site_map = load_base(params, model)
     cells = []
     for config in tp.configs:
-        alloc = p.config(config)
-        for s in p.sparsities:
+        alloc = params.config(config)
+        for s in params.sparsities:
             row = in_domain[(in_domain["config"] == config) & (in_domain["sparsity"] == s)]
             files = {k: seed_path(cell_path(spon, config, s), k) / "biases.safetensors"
                      for k in alloc.seeds}  # fmt: skip
@@ -69,18 +69,18 @@ def main(
                 k: load_biases(f, site_map, s, loaded.fingerprint)[0].to(loaded.device)
                 for k, f in files.items()
             }
-            spec = cell_spec(p, alloc, s, site_map, thresholds, loaded.fingerprint)
+            spec = cell_spec(params, alloc, s, site_map, thresholds, loaded.fingerprint)
             rel = float(row["relative_parameters"].iloc[0]) if len(row) else float("nan")
             cells.append(CellModels(config, s, alloc.sparsify, spec, seeds, rel))
-    bos = wants_bos(loaded.tokenizer, p.data.bos)
-    spec = BlockSpec(p.data.block_len, tp.blocks, bos, p.data.seed)
+    bos = wants_bos(loaded.tokenizer, params.data.bos)
+    spec = BlockSpec(params.data.block_len, tp.blocks, bos, params.data.seed)
     rows = []
     for domain in tp.domains:
         blocks = domain_blocks(domain, loaded.tokenizer, spec)
         with timed(f"transfer to {domain}: {tuple(blocks.shape)}, {len(cells)} cells"):
             found = evaluate_cells(
                 loaded.model, site_map, blocks, tp.batch_size, cells,
-                p.summary.min_damage, p.summary.noise_sigmas,
+                params.summary.min_damage, params.summary.noise_sigmas,
             )  # fmt: skip
         rows += [{"domain": domain, **r} for r in with_pareto(found)]
     frame = pd.concat([in_domain, pd.DataFrame(rows)], ignore_index=True)[list(rows[0])]

@@ -50,7 +50,7 @@ IN_DOMAIN = "wikipedia (test)"
 
 
 def main(
-    params: Path = PARAMS_OPTION,
+    params_file: Path = PARAMS_OPTION,
     model: Path = MODEL_OPTION,
     data: Path = typer.Option(Path("data/blocks"), "--data", help="Folder with val/test blocks."),
     thresholds: Path = THRESHOLDS_OPTION,
@@ -58,24 +58,26 @@ def main(
     figures: Path = typer.Option(Path("plots/transfer_training"), "--figures"),
     metrics: Path = typer.Option(Path("metrics/transfer_training.json"), "--metrics"),
 ) -> None:
-    p = read_params(params)
-    ip: InterpretParams = interpret_params(p)
+    params = read_params(params_file)
+    ip: InterpretParams = interpret_params(params)
     tt, sparsity = ip.transfer.training, ip.sparsity
-    alloc = p.config(tt.config)
+    alloc = params.config(tt.config)
     if alloc.bias != "trained" or alloc.init != "zeros" or alloc.ranked or not alloc.has_biases:
         raise ConfigError(
             "params.yaml: interpret.transfer.training.config must be a trained config with "
             f"biases, fixed layers and init zeros; {tt.config!r} is not"
         )
-    p.check_sparsity(sparsity)
-    loaded, site_map = load_base(p, model)
-    spec = cell_spec(p, alloc, sparsity, site_map, thresholds, loaded.fingerprint)
-    block = BlockSpec(p.data.block_len, 0, wants_bos(loaded.tokenizer, p.data.bos), p.data.seed)
-    sets = training_sets(p, tt, loaded.tokenizer, block)
+    params.check_sparsity(sparsity)
+    loaded, site_map = load_base(params, model)
+    spec = cell_spec(params, alloc, sparsity, site_map, thresholds, loaded.fingerprint)
+    block = BlockSpec(
+        params.data.block_len, 0, wants_bos(loaded.tokenizer, params.data.bos), params.data.seed
+    )
+    sets = training_sets(params, tt, loaded.tokenizer, block)
     with timed(f"train {tt.config} at s={sparsity} on {len(sets)} sets x {len(tt.seeds)} seeds"):
         trained = train_variants(
             loaded.model, site_map, spec, bias_sites(alloc, site_map), sets,
-            load_blocks(data / "val.safetensors"), replace(p.train, loss=alloc.loss, blocks=0),
+            load_blocks(data / "val.safetensors"), replace(params.train, loss=alloc.loss, blocks=0),
             tt.seeds, alloc.parametrization,
         )  # fmt: skip
     labels = {f"{mix} x{size}": (mix, size) for mix, size in trained}
@@ -89,7 +91,7 @@ def main(
         with timed(f"{domain}: {tuple(blocks.shape)}, {len(cells)} training sets"):
             found = evaluate_cells(
                 loaded.model, site_map, blocks, ip.transfer.batch_size, cells,
-                p.summary.min_damage, p.summary.noise_sigmas,
+                params.summary.min_damage, params.summary.noise_sigmas,
             )  # fmt: skip
         for row in found:
             mix, size = labels[row["config"]]
@@ -101,12 +103,12 @@ def main(
     write_metrics(metrics, training_metrics(frame), loaded.device, loaded.dtype)
 
 
-def training_sets(p, tt, tokenizer, block: BlockSpec) -> dict[tuple[str, int], torch.Tensor]:
+def training_sets(params, tt, tokenizer, block: BlockSpec) -> dict[tuple[str, int], torch.Tensor]:
     """(mix, size) -> training blocks: the pipeline's training text and domain training halves."""
     used = {source for mix in tt.mixes.values() for source in mix}
     sources = {d: domain_documents(d, "train") for d in used - {"train"}}
     if "train" in used:
-        sources["train"] = load_corpus(p.data.source, p.data.seed)["train"]
+        sources["train"] = load_corpus(params.data.source, params.data.seed)["train"]
     return {
         (mix, size): mixed_blocks(weights, size, sources, tokenizer, block)
         for mix, weights in tt.mixes.items()

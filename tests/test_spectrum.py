@@ -419,7 +419,7 @@ def test_stage_writes_report_figures_and_metrics(tmp_path):
     model_dir = save_tiny(tmp_path / "model", "qwen3", seed=3)
     out, metrics = tmp_path / "metrics" / "spectrum", tmp_path / "metrics" / "spectrum.json"
     figures = tmp_path / "plots" / "spectrum"
-    main(params=PARAMS, model=model_dir, tables=out, figures=figures, metrics=metrics)
+    main(params_file=PARAMS, model=model_dir, tables=out, figures=figures, metrics=metrics)
     md = (out / "report.md").read_text()
     links = re.findall(r"\]\(([^)]+\.png)\)", md)
     assert len(links) == 6 and all((out / link).resolve().parent == figures for link in links)
