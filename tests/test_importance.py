@@ -11,6 +11,7 @@ from conftest import write_params
 
 from sponlab.config import ConfigError, Section
 from sponlab.io.batches import BatchError, build_batches, ensure_pad_token, pad_batches
+from sponlab.model import capture
 from sponlab.model.capture import (
     ImportanceError,
     LayerAggregate,
@@ -25,7 +26,6 @@ from sponlab.model.capture import (
     site_dim,
     site_hooks,
     site_module,
-    site_tensors,
 )
 from sponlab.model.loading import freeze
 from sponlab.model.sites import discover_sites
@@ -41,6 +41,19 @@ from sponlab.studies.importance.importance import (
 from sponlab.studies.importance.sae import SparseAutoencoder
 
 # --- normalisation and power on known vectors ----------------------------------------------------
+
+
+def site_tensors(model, site_map, layers, batch, aggregate_by, site="mlp_act"):
+    """Per-token activations at ``site`` (``values``) or ``d loss / d activation`` (``gradients``)
+    of one batch, [B, T, D] per layer: the unaggregated tensors the streaming sums are checked
+    against."""
+    captured = {}
+
+    def keep(layer, tensor):
+        captured[layer] = tensor.detach().clone()
+
+    capture._forward(model, site_map, layers, batch, aggregate_by, keep, site)
+    return captured
 
 
 def test_normalize_known_vectors():

@@ -130,7 +130,7 @@ def test_kernel_spectrum_matches_direct_computation(tiny_llama):
     small_asym = kn.kernel_asymmetry(q, k)  # [H]
     layer = sp.layer_spectrum(tiny_llama, sites, dims, 2, ())
     for h in range(dims.heads):
-        a = kn.kernel_matrix(q[h], k[h])  # [D, D] direct
+        a = q[h].T @ k[h]  # [D, D]: the full kernel W_Q_h^T W_K_g, built directly
         assert a.shape == (dims.hidden, dims.hidden)
         full_sv = torch.linalg.svdvals(a)
         assert torch.linalg.matrix_rank(a) <= dims.head_dim

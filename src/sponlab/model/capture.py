@@ -183,25 +183,6 @@ def _device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
-def site_tensors(
-    model: nn.Module,
-    site_map: SiteMap,
-    layers: Sequence[int],
-    batch: TokenBatch,
-    aggregate_by: str,
-    site: str = "mlp_act",
-) -> dict[int, torch.Tensor]:
-    """Per-token activations at ``site`` (``values``) or ``d loss / d activation``
-    (``gradients``), [B, T, D]."""
-    captured: dict[int, torch.Tensor] = {}
-
-    def keep(layer: int, tensor: torch.Tensor) -> None:
-        captured[layer] = tensor.detach().clone()
-
-    _forward(model, site_map, layers, batch, aggregate_by, keep, site)
-    return captured
-
-
 def _forward(
     model: nn.Module,
     site_map: SiteMap,

@@ -88,11 +88,6 @@ def _library() -> ctypes.CDLL | None:
     return lib
 
 
-def compiled_available() -> bool:
-    """Whether the compiled kernel is usable here (else the ``embedding_bag`` fallback runs)."""
-    return _library() is not None
-
-
 def transposed_group(weights: list[torch.Tensor]) -> torch.Tensor:
     """Weights [out_j, in] that read one input -> one contiguous ``Wt`` [in, sum_j out_j]."""
     return torch.cat([w.detach().t() for w in weights], dim=1).contiguous()

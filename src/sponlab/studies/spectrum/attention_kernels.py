@@ -148,11 +148,6 @@ def head_weights(
     return q, k[index]
 
 
-def kernel_matrix(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-    """The full kernel A = W_Q_h^T W_K_g [D, D] of one head (direct; for checks and small D)."""
-    return q.transpose(-1, -2) @ k
-
-
 def kernel_singular_values(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     """Singular values of A = Q^T K for [..., d, D] inputs, computed in the d x d space.
 
