@@ -142,10 +142,13 @@ def analysis_sections(run: RunFiles, report_dir: Path) -> list[str]:
                 f"- SAEs on layers {', '.join(map(str, run.sae['layers']))}: mean held-out FVE "
                 f"{run.sae['mean_fve']:.3f}, mean L0 {run.sae['mean_l0']:.1f}."
             )
-        if run.importance:
+        if run.importance:  # its wall-clock timings stay in the metrics file: not results
+            layers = run.importance.get("layers", {})
+            tokens = run.importance["passes"]["values"]["tokens"]
             lines.append(
-                "- A gradient pass costs "
-                f"{run.importance['gradients_over_values']:.2f}x a values pass."
+                f"- Importance of values and loss gradients over {tokens} tokens: MLP features on "
+                f"{len(layers.get('mlp', []))} layers, SAE features on {len(layers.get('sae', []))}"
+                " (pass timings: metrics/importance.json)."
             )
         lines.append("")
         lines += _figure(report_dir, run.figures.get("importance"), "Gradient importance by layer.")
