@@ -7,8 +7,9 @@ from pathlib import Path
 import typer
 
 from sponlab.io.layout import BASE
+from sponlab.io.tensorio import replace_dir
 from sponlab.model.loading import build_base
-from sponlab.stages.common import PARAMS_OPTION, read_params, replace_dir, timed
+from sponlab.stages.common import PARAMS_OPTION, read_params, timed
 
 
 def main(

@@ -39,24 +39,6 @@ def timed(what: str) -> Iterator[None]:
     log.info("%s done in %.1fs", what, time.perf_counter() - start)
 
 
-@contextmanager
-def replace_dir(out: Path) -> Iterator[Path]:
-    """Yield a fresh temporary directory that replaces ``out`` only if the block succeeds."""
-    import shutil
-    import tempfile
-
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        yield tmp
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-
-
 def load_base(params: Params, model_dir: Path):
     """Load the base model once per process, frozen, with its discovered sites."""
     from sponlab.model.loading import load_model

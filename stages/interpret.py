@@ -11,16 +11,13 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any
 
 import typer
 
 from sponlab.io.data import wants_bos
-from sponlab.io.layout import EVALS, block_path, cell_path, seed_path
+from sponlab.io.layout import EVALS, block_path, cell_path
 from sponlab.io.provenance import write_metrics
-from sponlab.io.tensorio import write_table
 from sponlab.method.experiment import cell_spec
-from sponlab.method.spon import load_biases
 from sponlab.stages.common import (
     MODEL_OPTION,
     PARAMS_OPTION,
@@ -29,16 +26,22 @@ from sponlab.stages.common import (
     load_base,
     load_blocks,
     read_params,
-    replace_dir,
     timed,
 )
 from sponlab.studies.interpret import params as ia
-from sponlab.studies.interpret import plots, study
 from sponlab.studies.interpret import shift as sh
+from sponlab.studies.interpret import study
 from sponlab.studies.interpret.directions import RandomBaseline
+from sponlab.studies.interpret.files import (
+    interpret_summary,
+    load_checkpoints,
+    write_bias_reports,
+    write_prompts,
+    write_shift,
+    write_similarity,
+)
 from sponlab.studies.interpret.params import interpret_params
 from sponlab.studies.interpret.prompts import load_prompt_sets, select_prompts
-from sponlab.studies.interpret.similarity import similarity_table
 
 
 def main(
@@ -90,89 +93,15 @@ def main(
     shift = {n: sh.read_shift(cell_path(evals, n, s) / "shift.csv") for n in ip.configs}
     write_shift(tables / "shift", figures / "shift", s, shift, prompts.shift)
 
-    names = [n for n, (config, _) in checkpoints.items() if config in ip.similarity]
-    owners = {n: params.config(config) for n, (config, _) in checkpoints.items()}
-    seeds = {n: seed for n, (_, seed) in checkpoints.items()}
-    table = similarity_table(names, owners, vectors, baseline, seeds)
-    with replace_dir(tables / "similarity") as out, replace_dir(figures / "similarity") as fig:
-        write_table(out / "sites.csv", table.site_rows)
-        write_table(out / "pairs.csv", table.pair_rows)
-        plots.plot_similarity(
-            table.names, table.matrix, table.chance, table.per_layer, fig / "similarity.png"
-        )
-    summary: dict[str, Any] = {"sparsity": s, "checkpoints": {}}
-    for n in ip.configs:
-        summary["checkpoints"][n] = {
-            **reports[n].summary,
-            "prompt_kl_reduction": prompts.kl_reduction[n],
-            "shift": sh.shift_summary(shift[n], prompts.shift[n]),
-        }
-    summary |= {"prompts": prompts.summary, "similarity": table.summary()}
+    table = write_similarity(
+        tables / "similarity",
+        figures / "similarity",
+        checkpoints,
+        vectors,
+        baseline,
+        params.configs,
+        ip,
+    )
+    summary = interpret_summary(s, ip.configs, reports, prompts, shift, table)
     summary["seconds"] = {**seconds, "total": time.perf_counter() - begin}
     write_metrics(metrics, ia.clean(summary), loaded.device, loaded.dtype)
-
-
-def load_checkpoints(checkpoints: dict, spon: Path, s: float, loaded, site_map) -> dict:
-    """Each checkpoint's biases (name -> (config, seed)), checked against this model."""
-    return {
-        name: load_biases(
-            seed_path(cell_path(spon, config, s), seed) / "biases.safetensors",
-            site_map,
-            s,
-            loaded.fingerprint,
-        )[0].to(loaded.device)
-        for name, (config, seed) in checkpoints.items()
-    }
-
-
-def write_bias_reports(tables: Path, figures: Path, s: float, reports, vectors, ip) -> None:
-    """Per checkpoint: stats.csv, layers.csv, alignment.csv; heatmap, histograms, norms, alignment."""
-    with (
-        replace_dir(tables / "bias") as bias_t,
-        replace_dir(figures / "bias") as bias_f,
-        replace_dir(tables / "alignment") as align_t,
-        replace_dir(figures / "alignment") as align_f,
-    ):
-        for n, report in reports.items():
-            title = f"{n} s={s:g}"
-            t, f = cell_path(bias_t, n, s), cell_path(bias_f, n, s)
-            write_table(t / "stats.csv", report.stats)
-            write_table(t / "layers.csv", report.norms)
-            plots.plot_bias_heatmap(
-                vectors[n], ip.heatmap_dims, f"{title}: bias values", f / "heatmap.png"
-            )
-            plots.plot_bias_histograms(
-                vectors[n], f"{title}: bias values per layer", f / "histograms.png"
-            )
-            plots.plot_layer_norms(
-                report.norms, f"{title}: bias norm by layer", f / "layer_norms.png"
-            )
-            write_table(cell_path(align_t, n, s) / "alignment.csv", report.alignment)
-            if report.residual:
-                write_table(cell_path(align_t, n, s) / "residual.csv", report.residual)
-            plots.plot_alignment(
-                report.alignment,
-                f"{title}: bias alignment",
-                cell_path(align_f, n, s) / "alignment.png",
-            )
-
-
-def write_prompts(tables: Path, figures: Path, prompts: study.PromptReport) -> None:
-    with replace_dir(tables) as out, replace_dir(figures) as fig:
-        write_table(out / "effects.csv", prompts.effects)
-        write_table(out / "shift_by_layer.csv", prompts.layers)
-        plots.plot_prompt_effects(prompts.effects, fig / "kl.png")
-
-
-def write_shift(tables: Path, figures: Path, s: float, test: dict, prompts: dict) -> None:
-    """Per config: test.csv (from its evaluate cell), prompts.csv and the shift figure."""
-    with replace_dir(tables) as out, replace_dir(figures) as fig:
-        for n, rows in test.items():
-            folder = cell_path(out, n, s)
-            write_table(folder / "test.csv", rows)
-            write_table(
-                folder / "prompts.csv",
-                [{"category": c, **r} for c, cat in prompts[n].items() for r in cat],
-            )
-            title = f"{n} s={s:g}: hidden-state shift vs dense"
-            plots.plot_shift(rows, prompts[n], title, cell_path(fig, n, s) / "shift.png")

@@ -16,7 +16,7 @@ import typer
 
 from sponlab.io.layout import EVALS, block_path, cell_path, seed_path
 from sponlab.io.provenance import write_metrics
-from sponlab.io.tensorio import write_table
+from sponlab.io.tensorio import replace_dir, write_table
 from sponlab.method.experiment import cell_spec
 from sponlab.method.spon import load_biases
 from sponlab.stages.common import (
@@ -27,7 +27,6 @@ from sponlab.stages.common import (
     load_base,
     load_blocks,
     read_params,
-    replace_dir,
     timed,
 )
 from sponlab.studies.interpret import params as ia

@@ -20,7 +20,7 @@ import pandas as pd
 import typer
 
 from sponlab.io.data import BlockSpec, wants_bos
-from sponlab.io.layout import CURVE_VARIANTS, cell_path, curve_variant_path, seed_path
+from sponlab.io.layout import BLOCKS, CURVE_VARIANTS, cell_path, curve_variant_path, seed_path
 from sponlab.io.provenance import write_metrics
 from sponlab.io.tensorio import read_json, write_rows, write_table, write_text
 from sponlab.method.experiment import bias_sites, cell_spec
@@ -58,7 +58,7 @@ log = logging.getLogger(__name__)
 def main(
     params_file: Path = PARAMS_OPTION,
     model: Path = MODEL_OPTION,
-    data: Path = typer.Option(Path("data/blocks"), "--data", help="Train, val and test blocks."),
+    data: Path = typer.Option(BLOCKS, "--data", help="Train, val and test blocks."),
     thresholds: Path = THRESHOLDS_OPTION,
     spon: Path = typer.Option(Path("models/spon"), "--spon", help="Default train cells."),
     tables: Path = typer.Option(Path("metrics/learning_curve"), "--tables"),

@@ -15,6 +15,7 @@ from sponlab.io.data import (
     text_windows,
     wants_bos,
 )
+from sponlab.io.layout import BLOCKS
 from sponlab.io.tensorio import save_tensors
 from sponlab.model.loading import load_tokenizer
 from sponlab.stages.common import MODEL_OPTION, PARAMS_OPTION, read_params, timed
@@ -23,7 +24,7 @@ from sponlab.stages.common import MODEL_OPTION, PARAMS_OPTION, read_params, time
 def main(
     params_file: Path = PARAMS_OPTION,
     model: Path = MODEL_OPTION,
-    out: Path = typer.Option(Path("data/blocks"), "--out", help="Folder for <split>.safetensors."),
+    out: Path = typer.Option(BLOCKS, "--out", help="Folder for <split>.safetensors."),
 ) -> None:
     params = read_params(params_file)
     settings = params.data

@@ -10,11 +10,11 @@ import typer
 from sponlab.io.batches import build_batches
 from sponlab.io.data import load_corpus, wants_bos
 from sponlab.io.provenance import write_metrics
-from sponlab.io.tensorio import write_json
+from sponlab.io.tensorio import replace_dir, write_json
 from sponlab.model.capture import collect_activations, resolve_layers
 from sponlab.model.loading import load_model
 from sponlab.model.sites import discover_sites
-from sponlab.stages.common import MODEL_OPTION, PARAMS_OPTION, read_params, replace_dir, timed
+from sponlab.stages.common import MODEL_OPTION, PARAMS_OPTION, read_params, timed
 from sponlab.studies.importance.plots import plot_sae_training
 from sponlab.studies.importance.sae import sae_params, train_sae
 from sponlab.studies.importance.sae_files import save_sae

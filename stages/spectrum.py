@@ -7,8 +7,8 @@ from pathlib import Path
 import typer
 
 from sponlab.io.provenance import write_metrics
-from sponlab.io.tensorio import write_text
-from sponlab.stages.common import MODEL_OPTION, PARAMS_OPTION, read_params, replace_dir, timed
+from sponlab.io.tensorio import replace_dir, write_text
+from sponlab.stages.common import MODEL_OPTION, PARAMS_OPTION, read_params, timed
 from sponlab.studies.spectrum.plots import plot_all
 from sponlab.studies.spectrum.report import relative_link, render_report
 from sponlab.studies.spectrum.spectrum import (

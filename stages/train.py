@@ -14,14 +14,13 @@ from pathlib import Path
 
 import typer
 
-from sponlab.io.layout import SPON, cell_path, seed_path, threshold_path
-from sponlab.io.tensorio import load_tensors, write_json, write_rows
-from sponlab.method.closed_form import closed_form_biases
+from sponlab.io.layout import BLOCKS, SPON, cell_path, seed_path, threshold_path
+from sponlab.io.tensorio import load_tensors
+from sponlab.method.cell import fit_seeds, initial_biases, needs_closed_form, write_seed
 from sponlab.method.experiment import bias_sites, cell_spec
 from sponlab.method.ranked import ranked_layers, read_ranking
-from sponlab.method.spon import SponBiases, save_biases
-from sponlab.method.teachers import teachers_for, validation_targets
-from sponlab.method.train import TrainResult, train_spon
+from sponlab.method.spon import SponBiases
+from sponlab.method.train import TrainResult
 from sponlab.model.sites import LayerSelection
 from sponlab.stages.common import (
     MODEL_OPTION,
@@ -39,9 +38,7 @@ def main(
     sparsity: float = typer.Option(..., "--sparsity"),
     params_file: Path = PARAMS_OPTION,
     model: Path = MODEL_OPTION,
-    data: Path = typer.Option(
-        Path("data/blocks"), "--data", help="Folder with calib/train/val blocks."
-    ),
+    data: Path = typer.Option(BLOCKS, "--data", help="Folder with calib/train/val blocks."),
     thresholds: Path = THRESHOLDS_OPTION,
     out: Path = typer.Option(None, "--out", help="Default: models/spon/<config>/s<sparsity>"),
     ranking: Path = typer.Option(
@@ -88,72 +85,18 @@ def made_for(thresholds: Path) -> str:
 
 
 def train_seeds(params, alloc, sparsity, model, data, thresholds, out, meta) -> None:
-    """Load the model, fit (or compute) the biases of every seed and write one folder each."""
+    """Load the model and blocks, fit (or compute) the biases of every seed, one folder each."""
     loaded, site_map = load_base(params, model)
     meta["model_fingerprint"] = loaded.fingerprint
     sites = bias_sites(alloc, site_map)
     spec = cell_spec(params, alloc, sparsity, site_map, thresholds, loaded.fingerprint)
-    start = initial_biases(params, alloc, loaded.model, site_map, spec, sites, data, sparsity)
-    val = None  # the validation blocks' dense targets, shared by the seeds
+    calib = load_blocks(data / "calib.safetensors") if needs_closed_form(alloc, sites) else None
+    start = initial_biases(params, alloc, loaded.model, site_map, spec, sites, calib)
+    blocks = None
     if sites and alloc.bias == "trained":
-        pool = load_blocks(data / "train.safetensors")
-        val = validation_targets(loaded.model, load_blocks(data / "val.safetensors"), params.train)
-    for seed in alloc.seeds:
-        biases = SponBiases.for_model(loaded.model, site_map, sites, alloc.parametrization)
-        biases.load_state(start.state())
-        result = TrainResult()
-        if val is not None:
-            settings = replace(params.train, seed=seed, loss=alloc.loss)
-            # each seed draws its own blocks: host memory holds one seed's training targets
-            teachers = teachers_for(loaded.model, pool, settings.blocks or len(pool), val, settings)
-            what = f"train {alloc.name} at s={sparsity}, seed {seed}: {len(sites)} sites"
-            with timed(f"{what}, {biases.num_parameters()} params"):
-                result = train_spon(
-                    loaded.model, site_map, spec, biases, pool, val.blocks, settings, teachers
-                )
-        write_seed(seed_path(out, seed), {**meta, "seed": seed}, biases, result, len(sites))
-
-
-def initial_biases(params, alloc, model, site_map, spec, sites, data: Path, sparsity: float):
-    """Zeros, or the closed form on the calibration blocks (``bias`` or ``init: closed_form``)."""
-    if sites and (alloc.bias == "closed_form" or alloc.init == "closed_form"):
-        with timed(f"closed-form biases of {alloc.name} at s={sparsity} ({len(sites)} sites)"):
-            return closed_form_biases(
-                model,
-                site_map,
-                spec,
-                sites,
-                load_blocks(data / "calib.safetensors"),
-                params.eval.batch_size,
-                alloc.parametrization,
-            )
-    return SponBiases.for_model(model, site_map, sites, alloc.parametrization)
-
-
-def write_seed(
-    folder: Path, meta: dict, biases: SponBiases, result: TrainResult, sites: int
-) -> None:
-    """One seed's biases, loss curve, validation curve and train.json."""
-    write_rows(folder / "loss.csv", result.steps, ["step", "epoch", "loss", "lr", "grad_norm"])
-    write_rows(
-        folder / "val.csv",
-        result.epochs,
-        ["epoch", "step", "val_kl", "val_kl_se", "train_kl", "kept"],
-    )
-    write_json(
-        folder / "train.json",
-        {
-            **meta,
-            "sites": sites,
-            "parameters": biases.num_parameters(),
-            "best_epoch": result.best_epoch,
-            "epochs": result.epochs,
-            "training_blocks": len(result.blocks),
-            "training_tokens": result.tokens,
-            "steps": len(result.steps),
-            "autocast": result.autocast,
-            "blocks": result.blocks,
-            "diagnostics": result.diagnostics,
-        },
-    )
-    save_biases(folder / "biases.safetensors", biases, meta)
+        blocks = (load_blocks(data / "train.safetensors"), load_blocks(data / "val.safetensors"))
+    with timed(f"{alloc.name} at s={sparsity}: {len(alloc.seeds)} seed(s), {len(sites)} sites"):
+        for seed, biases, result in fit_seeds(
+            params, alloc, loaded.model, site_map, spec, start, blocks
+        ):
+            write_seed(seed_path(out, seed), {**meta, "seed": seed}, biases, result, len(sites))

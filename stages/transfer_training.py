@@ -21,6 +21,7 @@ import typer
 
 from sponlab.config import ConfigError
 from sponlab.io.data import BlockSpec, load_corpus, wants_bos
+from sponlab.io.layout import BLOCKS
 from sponlab.io.provenance import write_metrics
 from sponlab.io.tensorio import write_table, write_text
 from sponlab.method.experiment import bias_sites, cell_spec
@@ -52,7 +53,7 @@ IN_DOMAIN = "wikipedia (test)"
 def main(
     params_file: Path = PARAMS_OPTION,
     model: Path = MODEL_OPTION,
-    data: Path = typer.Option(Path("data/blocks"), "--data", help="Folder with val/test blocks."),
+    data: Path = typer.Option(BLOCKS, "--data", help="Folder with val/test blocks."),
     thresholds: Path = THRESHOLDS_OPTION,
     tables: Path = typer.Option(Path("metrics/transfer_training"), "--tables"),
     figures: Path = typer.Option(Path("plots/transfer_training"), "--figures"),
