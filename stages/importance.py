@@ -12,10 +12,10 @@ from sponlab.io.data import load_corpus, wants_bos
 from sponlab.io.provenance import write_metrics
 from sponlab.io.tensorio import replace_dir, write_json
 from sponlab.model.capture import (
+    activation_dim,
     feature_targets,
     resolve_layers,
     run_importance,
-    site_dim,
 )
 from sponlab.model.loading import load_model
 from sponlab.model.sites import discover_sites
@@ -68,7 +68,7 @@ def main(
     context = {
         "model": str(model),
         "model_type": lm.model.config.model_type,
-        "site": settings.site,
+        "activation": settings.activation,
         "split": settings.split,
     }
     summary: dict[str, Any] = {
@@ -85,7 +85,7 @@ def main(
                 targets_layers.get("mlp", []), targets_layers.get("sae", {}), aggregate_by
             )
             result = run_importance(
-                lm.model, site_map, batches, aggregate_by, targets, site=settings.site
+                lm.model, site_map, batches, aggregate_by, targets, activation=settings.activation
             )
             summary["passes"][aggregate_by] = result.timing()
             for features in targets:
@@ -118,6 +118,6 @@ def what_to_analyse(settings: ImportanceParams, model, site_map, sae: Path) -> d
         chosen = [i for i in find_saes(sae) if i in layers]
         if not chosen:
             raise typer.BadParameter(f"no SAE in {sae} for the selected layers {settings.layers}")
-        d_in = site_dim(model, site_map, chosen[0], settings.site)
-        out["sae"] = load_saes(sae, settings.site, d_in, chosen)
+        d_in = activation_dim(model, site_map, chosen[0], settings.activation)
+        out["sae"] = load_saes(sae, settings.activation, d_in, chosen)
     return out

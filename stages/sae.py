@@ -48,8 +48,8 @@ def main(
         settings.min_tokens,
         wants_bos(lm.tokenizer, params.data.bos),
     )
-    with timed(f"collect {settings.site} activations of layers {layers} ({settings.split})"):
-        acts = collect_activations(lm.model, site_map, layers, batches, settings.site)
+    with timed(f"collect {settings.activation} activations of layers {layers} ({settings.split})"):
+        acts = collect_activations(lm.model, site_map, layers, batches, settings.activation)
     results = {}
     with replace_dir(out) as tmp:
         for layer in layers:
@@ -66,7 +66,7 @@ def main(
                 )
             extra = {k: result.metrics[k] for k in ("fve", "l0", "mse", "dead_fraction")}
             extra |= {"model_name": str(model), "l1": settings.l1, "steps": settings.steps}
-            save_sae(tmp / f"layer_{layer}", result.sae, settings.site, layer, extra)
+            save_sae(tmp / f"layer_{layer}", result.sae, settings.activation, layer, extra)
             results[layer] = result
     with replace_dir(figures) as tmp:
         write_json(tmp / "history.json", {str(i): r.history for i, r in results.items()})

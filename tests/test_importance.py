@@ -16,6 +16,9 @@ from sponlab.model.capture import (
     ImportanceError,
     LayerAggregate,
     PassResult,
+    activation_dim,
+    activation_hooks,
+    activation_module,
     identity,
     mlp_input_module,
     next_token_loss_sum,
@@ -23,9 +26,6 @@ from sponlab.model.capture import (
     resolve_layers,
     run_importance,
     sae_targets,
-    site_dim,
-    site_hooks,
-    site_module,
 )
 from sponlab.model.loading import freeze
 from sponlab.model.sites import discover_sites
@@ -43,8 +43,8 @@ from sponlab.studies.importance.sae import SparseAutoencoder
 # --- normalisation and power on known vectors ----------------------------------------------------
 
 
-def site_tensors(model, site_map, layers, batch, aggregate_by, site="mlp_act"):
-    """Per-token activations at ``site`` (``values``) or ``d loss / d activation`` (``gradients``)
+def activation_tensors(model, site_map, layers, batch, aggregate_by, activation="mlp_act"):
+    """Per-token values of ``activation`` (``values``) or ``d loss / d activation`` (``gradients``)
     of one batch, [B, T, D] per layer: the unaggregated tensors the streaming sums are checked
     against."""
     captured = {}
@@ -52,7 +52,7 @@ def site_tensors(model, site_map, layers, batch, aggregate_by, site="mlp_act"):
     def keep(layer, tensor):
         captured[layer] = tensor.detach().clone()
 
-    capture._forward(model, site_map, layers, batch, aggregate_by, keep, site)
+    capture._forward(model, site_map, layers, batch, aggregate_by, keep, activation)
     return captured
 
 
@@ -147,7 +147,8 @@ def test_layer_choices_derive_from_the_model_depth():
         ({"power": -1}, "importance.power"),
         ({"power": []}, "importance.power"),
         ({"power": "a,b"}, "importance.power"),
-        ({"site": "attn_out"}, "importance.site"),
+        ({"activation": "attn_out"}, "importance.activation"),
+        ({"site": "mlp_out"}, "importance.site"),
         ({"layers": "3-1"}, "importance.layers"),
         ({"split": "dev"}, "importance.split"),
         ({"bogus": 1}, "importance.bogus"),
@@ -167,10 +168,10 @@ def _batch(lengths, vocab=512, seed=0):
     return pad_batches(seqs, len(seqs), pad_id=3)[0]
 
 
-def _loss_with_perturbation(model, site_map, batch, layer, index, delta, site="mlp_act"):
-    """Loss when ``delta`` [D] is added to the activation at ``site`` at (row, token)."""
+def _loss_with_perturbation(model, site_map, batch, layer, index, delta, activation="mlp_act"):
+    """Loss when ``delta`` [D] is added to the activation ``activation`` at (row, token)."""
     row, token = index
-    module = site_module(model, site_map, layer, site)
+    module = activation_module(model, site_map, layer, activation)
 
     def bump(x):
         x = x.clone()
@@ -183,7 +184,7 @@ def _loss_with_perturbation(model, site_map, batch, layer, index, delta, site="m
     def post_hook(_m, _args, out):
         return (bump(out[0]), *out[1:]) if isinstance(out, tuple) else bump(out)
 
-    if site == "mlp_act":
+    if activation == "mlp_act":
         handle = module.register_forward_pre_hook(pre_hook)
     else:
         handle = module.register_forward_hook(post_hook)
@@ -196,16 +197,16 @@ def _loss_with_perturbation(model, site_map, batch, layer, index, delta, site="m
 
 
 @pytest.mark.parametrize(
-    ("arch", "site"),
+    ("arch", "activation"),
     [("llama", "mlp_act"), ("gemma3", "mlp_act"), ("llama", "mlp_out"), ("qwen3", "resid_post")],
 )
-def test_gradients_match_finite_differences(arch, site):
+def test_gradients_match_finite_differences(arch, activation):
     model = tiny_model(arch, layers=3, hidden=32).double()
     freeze(model)
     site_map = discover_sites(model)
     batch = _batch([9, 6])  # row 1 is padded
-    grads = site_tensors(model, site_map, [0, 2], batch, "gradients", site)
-    assert grads[0].shape[-1] == site_dim(model, site_map, 0, site)
+    grads = activation_tensors(model, site_map, [0, 2], batch, "gradients", activation)
+    assert grads[0].shape[-1] == activation_dim(model, site_map, 0, activation)
     assert all(p.grad is None for p in model.parameters())  # the model stayed frozen
     # RMSNorm computes in float32 even for a float64 model, so eps must stay well above its
     # rounding; the central difference is still accurate to O(eps^2).
@@ -214,8 +215,12 @@ def test_gradients_match_finite_differences(arch, site):
         coord = coord % grads[layer].shape[-1]
         delta = torch.zeros(grads[layer].shape[-1], dtype=torch.float64)
         delta[coord] = eps
-        plus = _loss_with_perturbation(model, site_map, batch, layer, (row, token), delta, site)
-        minus = _loss_with_perturbation(model, site_map, batch, layer, (row, token), -delta, site)
+        plus = _loss_with_perturbation(
+            model, site_map, batch, layer, (row, token), delta, activation
+        )
+        minus = _loss_with_perturbation(
+            model, site_map, batch, layer, (row, token), -delta, activation
+        )
         fd = (plus - minus) / (2 * eps)
         captured = float(grads[layer][row, token, coord])
         assert abs(captured) > 1e-6
@@ -236,10 +241,10 @@ def test_sae_feature_gradient_matches_finite_differences():
     with torch.no_grad():
         for p in sae.parameters():
             p.normal_()
-    grad_x = site_tensors(model, site_map, [1], batch, "gradients")[1]
+    grad_x = activation_tensors(model, site_map, [1], batch, "gradients")[1]
     feat_grad = sae_targets({1: sae}, "gradients")[1](grad_x)  # [B, T, d_sae]
     eps, feature, row, token = 1e-4, 7, 0, 3  # |W_dec[j]| ~ 8: step ~1e-3
-    # f -> f + eps e_j moves decode(f), hence the site's activation, by eps * W_dec[j]
+    # f -> f + eps e_j moves decode(f), hence the captured activation, by eps * W_dec[j]
     delta = eps * sae.W_dec[feature].detach()
     plus = _loss_with_perturbation(model, site_map, batch, 1, (row, token), delta)
     minus = _loss_with_perturbation(model, site_map, batch, 1, (row, token), -delta)
@@ -302,7 +307,7 @@ def test_padding_excluded(aggregate_by):
             np.testing.assert_allclose(y, x, rtol=1e-4, atol=1e-7)
     # counting pad tokens would change the result: sanity-check the test can fail
     wrong = LayerAggregate()
-    feats = site_tensors(model, site_map, [0], padded[0], aggregate_by)[0]
+    feats = activation_tensors(model, site_map, [0], padded[0], aggregate_by)[0]
     wrong.add(feats, torch.ones_like(padded[0].attention_mask, dtype=torch.bool))
     assert not np.allclose(wrong.result("mean_abs"), a.aggregates["mlp"][0].result("mean_abs"))
 
@@ -329,7 +334,7 @@ def test_hooks_always_removed():
 
     with (
         pytest.raises(RuntimeError, match="boom"),
-        site_hooks(model, site_map, [0, 1], "mlp_act", boom),
+        activation_hooks(model, site_map, [0, 1], "mlp_act", boom),
     ):
         model(input_ids=torch.tensor([[5, 6, 7]]))
     assert all(not m._forward_pre_hooks for m in modules)
@@ -387,7 +392,7 @@ def test_stages_end_to_end(tmp_path, monkeypatch, repo_params):
     raw["base"].update(device="cpu", dtype="float32")
     raw["sae"] = {"layers": "1", "samples": 4, "max_length": 32, "steps": 40, "l1": 0.1}
     raw["importance"] = {"samples": 4, "max_length": 32, "batch_size": 3, "layers": "0-1"}
-    raw["importance"]["site"] = raw["sae"]["site"] = "mlp_act"
+    raw["importance"]["activation"] = raw["sae"]["activation"] = "mlp_act"
     params = write_params(tmp_path / "params.yaml", raw)
     sae_dir, out = tmp_path / "sae", tmp_path / "importance"
     sae_stage.main(params, model_dir, sae_dir, tmp_path / "sae_report", tmp_path / "sae.json")
@@ -441,7 +446,11 @@ def test_mlp_out_is_what_the_mlp_adds_to_the_residual_stream(arch):
 
         return hook
 
-    modules = {"block": block, "attn": attn_out, "mlp": site_module(model, site_map, 1, "mlp_out")}
+    modules = {
+        "block": block,
+        "attn": attn_out,
+        "mlp": activation_module(model, site_map, 1, "mlp_out"),
+    }
     handles = [m.register_forward_hook(keep(k)) for k, m in modules.items()]
     try:
         with torch.no_grad():
@@ -453,4 +462,4 @@ def test_mlp_out_is_what_the_mlp_adds_to_the_residual_stream(arch):
     added = resid_in + seen["attn"] + seen["mlp"]
     assert torch.allclose(added, seen["block"], atol=1e-10), arch
     assert (post_norm(block, "down_proj") is not None) == (arch == "gemma3")
-    assert resid_in.shape[-1] == site_dim(model, site_map, 1, "mlp_out")
+    assert resid_in.shape[-1] == activation_dim(model, site_map, 1, "mlp_out")

@@ -1,5 +1,5 @@
 """Sparse autoencoders: SAELens file format round trip, the three encoders against formulas
-written out here, site / d_in checks, training reduces the loss."""
+written out here, activation / d_in checks, training reduces the loss."""
 
 from __future__ import annotations
 
@@ -75,7 +75,7 @@ def test_save_load_round_trip_in_saelens_layout(tmp_path):
         load_saes(tmp_path, "mlp_out", 12, [5])
     with pytest.raises(SAEFileError, match="d_in=12"):
         load_saes(tmp_path, "mlp_out", d_in=13)
-    with pytest.raises(SAEFileError, match=r"importance\.site: mlp_out"):
+    with pytest.raises(SAEFileError, match=r"importance\.activation: mlp_out"):
         load_saes(tmp_path, "mlp_act", d_in=12)
 
 
@@ -170,7 +170,9 @@ def test_training_reduces_reconstruction_loss():
 
 def test_parse_params():
     p = parse_params(Section({}, "sae", "t"))
-    assert p.layers == "auto" and p.site == "mlp_out" and p.expansion == 2 and p.split == "train"
+    assert (
+        p.layers == "auto" and p.activation == "mlp_out" and p.expansion == 2 and p.split == "train"
+    )
     assert parse_params(Section({"layers": 3}, "sae", "t")).layers == "3"
     for raw, key in [({"layers": "a-b"}, "sae.layers"), ({"lr": 0}, "sae.lr"), ({"x": 1}, "sae.x")]:
         with pytest.raises(ConfigError, match=key):

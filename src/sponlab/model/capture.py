@@ -36,7 +36,7 @@ class ImportanceError(ValueError):
     """An importance computation that cannot give a meaningful answer (e.g. sum ~0)."""
 
 
-# A per-layer map from captured site tensors [B, T, D] to the analysed features [B, T, F].
+# A per-layer map from captured activation tensors [B, T, D] to the analysed features [B, T, F].
 Transform = Callable[[torch.Tensor], torch.Tensor]
 
 
@@ -50,7 +50,7 @@ def resolve_layers(spec: str, num_layers: int) -> list[int]:
     return parse_layer_spec(spec, num_layers)
 
 
-SITES: tuple[str, ...] = ("mlp_out", "mlp_act", "resid_post")
+ACTIVATIONS: tuple[str, ...] = ("mlp_out", "mlp_act", "resid_post")
 
 
 def parse_layers(sec: Section, default: str) -> str:
@@ -87,43 +87,45 @@ def post_norm(block: nn.Module, module: str) -> nn.Module | None:
     return getattr(block, name[module], None) if module in name else None
 
 
-def site_module(model: nn.Module, site_map: SiteMap, layer: int, site: str) -> nn.Module:
+def activation_module(
+    model: nn.Module, site_map: SiteMap, layer: int, activation: str
+) -> nn.Module:
     """The module whose input (``mlp_act``: down_proj) or output (``mlp_out``, ``resid_post``) is
-    the activation at ``site``.
+    the activation named ``activation``.
 
     ``mlp_out`` is what the MLP adds to the residual stream, as TransformerLens' ``hook_mlp_out``
     (the hook SAELens SAEs name): the MLP block's output in pre-norm models, the output of
     ``post_feedforward_layernorm`` in sandwich-norm ones (Gemma-2/3). ``resid_post``: the decoder
     layer's output."""
-    if site == "mlp_act":
+    if activation == "mlp_act":
         return mlp_input_module(model, site_map, layer)
-    if site == "mlp_out":
+    if activation == "mlp_out":
         normed = post_norm(model.get_submodule(f"{site_map.layers_path}.{layer}"), "down_proj")
         if normed is not None:
             return normed
         path = site_map.paths[site_map.require([Site(layer, "down_proj")])[0]]
         return model.get_submodule(path.rsplit(".", 1)[0])
-    if site == "resid_post":
+    if activation == "resid_post":
         return model.get_submodule(f"{site_map.layers_path}.{layer}")
-    raise ValueError(f"site must be one of {list(SITES)}, got {site!r}")
+    raise ValueError(f"activation must be one of {list(ACTIVATIONS)}, got {activation!r}")
 
 
-def site_dim(model: nn.Module, site_map: SiteMap, layer: int, site: str) -> int:
-    """Width of the activation at ``site``: intermediate size for ``mlp_act``, hidden otherwise."""
+def activation_dim(model: nn.Module, site_map: SiteMap, layer: int, activation: str) -> int:
+    """Width of the activation ``activation``: intermediate size for ``mlp_act``, hidden otherwise."""
     down = mlp_input_module(model, site_map, layer)
-    return down.in_features if site == "mlp_act" else down.out_features
+    return down.in_features if activation == "mlp_act" else down.out_features
 
 
 @contextmanager
-def site_hooks(
+def activation_hooks(
     model: nn.Module,
     site_map: SiteMap,
     layers: Sequence[int],
-    site: str = "mlp_act",
+    activation: str = "mlp_act",
     on_value: Callable[[int, torch.Tensor], None] | None = None,
     on_grad: Callable[[int, torch.Tensor], None] | None = None,
 ) -> Iterator[None]:
-    """Call ``on_value(layer, x)`` with each layer's activation at ``site`` and
+    """Call ``on_value(layer, x)`` with each layer's activation ``activation`` and
     ``on_grad(layer, dL/dx)`` in backward.
 
     For gradients the activation is made to require grad (it is a leaf when nothing upstream does,
@@ -133,8 +135,8 @@ def site_hooks(
     report = _report(on_value, on_grad)
 
     def register(layer: int):
-        module = site_module(model, site_map, layer, site)
-        if site == "mlp_act":
+        module = activation_module(model, site_map, layer, activation)
+        if activation == "mlp_act":
             return module.register_forward_pre_hook(lambda _m, args: report(layer, args[0]))
         return module.register_forward_hook(lambda _m, _a, out: report(layer, _first(out)))
 
@@ -190,19 +192,19 @@ def _forward(
     batch: TokenBatch,
     aggregate_by: str,
     sink: Callable[[int, torch.Tensor], None],
-    site: str = "mlp_act",
+    activation: str = "mlp_act",
 ) -> None:
     """One forward (``values``) or forward + backward (``gradients``) pass feeding ``sink``."""
     device = _device(model)
     ids = batch.input_ids.to(device)
     mask = batch.attention_mask.to(device)
     if aggregate_by == "values":
-        with torch.no_grad(), site_hooks(model, site_map, layers, site, on_value=sink):
+        with torch.no_grad(), activation_hooks(model, site_map, layers, activation, on_value=sink):
             _forward_body(model)(input_ids=ids, attention_mask=mask, use_cache=False)
         return
     if aggregate_by != "gradients":
         raise ValueError(f"aggregate_by must be one of {AGGREGATE_BY}, got {aggregate_by!r}")
-    with torch.enable_grad(), site_hooks(model, site_map, layers, site, on_grad=sink):
+    with torch.enable_grad(), activation_hooks(model, site_map, layers, activation, on_grad=sink):
         logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits  # [B, T, V]
         next_token_loss_sum(logits, ids, mask).backward()
 
@@ -269,11 +271,11 @@ def run_importance(
     aggregate_by: str,
     targets: Mapping[str, Mapping[int, Transform]],
     progress: bool = True,
-    site: str = "mlp_act",
+    activation: str = "mlp_act",
 ) -> PassResult:
     """Aggregate every target over all non-pad tokens in one pass over ``batches``.
 
-    ``targets[features][layer]`` maps the captured site tensor (values or gradients) of that layer
+    ``targets[features][layer]`` maps the captured activation tensor (values or gradients) of that layer
     to the analysed features (identity for raw activations, the SAE encoder or the SAE gradient
     projection), so raw and SAE features share the forward/backward passes.
     """
@@ -291,7 +293,7 @@ def run_importance(
     device = _device(model)
     for batch in tqdm(batches, desc=f"importance {aggregate_by}", disable=not progress):
         state["mask"] = batch.attention_mask.to(device).bool()  # [B, T]
-        _forward(model, site_map, layers, batch, aggregate_by, sink, site)
+        _forward(model, site_map, layers, batch, aggregate_by, sink, activation)
     seconds = time.perf_counter() - start
     tokens = sum(b.tokens for b in batches)
     log.info(
@@ -314,10 +316,10 @@ def collect_activations(
     site_map: SiteMap,
     layers: Sequence[int],
     batches: Sequence[TokenBatch],
-    site: str = "mlp_act",
+    activation: str = "mlp_act",
     progress: bool = True,
 ) -> dict[int, torch.Tensor]:
-    """Activations at ``site`` of every non-pad token, per layer ``[N, D]`` float32 on CPU (the
+    """The activation ``activation`` of every non-pad token, per layer ``[N, D]`` float32 on CPU (the
     SAE stage's training data; host memory, as SAE training runs there)."""
     rows: dict[int, list[torch.Tensor]] = {layer: [] for layer in layers}
     state: dict[str, torch.Tensor] = {}
@@ -328,7 +330,7 @@ def collect_activations(
     device = _device(model)
     for batch in tqdm(batches, desc="collect activations", disable=not progress):
         state["mask"] = batch.attention_mask.to(device).bool()
-        _forward(model, site_map, layers, batch, "values", keep, site)
+        _forward(model, site_map, layers, batch, "values", keep, activation)
     return {layer: torch.cat(parts) for layer, parts in rows.items()}
 
 

@@ -49,9 +49,9 @@ import numpy as np
 from sponlab.config import Params, Section, section_params
 from sponlab.io.data import SPLITS
 from sponlab.model.capture import (
+    ACTIVATIONS,
     AGGREGATE_BY,
     AGGREGATIONS,
-    SITES,
     ImportanceError,
     PassResult,
     parse_layers,
@@ -75,7 +75,7 @@ class ImportanceParams:
     normalize: tuple[str, ...] = BOTH_NORMALIZATIONS
     sum_tolerance: float = number(1e-6, "normalised layers must sum to 1 within this", lo=0, hi=1)
     layers: str = "all"  # parse_layers
-    site: str = choice("mlp_out", SITES, "the activations whose importance is measured")
+    activation: str = choice("mlp_out", ACTIVATIONS, "the activations whose importance is measured")
     split: str = choice("val", SPLITS, "the text they are measured on")
     samples: int = integer(32, "documents", lo=1)
     min_tokens: int = integer(32, "shortest document kept (tokens)", lo=2)

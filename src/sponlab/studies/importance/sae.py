@@ -3,7 +3,7 @@
 :class:`SparseAutoencoder` computes features as SAELens does for its ``standard`` (ReLU),
 ``jumprelu`` and ``topk`` architectures, so a public SAE (SAELens on-disk format, read by
 :mod:`sponlab.studies.importance.sae_files`) and one trained here are interchangeable. The ``sae`` stage
-trains small standard SAEs offline (none can be downloaded here) at the site ``sae.site`` of each
+trains small standard SAEs offline (none can be downloaded here) on the activation ``sae.activation`` of each
 chosen layer and saves them in that same format.
 
 Training (:func:`train_sae`): activations are scaled by one constant so that ``E ||x||^2 = d_in``
@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from sponlab.config import Params, Section, section_params
 from sponlab.io.data import SPLITS
-from sponlab.model.capture import SITES, parse_layers
+from sponlab.model.capture import ACTIVATIONS, parse_layers
 from sponlab.paramcheck import choice, integer, number, read_keys
 
 log = logging.getLogger(__name__)
@@ -39,7 +39,7 @@ class SAEParams:
     """The ``sae`` section of params.yaml (SAE training for the importance analysis)."""
 
     layers: str = "auto"  # first, middle and last layer (parse_layers)
-    site: str = choice("mlp_out", SITES, "the activations the SAE encodes")
+    activation: str = choice("mlp_out", ACTIVATIONS, "the activations the SAE encodes")
     split: str = choice("train", SPLITS, "the text it trains on")
     samples: int = integer(48, "documents", lo=1)
     min_tokens: int = integer(32, "shortest document kept (tokens)", lo=2)

@@ -7,7 +7,7 @@ layout (``hook_name``, ``architecture``, ``activation_fn_kwargs.k`` at the top) 
 (``metadata.hook_name``, ``k``). A folder of SAEs holds one such directory per layer
 (``layer_<i>/``, as the ``sae`` stage writes them), or is itself one SAE.
 
-Sites use TransformerLens hook names, which public SAE releases are keyed by:
+Activations are named as the TransformerLens hook points, which public SAE releases are keyed by:
 ``mlp_out`` = ``blocks.L.hook_mlp_out`` (the MLP block's output, hidden size; the default, as the
 gradient tools), ``mlp_act`` = ``blocks.L.mlp.hook_post`` (the down_proj input, intermediate
 size), ``resid_post`` = ``blocks.L.hook_resid_post`` (the decoder layer's output).
@@ -28,7 +28,7 @@ from sponlab.studies.importance.sae import SparseAutoencoder
 
 CFG_FILE = "cfg.json"
 WEIGHTS_FILE = "sae_weights.safetensors"
-SITES: dict[str, str] = {
+HOOK_NAMES: dict[str, str] = {
     "mlp_out": "blocks.{layer}.hook_mlp_out",
     "mlp_act": "blocks.{layer}.mlp.hook_post",
     "resid_post": "blocks.{layer}.hook_resid_post",
@@ -37,28 +37,28 @@ _HOOK_RE = re.compile(r"^blocks\.(\d+)\.(hook_mlp_out|mlp\.hook_post|hook_resid_
 
 
 class SAEFileError(ValueError):
-    """An SAE directory that cannot be used for the chosen site, layer or model."""
+    """An SAE directory that cannot be used for the chosen activation, layer or model."""
 
 
-def hook_name(site: str, layer: int) -> str:
-    """TransformerLens hook name of ``site`` at ``layer``."""
-    if site not in SITES:
-        raise SAEFileError(f"site must be one of {list(SITES)}, got {site!r}")
-    return SITES[site].format(layer=layer)
+def hook_name(activation: str, layer: int) -> str:
+    """TransformerLens hook name of ``activation`` at ``layer``."""
+    if activation not in HOOK_NAMES:
+        raise SAEFileError(f"activation must be one of {list(HOOK_NAMES)}, got {activation!r}")
+    return HOOK_NAMES[activation].format(layer=layer)
 
 
 def parse_hook(name: str) -> tuple[str, int]:
-    """``(site, layer)`` of a hook name; other hook points are an :class:`SAEFileError`."""
+    """``(activation, layer)`` of a hook name; other hook points are an :class:`SAEFileError`."""
     match = _HOOK_RE.match(name)
     if match is None:
-        known = ", ".join(p.format(layer="L") for p in SITES.values())
+        known = ", ".join(p.format(layer="L") for p in HOOK_NAMES.values())
         raise SAEFileError(f"SAE hook point {name!r} is not one sponlab reads ({known})")
-    site = next(s for s, p in SITES.items() if p.format(layer=match.group(1)) == name)
-    return site, int(match.group(1))
+    activation = next(s for s, p in HOOK_NAMES.items() if p.format(layer=match.group(1)) == name)
+    return activation, int(match.group(1))
 
 
 def save_sae(
-    directory: Path, sae: SparseAutoencoder, site: str, layer: int, extra: dict[str, Any]
+    directory: Path, sae: SparseAutoencoder, activation: str, layer: int, extra: dict[str, Any]
 ) -> Path:
     """Write one SAE as ``directory/{cfg.json, sae_weights.safetensors}`` (SAELens v6 layout)."""
     cfg = {
@@ -71,7 +71,7 @@ def save_sae(
         "normalize_activations": "none",
         "reshape_activations": "none",
         **({"k": sae.k} if sae.architecture == "topk" else {}),
-        "metadata": {"hook_name": hook_name(site, layer), **extra},
+        "metadata": {"hook_name": hook_name(activation, layer), **extra},
     }
     tensors = {name: getattr(sae, name).detach().float() for name in sae.tensor_names()}
     save_tensors(Path(directory) / WEIGHTS_FILE, tensors, {"format": "pt"})
@@ -151,10 +151,10 @@ def find_saes(directory: Path) -> dict[int, Path]:
 
 
 def load_saes(
-    directory: Path, site: str, d_in: int, layers: Iterable[int] | None = None
+    directory: Path, activation: str, d_in: int, layers: Iterable[int] | None = None
 ) -> dict[int, SparseAutoencoder]:
     """The SAEs of ``directory`` for ``layers`` (default: all found), each checked to read
-    ``site`` and to take ``d_in``-dimensional inputs."""
+    ``activation`` and to take ``d_in``-dimensional inputs."""
     found = find_saes(directory)
     wanted = sorted(found) if layers is None else sorted(set(layers))
     missing = [i for i in wanted if i not in found]
@@ -163,15 +163,15 @@ def load_saes(
     out = {}
     for layer in wanted:
         sae, cfg = load_sae(found[layer])
-        got_site, _ = parse_hook(cfg["hook_name"])
-        if got_site != site:
+        got_activation, _ = parse_hook(cfg["hook_name"])
+        if got_activation != activation:
             raise SAEFileError(
-                f"{found[layer]}: the SAE reads {cfg['hook_name']} ({got_site}) but the analysis "
-                f"site is {site} ({hook_name(site, layer)}); set importance.site: {got_site}"
+                f"{found[layer]}: the SAE reads {cfg['hook_name']} ({got_activation}) but the analysis "
+                f"activation is {activation} ({hook_name(activation, layer)}); set importance.activation: {got_activation}"
             )
         if sae.d_in != d_in:
             raise SAEFileError(
-                f"{found[layer]}: the SAE takes d_in={sae.d_in}, the model's {site} at layer "
+                f"{found[layer]}: the SAE takes d_in={sae.d_in}, the model's {activation} at layer "
                 f"{layer} has {d_in} dimensions (an SAE for another model?)"
             )
         out[layer] = sae
