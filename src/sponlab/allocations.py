@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sponlab.model.sites import PROJECTIONS, LayerSelection, parse_modules
-from sponlab.paramcheck import ConfigError, Section
+from sponlab.paramcheck import ConfigError, Section, choice, integer, number, read_keys
 
 PARAMETRIZATIONS = ("output", "input")
 BIAS_KINDS = ("trained", "closed_form")
@@ -158,19 +158,20 @@ ALLOCATION_KINDS = ("uniform", "greedy")
 class GreedyParams:
     """``sparsify.greedy``: TEAL's block-wise greedy search (:mod:`sponlab.method.greedy`)."""
 
-    step: float = 0.05  # weighted sparsity added per step, per q_proj-sized matrix (TEAL: 0.05)
-    blocks: int = 4  # first calibration blocks whose layer inputs and outputs drive the search
-    last_fraction: float = 0.25  # positions scored: the last fraction of each block (TEAL)
+    step: float = number(
+        0.05, "weighted sparsity added per step, per q_proj-sized matrix (TEAL: 0.05)", 1e-3, 0.5
+    )
+    blocks: int = integer(
+        4, "first calibration blocks whose layer inputs and outputs drive the search", lo=1
+    )
+    last_fraction: float = number(
+        0.25, "positions scored: the last fraction of each block (TEAL)", 0.01, 1.0
+    )
 
 
 def parse_greedy(sec: Section) -> GreedyParams:
     """The greedy search settings among a set's keys (``step``, ``blocks``, ``last_fraction``)."""
-    G = GreedyParams
-    return GreedyParams(
-        step=sec.number("step", G.step, lo=1e-3, hi=0.5),
-        blocks=sec.number("blocks", G.blocks, lo=1, integer=True),
-        last_fraction=sec.number("last_fraction", G.last_fraction, lo=0.01, hi=1.0),
-    )
+    return GreedyParams(**read_keys(GreedyParams, sec))
 
 
 def parse_sets(sec: Section, default_allocation: str) -> tuple[dict, dict, dict]:
@@ -204,12 +205,26 @@ def parse_sets(sec: Section, default_allocation: str) -> tuple[dict, dict, dict]
 class SparsifyParams:
     """``sparsify``: how TEAL zeroes inputs, which sets it calibrates and how they spread it."""
 
-    method: str = "teal"
-    threshold: str = "quantile"
-    calibration: str = "sequential"
+    method: str = choice(
+        "teal", SPARSIFY_METHODS, "teal (calibrated thresholds) | topk (per-token magnitude top-k)"
+    )
+    threshold: str = choice(
+        "quantile",
+        THRESHOLD_METHODS,
+        "quantile (exact empirical quantile of |x|) | histogram (streaming)",
+    )
+    calibration: str = choice(
+        "sequential",
+        CALIBRATION_MODES,
+        "sequential (each site sees its inputs with upstream sites sparsified) | dense",
+    )
     sets: Mapping[str, tuple[str, ...]] = field(default_factory=lambda: {"all": PROJECTIONS})
-    prefill: str = "all"
-    dense_prefix: int = 0
+    prefill: str = choice(
+        "all",
+        PREFILL_POLICIES,
+        "all: every token sparsified | dense_prefix: the first tokens kept dense",
+    )
+    dense_prefix: int = integer(0, "tokens kept dense under prefill: dense_prefix", lo=0)
     allocation: str = "uniform"  # default of the sets: uniform | greedy (TEAL's per-layer search)
     allocations: Mapping[str, str] = field(default_factory=lambda: {"all": "uniform"})  # per set
     greedy: Mapping[str, GreedyParams] = field(default_factory=lambda: {"all": GreedyParams()})
@@ -221,15 +236,14 @@ def parse_sparsify(sec: Section) -> SparsifyParams:
     allocation = sec.choice("allocation", ALLOCATION_KINDS, S.allocation)
     sets, allocations, greedy_params = parse_sets(sec, allocation)
     sparsify = SparsifyParams(
-        method=sec.choice("method", SPARSIFY_METHODS, S.method),
-        threshold=sec.choice("threshold", THRESHOLD_METHODS, S.threshold),
-        calibration=sec.choice("calibration", CALIBRATION_MODES, S.calibration),
-        sets=sets,
-        prefill=sec.choice("prefill", PREFILL_POLICIES, S.prefill),
-        dense_prefix=sec.number("dense_prefix", S.dense_prefix, lo=0, integer=True),
-        allocation=allocation,
-        allocations=allocations,
-        greedy=greedy_params,
+        **read_keys(
+            SparsifyParams,
+            sec,
+            sets=sets,
+            allocation=allocation,
+            allocations=allocations,
+            greedy=greedy_params,
+        )
     )
     sec.finish()
     greedy = sorted(name for name, kind in allocations.items() if kind == "greedy")

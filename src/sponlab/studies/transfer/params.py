@@ -8,7 +8,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from sponlab.paramcheck import Section
+from sponlab.paramcheck import Section, choice, integer, number, read_keys
 
 DOMAINS: tuple[str, ...] = ("code", "technical", "multilingual", "stories")
 MIX_SOURCES: tuple[str, ...] = ("train", *DOMAINS)  # train: the pipeline's own training text
@@ -36,9 +36,9 @@ class TransferParams:
     the configs evaluated at every sweep sparsity, and the evaluation batch size."""
 
     domains: tuple[str, ...] = DOMAINS
-    blocks: int = 16
+    blocks: int = integer(16, "128-token blocks scored per domain", lo=2)
     configs: tuple[str, ...] = ("UNIF-ALL", "ATTN-ONLY", "TOP-50")
-    batch_size: int = 8
+    batch_size: int = integer(8, "blocks per evaluation forward", lo=1)
     training: TransferTrainingParams = field(default_factory=TransferTrainingParams)
 
 
@@ -50,13 +50,14 @@ def parse_transfer(sec: Section) -> TransferParams:
     configs = sec.get("configs", list(TransferParams.configs))
     if not isinstance(configs, list) or not configs or not all(isinstance(c, str) for c in configs):
         raise sec.fail("configs", f"must be a non-empty list of config names, got {configs!r}")
-    params = TransferParams(
+    keys = read_keys(
+        TransferParams,
+        sec,
         domains=tuple(dict.fromkeys(domains)),
-        blocks=sec.number("blocks", TransferParams.blocks, lo=2, integer=True),
         configs=tuple(dict.fromkeys(configs)),
-        batch_size=sec.number("batch_size", TransferParams.batch_size, lo=1, integer=True),
         training=parse_training(sec.section("training")),
     )
+    params = TransferParams(**keys)
     sec.finish()
     return params
 
@@ -113,11 +114,11 @@ def parse_training(sec: Section) -> TransferTrainingParams:
 @dataclass(frozen=True)
 class LearningCurveParams:
     configs: tuple[str, ...] = ("UNIF-ALL", "ATTN-ONLY")
-    sparsity: float = 0.5
+    sparsity: float = number(0.5, "the sparsity every curve point trains at", lo=0, hi=1)
     sizes: tuple[int, ...] = (16, 32, 64, 128, 256, 512)  # training blocks per seed
     seeds: tuple[int, ...] = (0, 1, 2)
-    domain: str = "stories"  # the transfer domain scored beside the test blocks
-    domain_blocks: int = 16
+    domain: str = choice("stories", DOMAINS, "the transfer domain scored beside the test blocks")
+    domain_blocks: int = integer(16, "blocks of that domain scored", lo=2)
 
 
 def parse_learning_curve(sec: Section) -> LearningCurveParams:
@@ -138,13 +139,13 @@ def parse_learning_curve(sec: Section) -> LearningCurveParams:
             raise sec.fail(key, f"must be a non-empty list of integers, got {values!r}")
     if not isinstance(configs, list) or not configs or not all(isinstance(c, str) for c in configs):
         raise sec.fail("configs", f"must be a non-empty list of config names, got {configs!r}")
-    params = LearningCurveParams(
+    keys = read_keys(
+        D,
+        sec,
         configs=tuple(dict.fromkeys(configs)),
-        sparsity=sec.number("sparsity", D.sparsity, lo=0, hi=1),
         sizes=tuple(sorted(set(sizes))),
         seeds=tuple(dict.fromkeys(seeds)),
-        domain=sec.choice("domain", DOMAINS, D.domain),
-        domain_blocks=sec.number("domain_blocks", D.domain_blocks, lo=2, integer=True),
     )
+    params = LearningCurveParams(**keys)
     sec.finish()
     return params
