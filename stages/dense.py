@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from sponlab.io.layout import block_path
+from sponlab.io.layout import DENSE_METRICS, block_path
 from sponlab.io.provenance import write_metrics
 from sponlab.io.tensorio import save_tensors
 from sponlab.method.evaluate import capture_dense, evaluate_variant
@@ -25,7 +25,7 @@ def main(
     model: Path = MODEL_OPTION,
     blocks: Path = typer.Option(block_path("test"), "--blocks"),
     out: Path = typer.Option(Path("data/dense"), "--out", help="Folder for reference.safetensors."),
-    metrics: Path = typer.Option(Path("metrics/dense.json"), "--metrics"),
+    metrics: Path = typer.Option(DENSE_METRICS, "--metrics"),
 ) -> None:
     params = read_params(params_file)
     loaded, site_map = load_base(params, model)

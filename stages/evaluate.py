@@ -15,6 +15,7 @@ import typer
 
 from sponlab.io.layout import (
     BASELINES,
+    DENSE_METRICS,
     EVALS,
     SPON,
     baseline_path,
@@ -57,7 +58,7 @@ def main(
     model: Path = MODEL_OPTION,
     blocks: Path = typer.Option(block_path("test"), "--blocks"),
     dense: Path = typer.Option(Path("data/dense"), "--dense", help="Dense reference folder."),
-    dense_metrics: Path = typer.Option(Path("metrics/dense.json"), "--dense-metrics"),
+    dense_metrics: Path = typer.Option(DENSE_METRICS, "--dense-metrics"),
     thresholds: Path = THRESHOLDS_OPTION,
     baselines: Path = typer.Option(
         BASELINES, "--baselines", help="Root of the baseline stage's s<s>/<set>.json (TEAL-only)."

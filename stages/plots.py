@@ -7,7 +7,7 @@ from pathlib import Path
 import pandas as pd
 import typer
 
-from sponlab.io.layout import EVALS, SPON, cell_path, seed_path
+from sponlab.io.layout import DENSE_METRICS, EVALS, SPON, cell_path, seed_path
 from sponlab.io.tensorio import atomic_path, read_json
 from sponlab.stages.common import PARAMS_OPTION, read_params
 from sponlab.sweep import plots as figures
@@ -17,7 +17,7 @@ from sponlab.sweep.summary import sparsity_key
 def main(
     params_file: Path = PARAMS_OPTION,
     summary: Path = typer.Option(Path("metrics/tables/summary.csv"), "--summary"),
-    dense_metrics: Path = typer.Option(Path("metrics/dense.json"), "--dense-metrics"),
+    dense_metrics: Path = typer.Option(DENSE_METRICS, "--dense-metrics"),
     evals: Path = typer.Option(EVALS, "--evals"),
     trained: Path = typer.Option(SPON, "--trained"),
     allocations: Path = typer.Option(

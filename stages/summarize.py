@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-from sponlab.io.layout import EVALS, cell_path, seed_path
+from sponlab.io.layout import DENSE_METRICS, EVALS, cell_path, seed_path
 from sponlab.io.provenance import write_metrics
 from sponlab.io.tensorio import atomic_path, read_json, write_text
 from sponlab.stages.common import PARAMS_OPTION, read_params
@@ -25,7 +25,7 @@ def main(
     params_file: Path = PARAMS_OPTION,
     evals: Path = typer.Option(EVALS, "--evals", help="Evaluate cells root."),
     trained: Path = typer.Option(Path("models/spon"), "--trained", help="Train cells root."),
-    dense_metrics: Path = typer.Option(Path("metrics/dense.json"), "--dense-metrics"),
+    dense_metrics: Path = typer.Option(DENSE_METRICS, "--dense-metrics"),
     metrics: Path = typer.Option(Path("metrics/summary.json"), "--metrics"),
     tables: Path = typer.Option(Path("metrics/tables"), "--tables", help="summary.{csv,md,tex}"),
 ) -> None:

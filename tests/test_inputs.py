@@ -18,14 +18,22 @@ import torch
 from conftest import REPO_PARAMS
 from typer.testing import CliRunner
 
-from sponlab.io.provenance import environment, write_metrics
+from sponlab.io.provenance import cpu_identity, environment, write_metrics
 from sponlab.io.tensorio import InputFileError, load_tensors, save_tensors
 from sponlab.method.sparsify import load_thresholds, thresholds_to_tensors
 from sponlab.method.spon import SponBiases, load_biases, save_biases
 from sponlab.model.loading import model_fingerprint
 from sponlab.model.sites import discover_sites
 from sponlab.model.tiny import tiny_model
-from sponlab.tools.reproduce import compare_metrics, compare_outputs, lock_outputs
+from sponlab.tools.reproduce import (
+    compare_metrics,
+    compare_outputs,
+    compare_run,
+    cpu_of,
+    lock_outputs,
+    machine_line,
+    report,
+)
 
 META = {"split": "test", "source": "builtin", "block_len": 16, "bos": False, "seed": 3, "n": 7}
 
@@ -166,3 +174,52 @@ def test_reproduction_check_compares_hashes_and_numbers_but_not_timings():
     b = json.dumps({"ppl": 10.5, "seconds": 9.0, "env": {"threads": 4}, "l": [1, 2]})
     rows = {m.key: m.relative for m in compare_metrics("m.json", a, b)}
     assert rows == {"ppl": pytest.approx(0.05), "l[0]": 0.0, "l[1]": 0.0}
+
+
+INTEL = """processor\t: 0
+vendor_id\t: GenuineIntel
+cpu family\t: 6
+model\t\t: 143
+model name\t: Intel(R) Xeon(R) Platinum 8480+
+flags\t\t: fpu avx512f avx512_bf16 amx_bf16 amx_tile avx512_fp16
+
+processor\t: 1
+vendor_id\t: SomethingElse
+"""
+
+
+def test_cpu_identity_names_vendor_model_and_the_flags_that_pick_kernels():
+    assert cpu_identity(INTEL) == (
+        "GenuineIntel Intel(R) Xeon(R) Platinum 8480+ "
+        "(family 6, model 143; amx_tile amx_bf16 avx512_bf16 avx512_fp16)"
+    )
+    amd = INTEL.replace("GenuineIntel", "AuthenticAMD").replace(" amx_bf16 amx_tile", "")
+    assert "amx" not in cpu_identity(amd) and cpu_identity(amd).startswith("AuthenticAMD")
+    assert cpu_identity("") and environment()["cpu"] == cpu_identity()
+
+
+def test_reproduction_check_passes_metrics_that_differ_only_in_env_and_fails_a_number():
+    def env(cpu):
+        return {"env": {"cpu": cpu}, "seconds": 1.0 if cpu == "A" else 2.0}
+
+    ref_files = {
+        "metrics/m.json": json.dumps({"ppl": 10.0, **env("A")}),
+        "metrics/n.json": json.dumps({"ppl": 5.0, **env("A")}),
+    }
+    cur_files = {
+        "metrics/m.json": json.dumps({"ppl": 10.0, **env("B")}),
+        "metrics/n.json": json.dumps({"ppl": 5.5, **env("B")}),
+    }
+    lock = "stages:\n  a:\n    outs:\n    - path: metrics/m.json\n      md5: {m}\n"
+    lock += "    - path: metrics/n.json\n      md5: {n}\n"
+    files = {"dvc.lock": lock.format(m=1, n=2), **ref_files}
+    outputs, metrics = compare_run(files.__getitem__, lock.format(m=3, n=4), cur_files.get)
+    assert [(o.path, o.identical, o.passes) for o in outputs] == [
+        ("metrics/m.json", False, True),
+        ("metrics/n.json", False, False),
+    ]
+    assert [m.key for m in metrics if m.relative > 0] == ["ppl"]
+    assert "differs only in env / timings" in report(outputs, metrics, 0.0)
+    assert cpu_of(cur_files["metrics/m.json"]) == "B" and cpu_of("{}") == "not recorded"
+    assert machine_line("A", "A") == "reference CPU: A; this run: A"
+    assert "another or unrecorded CPU" in machine_line("A", "B")

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import typer
 
-from sponlab.io.layout import BASE, SPON, THRESHOLDS
+from sponlab.io.layout import BASE, DENSE_METRICS, SPON, THRESHOLDS
 
 app = typer.Typer(
     help="sponlab: TEAL activation sparsification and SPON bias compensation, stage by stage.",
@@ -104,10 +104,13 @@ def check_repro(
 
     from sponlab.tools import reproduce
 
-    def show(path: str) -> str:
-        done = subprocess.run(
+    def git_show(path: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
             ["git", "show", f"{reference}:{path}"], capture_output=True, text=True
         )
+
+    def show(path: str) -> str:
+        done = git_show(path)
         if done.returncode != 0:
             typer.secho(
                 f"error: no {path} at git revision {reference!r}: run inside the clone "
@@ -118,18 +121,15 @@ def check_repro(
             raise typer.Exit(2)
         return done.stdout
 
-    outputs = reproduce.compare_outputs(
-        reproduce.lock_outputs(show("dvc.lock")),
-        reproduce.lock_outputs(Path("dvc.lock").read_text()),
-    )
-    metrics = [
-        m
-        for o in outputs
-        if o.path.startswith("metrics/") and o.path.endswith(".json") and Path(o.path).is_file()
-        for m in reproduce.compare_metrics(o.path, show(o.path), Path(o.path).read_text())
-    ]
+    def read(path: str) -> str | None:
+        return Path(path).read_text() if Path(path).is_file() else None
+
+    outputs, metrics = reproduce.compare_run(show, Path("dvc.lock").read_text(), read)
+    ref_dense = git_show(str(DENSE_METRICS))
+    ref_cpu = reproduce.cpu_of(ref_dense.stdout if ref_dense.returncode == 0 else None)
+    typer.echo(reproduce.machine_line(ref_cpu, reproduce.cpu_of(read(str(DENSE_METRICS)))))
     typer.echo(reproduce.report(outputs, metrics, rtol))
-    failed = [o for o in outputs if not o.identical and not o.timed]
+    failed = [o for o in outputs if not o.passes]
     failed += [m for m in metrics if m.relative > rtol]
     raise typer.Exit(1 if failed else 0)
 

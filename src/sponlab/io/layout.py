@@ -12,6 +12,7 @@ BASE = Path("models/base")  # the de-quantised / downloaded base model (stage ba
 BLOCKS = Path("data/blocks")  # <split>.safetensors token blocks (stage prepare)
 THRESHOLDS = Path("models/thresholds")  # s<sparsity>/<set>.safetensors
 SPON = Path("models/spon")  # <config>/s<sparsity>/seed<k>/{biases.safetensors,train.json,...}
+DENSE_METRICS = Path("metrics/dense.json")  # dense perplexity and protocol (stage dense)
 BASELINES = Path("data/baseline")  # s<sparsity>/<set>.json (TEAL-only, shared by the cells)
 EVALS = Path("metrics/eval")  # <config>/s<sparsity>/{metrics.json,shift.csv,sparsity.csv}
 CURVE_VARIANTS = Path("models/learning_curve")  # <config>/s<sparsity>/b<size>/seed<k>/...

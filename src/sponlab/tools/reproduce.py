@@ -3,15 +3,16 @@
 After ``dvc repro`` in a fresh clone, the clone's ``dvc.lock`` records the hash of every output it
 produced and git still holds the committed reference. Outputs are compared by hash (bit-identical
 or not); metrics files (JSON) number by number, ignoring wall-clock timings and the ``env``
-record (:data:`IGNORED_KEYS`). Outputs that hold timings (:data:`TIMED_OUTPUTS`) are reported but
-do not fail the check.
+record (:data:`IGNORED_KEYS`). Outputs that hold timings (:data:`TIMED_OUTPUTS`), and metrics files
+that differ only in those keys, are reported but do not fail the check. Bit-identity is expected
+on the CPU that made the reference (its ``env.cpu``): :func:`machine_line` says when it is another.
 """
 
 from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,6 +44,7 @@ class OutputComparison:
     path: str
     reference: str | None
     current: str | None
+    provenance_only: bool = False  # a metrics file equal but for IGNORED_KEYS
 
     @property
     def identical(self) -> bool:
@@ -51,6 +53,10 @@ class OutputComparison:
     @property
     def timed(self) -> bool:
         return self.path.startswith(TIMED_OUTPUTS)
+
+    @property
+    def passes(self) -> bool:
+        return self.identical or self.timed or self.provenance_only
 
 
 @dataclass(frozen=True)
@@ -108,6 +114,58 @@ def compare_metrics(file: str, reference: str, current: str) -> list[MetricCompa
     return [MetricComparison(file, k, ref.get(k), cur.get(k)) for k in sorted(set(ref) | set(cur))]
 
 
+def without_ignored(value: Any) -> Any:
+    """A JSON value with every :data:`IGNORED_KEYS` entry removed, at any depth."""
+    if isinstance(value, Mapping):
+        return {k: without_ignored(v) for k, v in value.items() if k not in IGNORED_KEYS}
+    if isinstance(value, list):
+        return [without_ignored(v) for v in value]
+    return value
+
+
+def same_results(reference: str, current: str) -> bool:
+    """Two metrics JSON texts equal once timings and the ``env`` record are set aside."""
+    return without_ignored(json.loads(reference)) == without_ignored(json.loads(current))
+
+
+def is_metrics_file(path: str) -> bool:
+    return path.startswith("metrics/") and path.endswith(".json")
+
+
+def compare_run(
+    show: Callable[[str], str], lock_text: str, read: Callable[[str], str | None]
+) -> tuple[list[OutputComparison], list[MetricComparison]]:
+    """This run (``lock_text``, files by ``read``: None when absent) against the reference
+    (files by ``show``): every output, and every number of every metrics JSON file."""
+    outputs, metrics = [], []
+    for out in compare_outputs(lock_outputs(show("dvc.lock")), lock_outputs(lock_text)):
+        text = read(out.path) if is_metrics_file(out.path) else None
+        if text is not None:
+            ref = show(out.path)
+            metrics += compare_metrics(out.path, ref, text)
+            if not out.identical and same_results(ref, text):
+                out = OutputComparison(out.path, out.reference, out.current, True)
+        outputs.append(out)
+    return outputs, metrics
+
+
+def cpu_of(metrics_text: str | None) -> str:
+    """The ``env.cpu`` a metrics JSON text records (``not recorded`` for older files)."""
+    env = json.loads(metrics_text).get("env", {}) if metrics_text else {}
+    return env.get("cpu", "not recorded")
+
+
+def machine_line(reference_cpu: str, current_cpu: str) -> str:
+    """Which CPUs made the two runs; bit-identity is only expected on the same one."""
+    line = f"reference CPU: {reference_cpu}; this run: {current_cpu}"
+    if reference_cpu != current_cpu:
+        line += (
+            " (another or unrecorded CPU: BLAS takes other code paths, so float results may "
+            "differ in the last bits and hard thresholds amplify that; compare on the same CPU)"
+        )
+    return line
+
+
 def report(outputs: list[OutputComparison], metrics: list[MetricComparison], rtol: float) -> str:
     """Markdown summary: identical outputs, differing outputs, metrics beyond ``rtol``."""
     same = [o for o in outputs if o.identical]
@@ -118,9 +176,15 @@ def report(outputs: list[OutputComparison], metrics: list[MetricComparison], rto
         f"metrics compared: {len(metrics)}; beyond rtol={rtol:g}: {len(off)}",
     ]
     if differ:
-        rows = [[o.path, "holds timings" if o.timed else ""] for o in differ]
+        rows = [[o.path, _note(o)] for o in differ]
         lines.append("\n" + markdown_table(["output differs", "note"], rows))
     if off:
         rows = [[f"{m.file}: {m.key}", m.reference, m.current, f"{m.relative:.2e}"] for m in off]
         lines.append("\n" + markdown_table(["metric", "reference", "current", "rel. diff"], rows))
     return "\n".join(lines) + "\n"
+
+
+def _note(out: OutputComparison) -> str:
+    if out.provenance_only:
+        return "differs only in env / timings"
+    return "holds timings" if out.timed else ""
