@@ -251,3 +251,77 @@ def test_curve_line_reads_the_learning_curves_verdict():
     assert "not run" in curve_line(None, 128, 0.5)
     stale = curve_line(curve, 256, 0.5)  # the default budget moved after the curve ran
     assert "default of 128" in stale and "trains 256" in stale and "+6.2" not in stale
+
+
+def _findings(**verdicts):
+    """A findings.json with one claim per keyword (``a_s50="supported"``)."""
+    claims = {}
+    for key, verdict in verdicts.items():
+        name, sparsity = key.split("_s")
+        claims[f"{name}.s{sparsity}"] = {
+            "claim": name, "sparsity": int(sparsity) / 100, "statement": f"claim {name}",
+            "study": "-", "ours": "x", "verdict": verdict, "test": "t(2) = 1.0",
+        }  # fmt: skip
+    return {"claims": claims}
+
+
+@pytest.mark.parametrize(
+    ("verdicts", "expected"),
+    [
+        (["supported", "supported"], "agree"),
+        (["supported", "inconclusive"], "differ"),
+        (["contradicted", "inconclusive", "supported"], "opposite"),
+        (["supported", None], "not on every model"),
+    ],
+)
+def test_agreement_of_verdicts_over_models(verdicts, expected):
+    from sponlab.sweep.by_model import agreement
+
+    assert agreement(verdicts) == expected
+
+
+def test_findings_by_model_rows_put_each_models_verdict_beside_the_others():
+    from sponlab.sweep.by_model import findings_by_model_markdown, findings_by_model_rows
+
+    small = _findings(a_s50="supported", b_s50="inconclusive", c_s60="contradicted")
+    other = _findings(a_s50="contradicted", b_s50="inconclusive")
+    rows = findings_by_model_rows({"small": small, "other": other})
+    assert [r[0] for r in rows] == ["(a)", "(b)", "(c)"]
+    assert [r[-1] for r in rows] == ["opposite", "agree", "not on every model"]
+    assert rows[0][3].startswith("**supported**") and rows[0][4].startswith("**contradicted**")
+    assert rows[2][4] == "-"
+    text = findings_by_model_markdown({"small": small, "other": other})
+    assert text.startswith("3 claims over 2 models: 1 agree, 1 opposite, 1 not on every model.")
+    with pytest.raises(ValueError, match="at least two models"):
+        findings_by_model_markdown({"small": small})
+
+
+def test_findings_by_model_cli_reads_a_git_revision_and_the_workspace(tmp_path, monkeypatch):
+    """The CLI reads one model's findings at a committed revision (as for a DVC experiment) and
+    the other from the workspace; a malformed --model is refused with exit 2."""
+    import json
+    import subprocess
+    import sys
+
+    from typer.testing import CliRunner
+
+    from sponlab.cli import app
+
+    monkeypatch.chdir(tmp_path)
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run(["git", "init", "-q"], check=True)
+    subprocess.run([sys.executable, "-m", "dvc", "init", "-q"], check=True)
+    path = tmp_path / "metrics" / "findings.json"
+    path.parent.mkdir()
+    path.write_text(json.dumps(_findings(a_s50="supported")))
+    subprocess.run(["git", "add", "-A"], check=True)
+    subprocess.run([*git, "commit", "-q", "-m", "first model"], check=True)
+    path.write_text(json.dumps(_findings(a_s50="inconclusive")))
+    out = tmp_path / "by_model.md"
+    args = ["findings-by-model", "--model", "one=HEAD", "--model", "two=workspace"]
+    result = CliRunner().invoke(app, [*args, "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    row = out.read_text().splitlines()[-1]
+    assert "**supported**" in row and "**inconclusive**" in row and row.endswith("| differ |")
+    assert CliRunner().invoke(app, ["findings-by-model", "--model", "HEAD"]).exit_code == 2
+    assert CliRunner().invoke(app, [*args[:3], "--model", "x=nosuchrev"]).exit_code == 2

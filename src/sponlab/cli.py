@@ -91,6 +91,52 @@ def readme(
     typer.echo(f"refreshed {len(stale)} include block(s) in {path}")
 
 
+@app.command("findings-by-model")
+def findings_by_model(
+    model: list[str] = typer.Option(
+        ...,
+        "--model",
+        help="LABEL=REV, repeated: a model's run at a git revision or DVC experiment name "
+        "(REV 'workspace': this checkout's file).",
+    ),
+    path: str = typer.Option("metrics/findings.json", "--path", help="The findings file."),
+    out: Path = typer.Option(None, "--out", help="Write the Markdown here (default: print)."),
+) -> None:
+    """Each claim's verdict per model side by side, and whether the models agree."""
+    import json
+
+    from sponlab.sweep.by_model import findings_by_model_markdown
+
+    findings = {}
+    for spec in model:
+        label, sep, rev = spec.partition("=")
+        if not sep or not label or not rev:
+            typer.secho(f"error: --model {spec!r}: expected LABEL=REV", fg="red", err=True)
+            raise typer.Exit(2)
+        findings[label] = json.loads(_read_at(path, rev))
+    text = findings_by_model_markdown(findings) + "\n"
+    if out is None:
+        typer.echo(text, nl=False)
+    else:
+        from sponlab.io.tensorio import write_text
+
+        write_text(out, text)
+        typer.echo(f"wrote {out}")
+
+
+def _read_at(path: str, rev: str) -> str:
+    """``path`` at a git revision or DVC experiment name, or in the workspace."""
+    if rev == "workspace":
+        return Path(path).read_text()
+    import dvc.api
+
+    try:
+        return dvc.api.read(path, rev=rev)
+    except Exception as err:  # dvc raises several kinds for a missing rev or path
+        typer.secho(f"error: no {path} at {rev!r}: {err}", fg="red", err=True)
+        raise typer.Exit(2) from err
+
+
 @app.command("check-repro")
 def check_repro(
     reference: str = typer.Option("HEAD", "--reference", help="Git revision of the reference run."),
