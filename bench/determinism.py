@@ -6,10 +6,13 @@ process beside it (a CPU-bound loop on one core), and digests every output file 
 timing and environment fields dropped). Each stage must give one digest over all runs; the
 calibrate digest is also compared with the thresholds file the committed ``dvc.lock`` records.
 
-Needs the default pipeline's inputs (``dvc repro prepare``); the train and evaluate runs read the
-committed cell's inputs (thresholds, dense reference, baselines: ``dvc repro baseline``)::
+Needs the default pipeline's inputs up to the s=--sparsity baseline (``dvc repro
+baseline@all-0.5``: blocks, thresholds, dense reference, TEAL baselines). The train runs use
+params.yaml with ``train.blocks`` set to ``--train-blocks`` (the same code path on fewer steps;
+0 keeps params.yaml's), the evaluate runs score the biases the last train run wrote, so no trained
+cell of the workspace is needed::
 
-    python bench/determinism.py --runs 10 --mkl-cbwr AUTO,STRICT   # ~1 h on 2 cores
+    python bench/determinism.py --runs 10 --train-blocks 64   # ~35 min on 2 cores
 
 ``--mkl-cbwr VALUE`` sets MKL's conditional-numerical-reproducibility mode for the runs (MKL reads
 it when torch loads it, so only from the environment; default: inherit). Measured on this CPU
@@ -36,6 +39,8 @@ import time
 from pathlib import Path
 
 import yaml
+
+from sponlab.io.provenance import cpu_identity
 
 ROOT = Path(__file__).resolve().parent.parent
 SPONLAB = str(Path(sys.executable).with_name("sponlab"))
@@ -95,20 +100,35 @@ def locked_md5(out: str) -> str | None:
     return None
 
 
-def commands(scratch: Path, config: str, sparsity: float) -> dict[str, tuple[list[str], Path]]:
-    """The three stage commands of dvc.yaml, writing to ``scratch`` instead of the workspace."""
+def train_params(scratch: Path, blocks: int) -> str:
+    """params.yaml, or a copy in ``scratch`` with ``train.blocks`` set to ``blocks`` (> 0)."""
+    if blocks <= 0:
+        return "params.yaml"
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["train"]["blocks"] = blocks
+    path = scratch / "params.yaml"
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
+    return str(path)
+
+
+def commands(
+    scratch: Path, config: str, sparsity: float, train_blocks: int
+) -> dict[str, tuple[list[str], Path]]:
+    """The three stage commands of dvc.yaml, writing to ``scratch`` instead of the workspace;
+    evaluate scores the biases train wrote."""
     thresholds = scratch / "thresholds" / f"s{sparsity}" / "all.safetensors"
     trained = scratch / "spon"
     evals = scratch / "eval"
     common = ["--params", "params.yaml", "--sparsity", str(sparsity), "--model", "models/base"]
     calibrate = ["calibrate", *common, "--set", "all", "--blocks", "data/blocks/calib.safetensors"]
     calibrate += ["--out", str(thresholds), "--allocation", str(scratch / "allocation")]
-    train = ["train", *common, "--config", config, "--data", "data/blocks"]
+    train = ["train", "--params", train_params(scratch, train_blocks), *common[2:]]
+    train += ["--config", config, "--data", "data/blocks"]
     train += ["--thresholds", "models/thresholds", "--out", str(trained)]
     evaluate = ["evaluate", *common, "--config", config, "--blocks", "data/blocks/test.safetensors"]
     evaluate += ["--dense", "data/dense", "--dense-metrics", "metrics/dense.json"]
     evaluate += ["--thresholds", "models/thresholds", "--baselines", "data/baseline"]
-    evaluate += ["--trained", f"models/spon/{config}/s{sparsity}", "--out", str(evals)]
+    evaluate += ["--trained", str(trained), "--out", str(evals)]
     return {
         "calibrate": (calibrate, thresholds),
         "train": (train, trained),
@@ -122,12 +142,15 @@ def main() -> None:
     parser.add_argument("--config", default="TOP-75")
     parser.add_argument("--sparsity", type=float, default=0.5)
     parser.add_argument("--stages", default="calibrate,train,evaluate")
+    parser.add_argument("--train-blocks", type=int, default=64, help="train.blocks (0: params')")
     parser.add_argument("--mkl-cbwr", default=None, help="MKL_CBWR for the runs (default: inherit)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench/results/determinism.json")
     args = parser.parse_args()
     scratch = Path(tempfile.mkdtemp(prefix="sponlab-determinism-"))
-    plan = commands(scratch, args.config, args.sparsity)
+    plan = commands(scratch, args.config, args.sparsity, args.train_blocks)
     result: dict = {"runs": args.runs, "config": args.config, "sparsity": args.sparsity}
+    result["train_blocks"] = args.train_blocks
+    result["cpu"] = cpu_identity()
     result["mkl_cbwr"] = args.mkl_cbwr if args.mkl_cbwr is not None else os.environ.get("MKL_CBWR")
     for stage in args.stages.split(","):
         argv, out = plan[stage]
