@@ -209,7 +209,7 @@ def block_bootstrap_se(
     """Test-block noise of a cell's mean damage recovered: the blocks are resampled jointly
     (paired) for dense, TEAL and every seed's per-block NLL ``[N]``, and the SD of the
     recomputed mean damage recovered over ``draws`` resamples returned (ppl = exp of the mean
-    block NLL). nan when fewer than 2 blocks or no seeds."""
+    block NLL). nan when fewer than 2 blocks, no seeds, or a resample where TEAL does no damage."""
     import numpy as np
 
     d, t, s = np.asarray(dense), np.asarray(teal), np.asarray(spon, dtype=float)  # [N] [N] [S,N]
@@ -219,7 +219,8 @@ def block_bootstrap_se(
     idx = np.random.default_rng(seed).integers(0, n, size=(draws, n))  # [draws, N]
     pd_, pt = np.exp(d[idx].mean(-1)), np.exp(t[idx].mean(-1))  # [draws]
     ps = np.exp(s[:, idx].mean(-1))  # [S, draws]
-    recovered = ((pt - ps) / (pt - pd_)).mean(0)  # [draws]
+    with np.errstate(divide="ignore", invalid="ignore"):  # no damage in a resample: nan, no ratio
+        recovered = ((pt - ps) / (pt - pd_)).mean(0)  # [draws]
     return float(recovered.std(ddof=1))
 
 
