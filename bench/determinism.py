@@ -15,11 +15,13 @@ cell of the workspace is needed::
     python bench/determinism.py --runs 10 --train-blocks 64   # ~35 min on 2 cores
 
 ``--mkl-cbwr VALUE`` sets MKL's conditional-numerical-reproducibility mode for the runs (MKL reads
-it when torch loads it, so only from the environment; default: inherit). Measured on this CPU
-(AVX512/AMX, 2 threads): unset, 2 of 12 processes gave different TEAL-sparsified logits on their
-first forward; ``AUTO`` keeps the default kernels (a retrained cell's biases are byte-identical to
+it when torch loads it, so only from the environment; default: inherit). Measured on an Intel
+CPU (AVX512/AMX, 2 threads): unset, 2 of 12 processes gave different TEAL-sparsified logits on
+their first forward; ``AUTO`` keeps the default kernels (a retrained cell's biases are byte-identical to
 the committed ones) but still let a validation KL differ in the 6th digit; ``AUTO,STRICT`` gave
-10 of 10 identical calibrations, 9 of 9 identical trainings and 15 of 15 identical forwards.
+10 of 10 identical calibrations, 9 of 9 identical trainings and 15 of 15 identical forwards. On
+an AMD EPYC (Zen 4, 2026-12-04, ``--runs 10 --train-blocks 64``): one digest per stage over 10
+calibrate, 10 train and 10 evaluate runs.
 
 Writes bench/results/determinism.json; exit 1 if any stage gave more than one digest.
 """
