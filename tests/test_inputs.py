@@ -30,6 +30,7 @@ from sponlab.tools.reproduce import (
     compare_outputs,
     compare_run,
     cpu_of,
+    failures,
     lock_outputs,
     machine_line,
     report,
@@ -220,6 +221,11 @@ def test_reproduction_check_passes_metrics_that_differ_only_in_env_and_fails_a_n
     ]
     assert [m.key for m in metrics if m.relative > 0] == ["ppl"]
     assert "differs only in env / timings" in report(outputs, metrics, 0.0)
+    assert {f.path if hasattr(f, "path") else f.key for f in failures(outputs, metrics, 0.0)} == {
+        "metrics/n.json",
+        "ppl",
+    }
+    assert [f.key for f in failures(outputs, metrics, 0.2)] == []  # 5 -> 5.5 within 20%
     assert cpu_of(cur_files["metrics/m.json"]) == "B" and cpu_of("{}") == "not recorded"
     assert machine_line("A", "A") == "reference CPU: A; this run: A"
     assert "another or unrecorded CPU" in machine_line("A", "B")

@@ -5,7 +5,8 @@ produced and git still holds the committed reference. Outputs are compared by ha
 or not); metrics files (JSON) number by number, ignoring wall-clock timings and the ``env``
 record (:data:`IGNORED_KEYS`). Outputs that hold timings (:data:`TIMED_OUTPUTS`), and metrics files
 that differ only in those keys, are reported but do not fail the check. Bit-identity is expected
-on the CPU that made the reference (its ``env.cpu``): :func:`machine_line` says when it is another.
+on the CPU that made the reference (its ``env.cpu``): :func:`machine_line` says when it is another;
+there ``rtol`` > 0 judges the run by its metrics only (:func:`failures`).
 """
 
 from __future__ import annotations
@@ -166,6 +167,18 @@ def machine_line(reference_cpu: str, current_cpu: str) -> str:
     return line
 
 
+def failures(
+    outputs: list[OutputComparison], metrics: list[MetricComparison], rtol: float
+) -> list[OutputComparison | MetricComparison]:
+    """What fails the check: with ``rtol`` 0 (same CPU, bit-identity expected) every output that
+    neither is identical nor :attr:`~OutputComparison.passes`, and every metric off by more than
+    ``rtol``; with ``rtol`` > 0 (another CPU: compare by the numbers) only the metrics."""
+    failed: list[OutputComparison | MetricComparison] = []
+    if rtol == 0:
+        failed += [o for o in outputs if not o.passes]
+    return failed + [m for m in metrics if m.relative > rtol]
+
+
 def report(outputs: list[OutputComparison], metrics: list[MetricComparison], rtol: float) -> str:
     """Markdown summary: identical outputs, differing outputs, metrics beyond ``rtol``."""
     same = [o for o in outputs if o.identical]
@@ -187,4 +200,8 @@ def report(outputs: list[OutputComparison], metrics: list[MetricComparison], rto
 def _note(out: OutputComparison) -> str:
     if out.provenance_only:
         return "differs only in env / timings"
-    return "holds timings" if out.timed else ""
+    if out.timed:
+        return "holds timings"
+    if not is_metrics_file(out.path):
+        return "hash only: its numbers count through the metrics computed from it"
+    return ""
