@@ -13,7 +13,7 @@ from sponlab.io.provenance import write_metrics
 from sponlab.io.tensorio import read_json, write_text
 from sponlab.stages.common import PARAMS_OPTION, read_params
 from sponlab.studies.interpret.params import InterpretParams, interpret_params
-from sponlab.sweep.budget import budget_line, curve_line
+from sponlab.sweep.budget import budget_line, curve_line, default_recovered
 from sponlab.sweep.findings import (
     false_positive_line,
     findings_json,
@@ -66,7 +66,9 @@ def main(
     everything = [*found, *moved]
     write_metrics(out, findings_json(everything))
     lc = read_json(curve, "learning-curve") if curve.is_file() else None
-    lines = [budget_line(frame), curve_line(lc, params.train.blocks, ip.learning_curve.sparsity)]
+    lc_sparsity = ip.learning_curve.sparsity
+    observed = default_recovered(frame, lc_sparsity)
+    lines = [budget_line(frame), curve_line(lc, params.train.blocks, lc_sparsity, observed)]
     text = "\n\n".join([*lines, false_positive_line(everything), ""])
     text += findings_markdown(found)
     if moved:

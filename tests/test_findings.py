@@ -3,7 +3,7 @@
 import pandas as pd
 import pytest
 
-from sponlab.sweep.budget import budget_line, curve_line
+from sponlab.sweep.budget import budget_line, curve_line, default_recovered
 from sponlab.sweep.findings import (
     claim_a,
     claim_b,
@@ -251,6 +251,18 @@ def test_curve_line_reads_the_learning_curves_verdict():
     assert "not run" in curve_line(None, 128, 0.5)
     stale = curve_line(curve, 256, 0.5)  # the default budget moved after the curve ran
     assert "default of 128" in stale and "trains 256" in stale and "+6.2" not in stale
+    curve["UNIF-ALL"]["b128"] = {"test_recovered": 0.347306}  # the default cell's recipe
+    assert "+6.2" in curve_line(curve, 128, 0.5, {"UNIF-ALL": 0.3473065497})
+    other = curve_line(curve, 128, 0.5, {"UNIF-ALL": 0.2841, "TOP-50": 0.3})  # another model
+    assert "not this run's UNIF-ALL cell (28.4%)" in other and "+6.2" not in other
+
+
+def test_default_recovered_reads_the_summary_rows_at_the_curves_sparsity():
+    frame = pd.DataFrame(
+        {"config": ["UNIF-ALL", "UNIF-ALL", "BASELINE-TEAL"], "sparsity": [0.5, 0.6, 0.5],
+         "damage_recovered": [0.35, 0.6, float("nan")]}
+    )  # fmt: skip
+    assert default_recovered(frame, 0.5) == {"UNIF-ALL": 0.35}
 
 
 def _findings(**verdicts):

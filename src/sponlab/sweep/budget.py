@@ -27,13 +27,54 @@ def budget_line(frame: pd.DataFrame) -> str:
     )
 
 
+def default_recovered(frame: pd.DataFrame, sparsity: float) -> dict[str, float]:
+    """Mean damage recovered per config at ``sparsity`` (the summary's rows): what the learning
+    curve's default-size point must reproduce."""
+    rows = frame[(frame["sparsity"] - sparsity).abs() < 1e-9] if "sparsity" in frame else frame[:0]
+    return {
+        r.config: float(r.damage_recovered)
+        for r in rows.itertuples()
+        if not pd.isna(r.damage_recovered)
+    }
+
+
 CURVE_READING = {SUPPORTED: "data-limited", CONTRADICTED: "saturated", INCONCLUSIVE: "inconclusive"}
 
 
-def curve_line(curve: Mapping[str, Any] | None, blocks: int, sparsity: float) -> str:
+# The curve's point at the default size is the default cell's own recipe (same seeds, same drawn
+# blocks): its mean damage recovered equals the cell's up to the curve's 6-decimal per-seed values.
+CURVE_MATCH_ATOL = 1e-5
+
+
+def curve_mismatch(
+    curve: Mapping[str, Any], blocks: int, observed: Mapping[str, float] | None
+) -> str | None:
+    """Why the curve is not this run's (another model, CPU or code), or None: its point at the
+    default size must equal the default cell's damage recovered (``observed``: config -> mean)."""
+    for config, value in (observed or {}).items():
+        point = curve.get(config, {}).get(f"b{blocks}", {}).get("test_recovered")
+        if point is None or value is None or abs(point - value) <= CURVE_MATCH_ATOL:
+            continue
+        return (
+            f"Learning curve: its {blocks}-block point for {config} ({100 * point:.1f}% recovered) "
+            f"is not this run's {config} cell ({100 * value:.1f}%), which trains the same recipe: "
+            "the curve comes from another model or run (a frozen stage: `dvc exp run` does not "
+            "re-run it); re-run the learning-curve stage (README *Other sweeps*) before reading "
+            "its slope."
+        )
+    return None
+
+
+def curve_line(
+    curve: Mapping[str, Any] | None,
+    blocks: int,
+    sparsity: float,
+    observed: Mapping[str, float] | None = None,
+) -> str:
     """Is the default's recovery limited by its training data? The learning curve's per-seed slope
     at the default size, tested one-sided against zero (metrics/learning_curve.json); a curve
-    whose default was another ``train.blocks`` says so instead of lending its slope to this one."""
+    whose default was another ``train.blocks``, or whose default-size point is not this run's
+    cell (``observed``, :func:`curve_mismatch`), says so instead of lending its slope."""
     if not curve:
         return "Learning curve: not run (README *Other sweeps*); data limitation untested."
     ran_at = {c.get("default_blocks") for k, c in curve.items() if k != "env"}
@@ -48,6 +89,9 @@ def curve_line(curve: Mapping[str, Any] | None, blocks: int, sparsity: float) ->
             f"training blocks per seed, this run trains {blocks}; re-run the learning-curve stage "
             "(README *Other sweeps*) to test the slope at this budget."
         )
+    mismatch = curve_mismatch(curve, blocks, observed)
+    if mismatch:
+        return mismatch
     parts = []
     for config, cell in curve.items():
         slope = cell.get("slope_at_default", {}).get("test_recovered") if config != "env" else None
