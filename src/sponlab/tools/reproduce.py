@@ -96,37 +96,36 @@ def compare_outputs(
     return [OutputComparison(p, reference.get(p), current.get(p)) for p in paths]
 
 
-def flatten(value: Any, prefix: str = "") -> Iterator[tuple[str, float]]:
-    """``(dotted key, number)`` for every number in a JSON value, skipping :data:`IGNORED_KEYS`."""
-    if isinstance(value, Mapping):
+def leaves(value: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
+    """``(dotted key, value)`` for every leaf of a JSON value (numbers, strings, booleans, null,
+    empty containers), skipping :data:`IGNORED_KEYS` at any depth."""
+    if isinstance(value, Mapping) and value:
         for key, item in value.items():
             if key not in IGNORED_KEYS:
-                yield from flatten(item, f"{prefix}.{key}" if prefix else str(key))
-    elif isinstance(value, list):
+                yield from leaves(item, f"{prefix}.{key}" if prefix else str(key))
+    elif isinstance(value, list) and value:
         for index, item in enumerate(value):
-            yield from flatten(item, f"{prefix}[{index}]")
-    elif isinstance(value, (int, float)) and not isinstance(value, bool):
-        yield prefix, float(value)
+            yield from leaves(item, f"{prefix}[{index}]")
+    else:
+        yield prefix, value
+
+
+def flatten(value: Any, prefix: str = "") -> Iterator[tuple[str, float]]:
+    """``(dotted key, number)`` for every number in a JSON value, skipping :data:`IGNORED_KEYS`."""
+    for key, leaf in leaves(value, prefix):
+        if isinstance(leaf, (int, float)) and not isinstance(leaf, bool):
+            yield key, float(leaf)
+
+
+def compare_values(file: str, reference: Any, current: Any) -> list[MetricComparison]:
+    """Every number of one metrics file (parsed JSON of both runs)."""
+    ref, cur = dict(flatten(reference)), dict(flatten(current))
+    return [MetricComparison(file, k, ref.get(k), cur.get(k)) for k in sorted(set(ref) | set(cur))]
 
 
 def compare_metrics(file: str, reference: str, current: str) -> list[MetricComparison]:
     """Every number of one metrics JSON file (texts of both runs)."""
-    ref, cur = dict(flatten(json.loads(reference))), dict(flatten(json.loads(current)))
-    return [MetricComparison(file, k, ref.get(k), cur.get(k)) for k in sorted(set(ref) | set(cur))]
-
-
-def without_ignored(value: Any) -> Any:
-    """A JSON value with every :data:`IGNORED_KEYS` entry removed, at any depth."""
-    if isinstance(value, Mapping):
-        return {k: without_ignored(v) for k, v in value.items() if k not in IGNORED_KEYS}
-    if isinstance(value, list):
-        return [without_ignored(v) for v in value]
-    return value
-
-
-def same_results(reference: str, current: str) -> bool:
-    """Two metrics JSON texts equal once timings and the ``env`` record are set aside."""
-    return without_ignored(json.loads(reference)) == without_ignored(json.loads(current))
+    return compare_values(file, json.loads(reference), json.loads(current))
 
 
 def is_metrics_file(path: str) -> bool:
@@ -142,9 +141,9 @@ def compare_run(
     for out in compare_outputs(lock_outputs(show("dvc.lock")), lock_outputs(lock_text)):
         text = read(out.path) if is_metrics_file(out.path) else None
         if text is not None:
-            ref = show(out.path)
-            metrics += compare_metrics(out.path, ref, text)
-            if not out.identical and same_results(ref, text):
+            ref, cur = json.loads(show(out.path)), json.loads(text)
+            metrics += compare_values(out.path, ref, cur)
+            if not out.identical and dict(leaves(ref)) == dict(leaves(cur)):  # env / timings only
                 out = OutputComparison(out.path, out.reference, out.current, True)
         outputs.append(out)
     return outputs, metrics
