@@ -52,3 +52,19 @@ def test_report_carries_the_runs_numbers_and_relative_figure_links(tmp_path):
     assert "## The study's claims, re-tested" in text and "| (a) |" in text
     assert "| config | sparsity |" in text
     assert "## How recovery grows with training tokens" in text and "128 (default)" in text
+
+
+def test_layer_section_says_na_when_no_layers_biases_help():
+    # a run whose biases help nowhere writes null shares and null layer counts (nan in JSON)
+    from sponlab.sweep.report import layers_section
+
+    layers = {
+        "config": "UNIF-ALL",
+        "sparsity": 0.5,
+        "ppl_teal": 63.1,
+        "ppl_full": 63.1,
+        "layers_needed": {"measured": {"0.8": None}},
+        "phase_share": {"importance": {"early": None, "middle": float("nan"), "late": None}},
+    }
+    text = "\n".join(layers_section(layers, {}, Path(".")))
+    assert "80%: n/a" in text and "early / middle / late: n/a / n/a / n/a." in text

@@ -50,6 +50,11 @@ def _fmt(value: Any, digits: int = 2) -> str:
     return "n/a" if value is None or pd.isna(value) else f"{float(value):.{digits}f}"
 
 
+def _percent(share: Any) -> str:
+    """A share in [0, 1] as a whole percentage; ``n/a`` when undefined (null/nan in the JSON)."""
+    return "n/a" if share is None or pd.isna(share) else f"{100 * float(share):.0f}%"
+
+
 def run_section(run: RunFiles) -> list[str]:
     """Model, data, perplexity protocol and versions."""
     p, env = run.params, run.dense.get("env", {})
@@ -242,10 +247,12 @@ def layers_section(
         "",
         f"- Validation ppl TEAL {metrics['ppl_teal']:.2f} -> {metrics['ppl_full']:.2f} with all "
         "biases; layers needed for "
-        + ", ".join(f"{100 * float(k):.0f}%: {v}" for k, v in needed.items())
+        + ", ".join(
+            f"{100 * float(k):.0f}%: {'n/a' if v is None else v}" for k, v in needed.items()
+        )
         + " of the benefit.",
         "- Importance share early / middle / late: "
-        + " / ".join(f"{100 * share[k]:.0f}%" for k in ("early", "middle", "late") if k in share)
+        + " / ".join(_percent(share[k]) for k in ("early", "middle", "late") if k in share)
         + ".",
         "",
     ]
