@@ -139,3 +139,15 @@ def test_spec_validation():
         SparsifySpec("random", 0.5, ())
     with pytest.raises(ValueError, match="threshold"):
         SparsifySpec("teal", 0.5, (Site(0, "q_proj"),), {})
+
+
+def test_sorted_threshold_is_the_selection_threshold():
+    # greedy allocation sorts a group's |x| once and looks thresholds up: same numbers as kthvalue
+    from sponlab.method.sparsify import quantile_threshold, sorted_threshold
+
+    values = torch.randn(4, 1000, generator=torch.Generator().manual_seed(0)).abs()
+    values[0, :50] = values[0, 50]  # ties
+    ascending = values.flatten().sort().values
+    for s in (0.0, 0.0004, 0.05, 0.3333, 0.5, 0.99, 1.0):
+        assert sorted_threshold(ascending, s) == quantile_threshold(values, s)
+    assert sorted_threshold(ascending, 0.0) == float("-inf")

@@ -31,7 +31,7 @@ from sponlab.method.calibration import LayerCall, decoder_layers, record_layer_c
 from sponlab.method.sparsify import (
     SparsifySpec,
     group_representatives,
-    quantile_threshold,
+    sorted_threshold,
     sparsified,
 )
 from sponlab.model.hooks import capture_inputs
@@ -77,6 +77,7 @@ class LayerSearch:
         self.batches = batches
         self.reps = {rep.group: members for rep, members in group_representatives(sites).items()}
         self.outputs, self.magnitudes = self._dense_pass()
+        self.thresholds: dict[tuple[str, float], float] = {}  # (group, sparsity) -> threshold
         self.dense = [out.float() for out in self.outputs]  # [B, T, H] fp32 error reference
         length = batches[0][0].shape[1]
         self.start = min(round(length * (1 - last_fraction)), length - 1)  # scored positions
@@ -84,7 +85,8 @@ class LayerSearch:
     @torch.no_grad()
     def _dense_pass(self) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
         """One dense pass of the layer: its outputs per batch (the next layer's dense inputs,
-        in the model's dtype) and, per group, the flat |x| of the group's dense inputs."""
+        in the model's dtype) and, per group, the flat |x| of the group's dense inputs, sorted
+        ascending once, so each threshold of the search is a lookup instead of a selection."""
         found: dict[str, list[torch.Tensor]] = {g: [] for g in self.reps}
         group_of = {members[0]: g for g, members in self.reps.items()}
 
@@ -93,13 +95,14 @@ class LayerSearch:
 
         with capture_inputs(self.model, self.site_map, list(group_of), sink):
             outputs = [run_layer(self.layer, h, call) for h, call in self.batches]
-        return outputs, {g: torch.cat(values) for g, values in found.items()}
+        return outputs, {g: torch.cat(values).sort().values for g, values in found.items()}
 
     def spec(self, sparsities: dict[str, float]) -> SparsifySpec | None:
         thresholds = {}
         for group, s in sparsities.items():
-            t = quantile_threshold(self.magnitudes[group], s)
-            thresholds.update({site: t for site in self.reps[group]})
+            if (group, s) not in self.thresholds:  # a step re-asks the unchanged groups
+                self.thresholds[group, s] = sorted_threshold(self.magnitudes[group], s)
+            thresholds.update({site: self.thresholds[group, s] for site in self.reps[group]})
         nominal = min(max(sparsities.values(), default=0.0), MAX_SPARSITY)
         return SparsifySpec("teal", nominal, tuple(thresholds), thresholds)
 
