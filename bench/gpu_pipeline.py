@@ -1,7 +1,11 @@
 """The DVC pipeline's stage commands on a machine without DVC (a lent GPU), level by level.
 
 A GPU machine here has PyTorch and CUDA but no DVC and no network, so the pipeline cannot run
-there as ``dvc repro``. This script splits the job in two:
+there as ``dvc repro``. This script splits the job:
+
+``prepare --out .gpu`` (here): everything ``bench/gpu_session.sh`` needs in one folder to carry:
+the tiny pipeline project (bench/tiny_params.yaml with ``base.device`` / ``base.dtype`` set), its
+planned commands, sponlab's wheel and the builtin text the ``prepare`` stage reads.
 
 ``plan`` (here, with DVC): read a prepared project's ``dvc.yaml`` through DVC's own stage graph
 and write every stage's resolved command with its level (the longest chain of stages it waits
@@ -13,7 +17,8 @@ stage's seconds, exit code and log tail go to ``<out>/<name>.json``, then a chec
 metrics file's ``env`` names the device and dtype asked for.
 
 ``compare A B``: the outputs of two runs file by file (JSON without timings and environment, as
-``bench/determinism.py`` digests them): same command, same machine, same bytes.
+``bench/determinism.py`` digests them): same command, same machine, same bytes. Files that differ
+are split into those that hold a wall-clock time (``reproduce.TIMED_OUTPUTS``) and the rest.
 """
 
 from __future__ import annotations
@@ -21,15 +26,21 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
+import shutil
 import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import yaml
+from benchlib import ROOT
 from determinism import digest
 
+from sponlab.tools.reproduce import TIMED_OUTPUTS
+
 OUTPUT_DIRS = ("models", "data", "metrics", "plots")
+TEXT = ("exllamav3", "conversion", "standard_cal_data")  # where io.data finds the builtin text
 
 
 def plan(project: Path, targets: list[str]) -> list[tuple[int, str, str]]:
@@ -56,6 +67,31 @@ def plan(project: Path, targets: list[str]) -> list[tuple[int, str, str]]:
         cmd = stage.cmd if isinstance(stage.cmd, str) else " && ".join(stage.cmd)
         rows.append((lvl, stage.name, cmd))
     return sorted(rows)
+
+
+def prepare(out: Path, device: str, dtype: str) -> None:
+    """The tiny project (base on ``device`` in ``dtype``), its commands, the wheel and the text."""
+    from pipeline import TINY_OVERLAY, deep_merge, prepare_copy
+
+    from sponlab.io.data import builtin_text_dir
+    from sponlab.model.tiny import save_tiny
+
+    shutil.rmtree(out, ignore_errors=True)
+    project = out / "tiny"
+    save_tiny(project / "tiny-model", "llama")
+    base = {"source": "hub", "name": "tiny-model", "device": device, "dtype": dtype}
+    overlay = deep_merge(yaml.safe_load(TINY_OVERLAY.read_text()), {"base": base})
+    prepare_copy(project, [overlay])  # a git + DVC project, so DVC can plan it
+    rows = plan(project, [])
+    (out / "tiny.tsv").write_text("".join(f"{lvl}\t{st}\t{cmd}\n" for lvl, st, cmd in rows))
+    for meta in (".git", ".dvc"):
+        shutil.rmtree(project / meta)
+    wheel = [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation"]
+    subprocess.run([*wheel, "-w", str(out / "whl"), str(ROOT)], check=True)
+    text = out / "site" / Path(*TEXT)
+    shutil.copytree(builtin_text_dir(), text, ignore=shutil.ignore_patterns("__pycache__"))
+    (out / "site" / TEXT[0] / "__init__.py").touch()
+    print(f"{len(rows)} stages planned; carry {out} and run: bash bench/gpu_session.sh {out}")
 
 
 def _one(project: Path, stage: str, cmd: str, sponlab: str) -> dict:
@@ -113,7 +149,10 @@ def compare(a: Path, b: Path) -> dict:
     fa, fb = files(a), files(b)
     same = [k for k in sorted(fa.keys() & fb.keys()) if digest(fa[k]) == digest(fb[k])]
     differ = sorted((fa.keys() & fb.keys()) - set(same))
-    return {"identical": len(same), "differ": differ, "only_one": sorted(fa.keys() ^ fb.keys())}
+    timed = [k for k in differ if k.startswith(TIMED_OUTPUTS)]  # they hold a wall-clock time
+    return {"identical": len(same), "differ_timed": timed,
+            "differ": [k for k in differ if k not in timed],
+            "only_one": sorted(fa.keys() ^ fb.keys())}  # fmt: skip
 
 
 def main() -> None:
@@ -123,6 +162,10 @@ def main() -> None:
     p_plan.add_argument("--project", type=Path, default=Path("."))
     p_plan.add_argument("--targets", default="", help="comma list of stages (default: all)")
     p_plan.add_argument("--out", type=Path, required=True)
+    p_prep = sub.add_parser("prepare", help="the folder a GPU session carries (needs DVC)")
+    p_prep.add_argument("--out", type=Path, default=Path(".gpu"))
+    p_prep.add_argument("--device", default="cuda")
+    p_prep.add_argument("--dtype", default="bfloat16")
     p_run = sub.add_parser("run", help="run planned commands (no DVC needed)")
     p_run.add_argument("--project", type=Path, required=True)
     p_run.add_argument("--commands", type=Path, required=True)
@@ -135,7 +178,9 @@ def main() -> None:
     p_cmp.add_argument("a", type=Path)
     p_cmp.add_argument("b", type=Path)
     args = parser.parse_args()
-    if args.verb == "plan":
+    if args.verb == "prepare":
+        prepare(args.out, args.device, args.dtype)
+    elif args.verb == "plan":
         rows = plan(args.project, [t for t in args.targets.split(",") if t])
         args.out.write_text("".join(f"{lvl}\t{stage}\t{cmd}\n" for lvl, stage, cmd in rows))
         print(f"{len(rows)} stages in {1 + max(r[0] for r in rows)} levels -> {args.out}")
