@@ -69,23 +69,30 @@ def plan(project: Path, targets: list[str]) -> list[tuple[int, str, str]]:
     return sorted(rows)
 
 
-def prepare(out: Path, device: str, dtype: str) -> None:
-    """The tiny project (base on ``device`` in ``dtype``), its commands, the wheel and the text."""
+def tiny_project(project: Path, device: str, dtype: str) -> list[tuple[int, str, str]]:
+    """A copy of this project with bench/tiny_params.yaml and ``base`` on ``device`` in
+    ``dtype`` (its tiny model in ``tiny-model/``, named relatively), and its planned commands."""
     from pipeline import TINY_OVERLAY, deep_merge, prepare_copy
 
-    from sponlab.io.data import builtin_text_dir
     from sponlab.model.tiny import save_tiny
 
-    shutil.rmtree(out, ignore_errors=True)
-    project = out / "tiny"
     save_tiny(project / "tiny-model", "llama")
     base = {"source": "hub", "name": "tiny-model", "device": device, "dtype": dtype}
     overlay = deep_merge(yaml.safe_load(TINY_OVERLAY.read_text()), {"base": base})
     prepare_copy(project, [overlay])  # a git + DVC project, so DVC can plan it
     rows = plan(project, [])
-    (out / "tiny.tsv").write_text("".join(f"{lvl}\t{st}\t{cmd}\n" for lvl, st, cmd in rows))
     for meta in (".git", ".dvc"):
         shutil.rmtree(project / meta)
+    return rows
+
+
+def prepare(out: Path, device: str, dtype: str) -> None:
+    """The tiny project, its commands, sponlab's wheel and the builtin text, under ``out``."""
+    from sponlab.io.data import builtin_text_dir
+
+    shutil.rmtree(out, ignore_errors=True)
+    rows = tiny_project(out / "tiny", device, dtype)
+    (out / "tiny.tsv").write_text("".join(f"{lvl}\t{st}\t{cmd}\n" for lvl, st, cmd in rows))
     wheel = [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation"]
     subprocess.run([*wheel, "-w", str(out / "whl"), str(ROOT)], check=True)
     text = out / "site" / Path(*TEXT)

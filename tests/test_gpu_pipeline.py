@@ -62,3 +62,16 @@ def test_compare_separates_timed_outputs_from_differences(tmp_path: Path):
     result = gp.compare(tmp_path / "a", tmp_path / "b")
     assert result == {"identical": 1, "differ_timed": ["metrics/spectrum.json"],
                       "differ": ["metrics/table.csv"], "only_one": ["metrics/extra.csv"]}  # fmt: skip
+
+
+@pytest.mark.slow
+def test_tiny_pipeline_runs_every_stage_in_bf16(tmp_path: Path):
+    # what a GPU session runs, on CPU in bf16: every stage command, each model stage's env says so
+    project = tmp_path / "tiny"
+    rows = gp.tiny_project(project, "cpu", "bfloat16")
+    results = gp.run(project, rows, jobs=2, sponlab=f"{sys.executable} -m sponlab.cli")
+    failed = [(r["stage"], r["tail"]) for r in results if r["rc"] != 0]
+    assert not failed and len(results) == len(rows) > 40
+    assert gp.env_check(project, "cpu", "bfloat16") == []
+    dense = json.loads((project / "metrics" / "dense.json").read_text())
+    assert dense["env"]["dtype"] == "bfloat16" and (project / "metrics" / "report.md").is_file()
