@@ -90,9 +90,12 @@ def analyses(model, blocks: torch.Tensor, batch_size: int) -> dict[str, Callable
 
     def sae() -> str:
         acts = collect_activations(model, site_map, [layer], batches, progress=False)[layer]
-        result = train_sae(acts, expansion=1, steps=5, token_batch=64, progress=False)
+        result = train_sae(acts, expansion=1, steps=5, token_batch=64, progress=False,
+                           device=site_map.layer_device(model, layer))  # fmt: skip
         state["sae"] = result.sae
-        return f"acts {tuple(acts.shape)} on {acts.device}; fve {result.metrics['fve']:.3f}"
+        _on(device, [result.sae.W_enc], "sae")
+        return (f"acts {tuple(acts.shape)} on {acts.device}, trained on {result.sae.W_enc.device}; "
+                f"fve {result.metrics['fve']:.3f}")  # fmt: skip
 
     def importance(aggregate_by: str) -> str:
         targets = feature_targets([layer], {layer: state["sae"]}, aggregate_by)

@@ -63,6 +63,7 @@ def main(
                     settings.token_batch,
                     settings.holdout,
                     settings.seed + layer,
+                    device=site_map.layer_device(lm.model, layer),
                 )
             extra = {k: result.metrics[k] for k in ("fve", "l0", "mse", "dead_fraction")}
             extra |= {"model_name": str(model), "l1": settings.l1, "steps": settings.steps}

@@ -120,3 +120,15 @@ def test_histogram_calibration_counts_where_the_values_are(monkeypatch):
         assert "histogram counts live on cpu" in str(err)
     else:
         raise AssertionError("values on a second device were counted")
+
+
+def test_layer_device_follows_a_layer_moved_elsewhere():
+    # the SAE stage trains each layer's SAE on that layer's device (device_map spreads layers)
+    from sponlab.model.sites import discover_sites
+    from sponlab.model.tiny import tiny_model
+
+    model = tiny_model("llama", layers=3)
+    site_map = discover_sites(model)
+    model.model.layers[1].to("meta")
+    devices = [site_map.layer_device(model, i).type for i in range(3)]
+    assert devices == ["cpu", "meta", "cpu"]

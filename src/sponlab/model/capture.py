@@ -320,7 +320,7 @@ def collect_activations(
     progress: bool = True,
 ) -> dict[int, torch.Tensor]:
     """The activation ``activation`` of every non-pad token, per layer ``[N, D]`` float32 on CPU (the
-    SAE stage's training data; host memory, as SAE training runs there)."""
+    SAE stage's training data, kept in host memory; ``train_sae`` moves it to the layer's device)."""
     rows: dict[int, list[torch.Tensor]] = {layer: [] for layer in layers}
     state: dict[str, torch.Tensor] = {}
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from sponlab.io.tensorio import input_error
@@ -130,6 +131,11 @@ class SiteMap:
     def linear(self, model: nn.Module, site: Site) -> nn.Linear:
         """The ``nn.Linear`` at ``site``."""
         return model.get_submodule(self.paths[site])  # type: ignore[return-value]
+
+    def layer_device(self, model: nn.Module, layer: int) -> torch.device:
+        """The device of decoder layer ``layer`` (with ``device_map: auto`` layers differ)."""
+        site = next(s for s in self.sites if s.layer == layer)
+        return self.linear(model, site).weight.device
 
 
 def file_sites(

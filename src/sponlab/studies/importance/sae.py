@@ -225,23 +225,29 @@ def train_sae(
     holdout: float = 0.1,
     seed: int = 0,
     progress: bool = True,
+    device: torch.device | str = "cpu",
 ) -> SaeTrainResult:
-    """Train an SAE on ``acts`` ``[N, d_in]``; quality is measured on a held-out token fraction."""
+    """Train an SAE on ``acts`` ``[N, d_in]`` on ``device`` (the model's: the activations are
+    collected to host memory, the training runs where the matmuls are fast); quality is measured
+    on a held-out token fraction. The split, the initialisation and the token draws come from a
+    CPU generator, so a seed draws the same tokens on every device."""
+    device = torch.device(device)
     generator = torch.Generator().manual_seed(seed)
     acts = acts.float()
     order = torch.randperm(acts.shape[0], generator=generator)
     n_val = max(1, round(holdout * acts.shape[0]))
     train, val = acts[order[n_val:]], acts[order[:n_val]]  # [N_train, d_in], [N_val, d_in]
     scale = float((train.shape[1] / train.pow(2).sum(-1).mean()).sqrt())
-    sae = init_sae(train * scale, expansion * train.shape[1], generator)
+    sae = init_sae(train * scale, expansion * train.shape[1], generator).to(device)
+    train, val = train.to(device), val.to(device)
     before = reconstruction_metrics(_unscaled(sae, scale), val)
     sae.requires_grad_(True).train()
-    opt = torch.optim.Adam(sae.parameters(), lr=lr, **_fast_adam())
+    opt = torch.optim.Adam(sae.parameters(), lr=lr, **_fast_adam(device))
     history: dict[str, list[float]] = {"loss": [], "mse": [], "l0": []}
     start = time.perf_counter()
     for _ in tqdm(range(steps), desc="sae", disable=not progress):
         idx = torch.randint(0, train.shape[0], (token_batch,), generator=generator)
-        x = train[idx] * scale  # [b, d_in]
+        x = train[idx.to(device)] * scale  # [b, d_in]
         x_hat, f = sae(x)
         mse = (x - x_hat).pow(2).sum(-1).mean()
         loss = mse + l1 * f.sum(-1).mean()
@@ -268,7 +274,7 @@ def train_sae(
 
 def _unscaled(sae: SparseAutoencoder, scale: float) -> SparseAutoencoder:
     """The same SAE acting on raw activations (training used ``x * scale``)."""
-    raw = SparseAutoencoder(sae.d_in, sae.d_sae)
+    raw = SparseAutoencoder(sae.d_in, sae.d_sae).to(sae.W_enc.device)
     with torch.no_grad():
         raw.W_enc.copy_(sae.W_enc * scale)
         raw.b_enc.copy_(sae.b_enc)
@@ -277,10 +283,10 @@ def _unscaled(sae: SparseAutoencoder, scale: float) -> SparseAutoencoder:
     return raw.requires_grad_(False).eval()
 
 
-def _fast_adam() -> dict[str, bool]:
-    """Fused Adam where this torch build supports it on CPU (several times faster)."""
+def _fast_adam(device: torch.device = torch.device("cpu")) -> dict[str, bool]:
+    """Fused Adam where this torch build supports it on ``device`` (several times faster)."""
     try:
-        torch.optim.Adam([nn.Parameter(torch.zeros(1))], fused=True)
+        torch.optim.Adam([nn.Parameter(torch.zeros(1, device=device))], fused=True)
     except (RuntimeError, TypeError):
         return {}
     return {"fused": True}
