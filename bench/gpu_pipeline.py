@@ -69,6 +69,17 @@ def plan(project: Path, targets: list[str]) -> list[tuple[int, str, str]]:
     return sorted(rows)
 
 
+def write_commands(path: Path, rows: list[tuple[int, str, str]]) -> None:
+    """The planned commands as ``level<TAB>stage<TAB>command`` lines (what ``run`` reads)."""
+    path.write_text("".join(f"{lvl}\t{stage}\t{cmd}\n" for lvl, stage, cmd in rows))
+
+
+def read_commands(path: Path) -> list[tuple[int, str, str]]:
+    """The rows :func:`write_commands` wrote."""
+    lines = path.read_text().splitlines()
+    return [(int(lvl), stage, cmd) for lvl, stage, cmd in (ln.split("\t", 2) for ln in lines)]
+
+
 def tiny_project(project: Path, device: str, dtype: str) -> list[tuple[int, str, str]]:
     """A copy of this project with bench/tiny_params.yaml and ``base`` on ``device`` in
     ``dtype`` (its tiny model in ``tiny-model/``, named relatively), and its planned commands."""
@@ -92,7 +103,7 @@ def prepare(out: Path, device: str, dtype: str) -> None:
 
     shutil.rmtree(out, ignore_errors=True)
     rows = tiny_project(out / "tiny", device, dtype)
-    (out / "tiny.tsv").write_text("".join(f"{lvl}\t{st}\t{cmd}\n" for lvl, st, cmd in rows))
+    write_commands(out / "tiny.tsv", rows)
     wheel = [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation"]
     subprocess.run([*wheel, "-w", str(out / "whl"), str(ROOT)], check=True)
     text = out / "site" / Path(*TEXT)
@@ -189,11 +200,10 @@ def main() -> None:
         prepare(args.out, args.device, args.dtype)
     elif args.verb == "plan":
         rows = plan(args.project, [t for t in args.targets.split(",") if t])
-        args.out.write_text("".join(f"{lvl}\t{stage}\t{cmd}\n" for lvl, stage, cmd in rows))
+        write_commands(args.out, rows)
         print(f"{len(rows)} stages in {1 + max(r[0] for r in rows)} levels -> {args.out}")
     elif args.verb == "run":
-        lines = args.commands.read_text().splitlines()
-        rows = [(int(lvl), stage, cmd) for lvl, stage, cmd in (ln.split("\t", 2) for ln in lines)]
+        rows = read_commands(args.commands)
         start = time.perf_counter()
         results = run(args.project, rows, args.jobs, args.sponlab)
         bad_env = env_check(args.project, args.device, args.dtype)

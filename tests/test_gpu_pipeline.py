@@ -75,3 +75,9 @@ def test_tiny_pipeline_runs_every_stage_in_bf16(tmp_path: Path):
     assert gp.env_check(project, "cpu", "bfloat16") == []
     dense = json.loads((project / "metrics" / "dense.json").read_text())
     assert dense["env"]["dtype"] == "bfloat16" and (project / "metrics" / "report.md").is_file()
+
+
+def test_commands_round_trip_through_the_tsv(tmp_path: Path):
+    rows = [(0, "base", "sponlab base --out models/base"), (3, "train@A-0.5", "a\tb && c")]
+    gp.write_commands(tmp_path / "c.tsv", rows)
+    assert gp.read_commands(tmp_path / "c.tsv") == rows
