@@ -2,8 +2,8 @@
 
 Runs ``sponlab calibrate`` (s=--sparsity, set all), ``sponlab train`` and ``sponlab evaluate`` of
 one cell (--config) ``--runs`` times each into a scratch folder, every other run with a busy
-process beside it (a CPU-bound loop on one core), and digests every output file (JSON with its
-timing and environment fields dropped). Each stage must give one digest over all runs; the
+process beside it (a CPU-bound loop on one core), and digests every output file (JSON without
+the wall-clock and environment keys ``sponlab check-repro`` ignores, ``reproduce.IGNORED_KEYS``). Each stage must give one digest over all runs; the
 calibrate digest is also compared with the thresholds file the committed ``dvc.lock`` records.
 
 Needs the default pipeline's inputs up to the s=--sparsity baseline (``dvc repro
@@ -43,10 +43,10 @@ from pathlib import Path
 import yaml
 
 from sponlab.io.provenance import cpu_identity
+from sponlab.tools.reproduce import leaves
 
 ROOT = Path(__file__).resolve().parent.parent
 SPONLAB = str(Path(sys.executable).with_name("sponlab"))
-TIMING_KEYS = {"seconds", "env", "timing", "elapsed", "wall_s", "time"}
 
 
 def _busy(stop) -> None:
@@ -54,23 +54,15 @@ def _busy(stop) -> None:
         sum(i * i for i in range(10_000))
 
 
-def _clean(value):
-    """JSON without timing / environment fields (they legitimately differ run to run)."""
-    if isinstance(value, dict):
-        return {k: _clean(v) for k, v in value.items() if k not in TIMING_KEYS}
-    if isinstance(value, list):
-        return [_clean(v) for v in value]
-    return value
-
-
 def digest(path: Path) -> str:
-    """md5 over every file under ``path`` (sorted), JSON files with timing fields dropped."""
+    """md5 over every file under ``path`` (sorted); a JSON file by its leaves without the keys
+    check-repro ignores (timings, env), so both call the same files identical."""
     md5 = hashlib.md5()
     files = sorted(p for p in ([path] if path.is_file() else path.rglob("*")) if p.is_file())
     for file in files:
         md5.update(file.name.encode())
         if file.suffix == ".json":
-            md5.update(json.dumps(_clean(json.loads(file.read_text())), sort_keys=True).encode())
+            md5.update(json.dumps(sorted(leaves(json.loads(file.read_text())))).encode())
         else:
             md5.update(file.read_bytes())
     return md5.hexdigest()

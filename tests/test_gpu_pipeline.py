@@ -81,3 +81,25 @@ def test_commands_round_trip_through_the_tsv(tmp_path: Path):
     rows = [(0, "base", "sponlab base --out models/base"), (3, "train@A-0.5", "a\tb && c")]
     gp.write_commands(tmp_path / "c.tsv", rows)
     assert gp.read_commands(tmp_path / "c.tsv") == rows
+
+
+def test_digest_ignores_what_check_repro_ignores(tmp_path: Path):
+    """The determinism bench and check-repro agree on what a timing is: a JSON output that
+    differs only in a wall-clock key (here ``tokens_per_s``, which capture writes) has one
+    digest, one that differs in a result does not."""
+    from determinism import digest
+
+    from sponlab.tools.reproduce import IGNORED_KEYS
+
+    def write(name: str, value: dict) -> Path:
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "m.json").write_text(json.dumps(value))
+        return tmp_path / name
+
+    base = {"ppl": 42.4, "layers": [{"kl": 0.1, "seconds": 3.0}], "env": {"cpu": "a"}}
+    for n, key in enumerate(IGNORED_KEYS):
+        timed = json.loads(json.dumps(base))
+        timed["layers"][0][key] = n + 1.5  # nested, as the importance files hold them
+        assert digest(write(f"t{n}", timed)) == digest(write(f"b{n}", base)), key
+    moved = base | {"ppl": 42.5}
+    assert digest(write("moved", moved)) != digest(write("base", base))
