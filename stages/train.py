@@ -14,12 +14,13 @@ from pathlib import Path
 
 import typer
 
-from sponlab.io.layout import BLOCKS, SPON, cell_path, seed_path, threshold_path
+from sponlab.io.layout import BLOCKS, SPON, TEACHER, cell_path, seed_path, threshold_path
 from sponlab.io.tensorio import load_tensors
 from sponlab.method.cell import fit_seeds, initial_biases, needs_closed_form, write_seed
 from sponlab.method.experiment import bias_sites, cell_spec
 from sponlab.method.ranked import ranked_layers, read_ranking
 from sponlab.method.spon import SponBiases
+from sponlab.method.teachers import read_hidden
 from sponlab.method.train import TrainResult
 from sponlab.model.sites import LayerSelection
 from sponlab.stages.common import (
@@ -43,6 +44,9 @@ def main(
     out: Path = typer.Option(None, "--out", help="Default: models/spon/<config>/s<sparsity>"),
     ranking: Path = typer.Option(
         None, "--ranking", help="Layer-importance tables (layers.csv, curves.csv): ranked configs."
+    ),
+    teacher: Path = typer.Option(
+        TEACHER, "--teacher", help="The teacher stage's hidden states of the train/val blocks."
     ),
 ) -> None:
     params = read_params(params_file)
@@ -76,7 +80,7 @@ def main(
             empty = SponBiases([], {}, alloc.parametrization)
             write_seed(seed_path(out, seed), {**meta, "seed": seed}, empty, TrainResult(), 0)
         return
-    train_seeds(params, alloc, sparsity, model, data, thresholds, out, meta)
+    train_seeds(params, alloc, sparsity, (model, data, thresholds, teacher), out, meta)
 
 
 def made_for(thresholds: Path) -> str:
@@ -84,19 +88,22 @@ def made_for(thresholds: Path) -> str:
     return load_tensors(thresholds, producer="calibrate")[1]["model_fingerprint"]
 
 
-def train_seeds(params, alloc, sparsity, model, data, thresholds, out, meta) -> None:
-    """Load the model and blocks, fit (or compute) the biases of every seed, one folder each."""
+def train_seeds(params, alloc, sparsity, inputs, out, meta) -> None:
+    """Load the model and blocks, fit (or compute) the biases of every seed, one folder each;
+    ``inputs``: the model, blocks, thresholds and teacher paths."""
+    model, data, thresholds, teacher = inputs
     loaded, site_map = load_base(params, model)
     meta["model_fingerprint"] = loaded.fingerprint
     sites = bias_sites(alloc, site_map)
     spec = cell_spec(params, alloc, sparsity, site_map, thresholds, loaded.fingerprint)
     calib = load_blocks(data / "calib.safetensors") if needs_closed_form(alloc, sites) else None
     start = initial_biases(params, alloc, loaded.model, site_map, spec, sites, calib)
-    blocks = None
+    blocks, hidden = None, None
     if sites and alloc.bias == "trained":
         blocks = (load_blocks(data / "train.safetensors"), load_blocks(data / "val.safetensors"))
+        hidden = read_hidden(teacher, *blocks, loaded.fingerprint)
     with timed(f"{alloc.name} at s={sparsity}: {len(alloc.seeds)} seed(s), {len(sites)} sites"):
         for seed, biases, result in fit_seeds(
-            params, alloc, loaded.model, site_map, spec, start, blocks
+            params, alloc, loaded.model, site_map, spec, start, blocks, hidden
         ):
             write_seed(seed_path(out, seed), {**meta, "seed": seed}, biases, result, len(sites))

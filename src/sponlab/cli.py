@@ -28,6 +28,7 @@ STAGES: list[str] = [
     "calibrate",
     "dense",
     "baseline",
+    "teacher",
     "train",
     "evaluate",
     "summarize",

@@ -15,6 +15,7 @@ SPON = Path("models/spon")  # <config>/s<sparsity>/seed<k>/{biases.safetensors,t
 DENSE_METRICS = Path("metrics/dense.json")  # dense perplexity and protocol (stage dense)
 BASELINES = Path("data/baseline")  # s<sparsity>/<set>.json (TEAL-only, shared by the cells)
 EVALS = Path("metrics/eval")  # <config>/s<sparsity>/{metrics.json,shift.csv,sparsity.csv}
+TEACHER = Path("models/teacher")  # <split>-<part>.safetensors: dense final hidden states (teacher)
 CURVE_VARIANTS = Path("models/learning_curve")  # <config>/s<sparsity>/b<size>/seed<k>/...
 ALLOCATIONS = Path("metrics/allocation")  # s<sparsity>/<set>/ per-site sparsity (calibrate)
 SUMMARY_CSV = Path("metrics/tables/summary.csv")  # one row per cell (stage summarize)
@@ -26,6 +27,11 @@ LMEVAL = Path("metrics/lmeval")  # <config>/s<sparsity>/<variant>.json (sponlab 
 def block_path(split: str, root: Path = BLOCKS) -> Path:
     """The prepare stage's token blocks of one split: ``data/blocks/test.safetensors``."""
     return Path(root) / f"{split}.safetensors"
+
+
+def teacher_path(root: Path, split: str, part: int) -> Path:
+    """One file of the teacher stage's hidden states of a split: ``root/train-0003.safetensors``."""
+    return Path(root) / f"{split}-{part:04d}.safetensors"
 
 
 def threshold_path(root: Path, sparsity: float, sparsified: str) -> Path:

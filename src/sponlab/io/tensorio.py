@@ -121,6 +121,20 @@ def load_tensors(
     return tensors, {k: _decode(v) for k, v in raw.items()}
 
 
+def read_metadata(path: Path, producer: str | None = None) -> dict[str, Any]:
+    """The metadata :func:`save_tensors` wrote (JSON values decoded), without reading tensors."""
+    path = Path(path)
+    if not path.is_file():
+        raise input_error(path, "file not found", producer)
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            raw = handle.metadata() or {}
+    except (SafetensorError, OSError, ValueError) as err:
+        problem = f"not a readable safetensors file, truncated or corrupt ({err})"
+        raise input_error(path, problem, producer) from err
+    return {k: _decode(v) for k, v in raw.items()}
+
+
 def check_made_for(
     path: Path, metadata: Mapping[str, Any], expected: Mapping[str, Any], producer: str | None
 ) -> None:

@@ -23,7 +23,7 @@ from sponlab.io.tensorio import write_json, write_rows
 from sponlab.method.closed_form import closed_form_biases
 from sponlab.method.sparsify import SparsifySpec
 from sponlab.method.spon import SponBiases, save_biases
-from sponlab.method.teachers import teachers_for, validation_targets
+from sponlab.method.teachers import Rows, teachers_for, validation_targets
 from sponlab.method.train import TrainResult, train_spon
 from sponlab.model.sites import Site, SiteMap
 
@@ -69,21 +69,26 @@ def fit_seeds(
     spec: SparsifySpec,
     start: SponBiases,
     blocks: tuple[torch.Tensor, torch.Tensor] | None,
+    hidden: tuple[Rows, Rows] | None = None,
 ) -> Iterator[tuple[int, SponBiases, TrainResult]]:
     """Each seed's biases from ``start``: trained on ``blocks`` = (training pool [P, T],
     validation blocks [V, T]) when the config is trained, else ``start`` itself. The validation
-    targets are shared; host memory holds one seed's training targets at a time."""
+    targets are shared; host memory holds one seed's training targets at a time. With ``hidden``
+    (the teacher stage's stored states of the pool and the validation blocks) only the LM head
+    runs for the targets."""
     val = None
+    pool_hidden, val_hidden = hidden or (None, None)
     if blocks is not None and start.sites and alloc.bias == "trained":
         pool = blocks[0]
-        val = validation_targets(model, blocks[1], params.train)
+        val = validation_targets(model, blocks[1], params.train, val_hidden)
     for seed in alloc.seeds:
         biases = SponBiases.for_model(model, site_map, start.sites, alloc.parametrization)
         biases.load_state(start.state())
         result = TrainResult()
         if val is not None:
             settings = replace(params.train, seed=seed, loss=alloc.loss)
-            teachers = teachers_for(model, pool, settings.blocks or len(pool), val, settings)
+            trained = settings.blocks or len(pool)
+            teachers = teachers_for(model, pool, trained, val, settings, pool_hidden)
             log.info("train %s, seed %d: %d sites, %d params", alloc.name, seed,
                      len(start.sites), biases.num_parameters())  # fmt: skip
             result = train_spon(model, site_map, spec, biases, pool, val.blocks, settings, teachers)

@@ -122,17 +122,27 @@ def dense_target(model: nn.Module, ids: torch.Tensor, topk: int, chunk: int) -> 
     if chunk == 0 and topk == 0:
         return TeacherTarget(dense_logprobs(model, ids))
     with torch.no_grad():
-        hidden = last_hidden(model, ids).flatten(0, 1)  # [B*T, D]
+        return hidden_target(model, last_hidden(model, ids), topk, chunk)
+
+
+def hidden_target(model: nn.Module, hidden: torch.Tensor, topk: int, chunk: int) -> TeacherTarget:
+    """:func:`dense_target` from the decoder's final hidden states ``[B, T, D]`` (the LM head's
+    input, e.g. stored by the teacher stage): only the LM head runs. The same operations on the
+    same values, so the targets are bit-identical to :func:`dense_target`'s (tested)."""
+    with torch.no_grad():
+        if chunk == 0 and topk == 0:  # [B, T, V]
+            return TeacherTarget(F.log_softmax(output_logits(model, hidden).float(), dim=-1))
+        flat = hidden.flatten(0, 1)  # [B*T, D]
         parts = []
-        for part in chunks(len(hidden), chunk):
-            logp = F.log_softmax(output_logits(model, hidden[part]).float(), dim=-1)  # [n, V]
+        for part in chunks(len(flat), chunk):
+            logp = F.log_softmax(output_logits(model, flat[part]).float(), dim=-1)  # [n, V]
             parts.append(top_k_target(logp, topk) if topk else TeacherTarget(logp))
-    flat = TeacherTarget(
+    joined = TeacherTarget(
         torch.cat([p.logp for p in parts]),
         None if parts[0].is_full else torch.cat([p.index for p in parts]),
         None if parts[0].is_full else torch.cat([p.rest for p in parts]),
     )
-    return flat.map(lambda t: t.unflatten(0, ids.shape))
+    return joined.map(lambda t: t.unflatten(0, hidden.shape[:2]))
 
 
 def chunked_kl(
