@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from sponlab.config import ConfigError, TrainParams, parse_params
 from sponlab.method.distill import (
+    TeacherTarget,
     chunked_kl,
     dense_target,
     kl_per_token,
@@ -140,3 +141,36 @@ def test_every_per_token_kl_is_the_one_kl_bit_for_bit():
     assert l2.shape == rel.shape == (2, 3, 5)
     assert torch.allclose(rel * ref_hidden.norm(dim=-1), l2)
     assert torch.allclose(l2[1, 2, 3], (hidden[1, 2, 3] - ref_hidden[1, 2, 3]).norm())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_full_kl_gradient_matches_finite_differences_and_autograd(dtype):
+    """The written-out backward of the full KL (softmax(z) - p) against central differences of
+    the textbook KL in float64 and against autograd through kl_div and log_softmax; the gradient
+    comes back in the logits' dtype."""
+    import torch.nn.functional as F
+
+    gen = torch.Generator().manual_seed(4)
+    logits = (torch.randn(3, 5, 11, generator=gen) * 2).to(dtype).requires_grad_()
+    teacher = F.log_softmax(torch.randn(3, 5, 11, generator=gen) * 2, dim=-1)
+    weights = torch.rand(3, 5, generator=gen)  # a non-uniform upstream gradient
+    (kl_per_token(TeacherTarget(teacher), logits) * weights).sum().backward()
+    assert logits.grad.dtype == dtype
+
+    z0 = logits.detach().double()
+
+    def textbook(z: torch.Tensor) -> torch.Tensor:
+        p = teacher.double().exp()
+        return ((p * (teacher.double() - F.log_softmax(z, -1))).sum(-1) * weights.double()).sum()
+
+    eps, numeric = 1e-6, torch.zeros_like(z0)
+    for index in [(0, 0, 0), (1, 2, 3), (2, 4, 10), (0, 3, 7)]:
+        step = torch.zeros_like(z0)
+        step[index] = eps
+        numeric[index] = (textbook(z0 + step) - textbook(z0 - step)) / (2 * eps)
+        tol = 1e-6 if dtype == torch.float32 else 1e-2 * abs(numeric[index]) + 1e-4
+        assert abs(float(logits.grad[index]) - float(numeric[index])) < tol, index
+    chain = logits.detach().clone().requires_grad_()
+    kl = F.kl_div(F.log_softmax(chain.float(), -1), teacher, log_target=True, reduction="none")
+    (kl.sum(-1) * weights).sum().backward()
+    assert torch.allclose(logits.grad.float(), chain.grad.float(), atol=1e-6)
