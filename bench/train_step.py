@@ -13,6 +13,10 @@ Measured (CPU, fp32, median of ``--repeats`` interleaved runs after a warm-up ro
   cast once, autocast; teacher, KL, biases and optimizer stay float32); ``speedup`` is the fp32
   step over it, same round. ``spon-cached-autocast``: plain autocast (re-casts every weight each
   step; what training did before the cached copies), for the ratio between the two.
+* ``spon-cached-2026-12-03``: the float32 step as the pipeline ran it before 2026-12-04 (KL
+  through autograd's ``kl_div`` / ``log_softmax`` chain instead of the written-out gradient), in
+  the same run, so ``vs_before`` (it over each variant, paired by round) is issue 27's ratio
+  against that day's float32 step.
 * ``dense`` (the baseline): dense forward + backward with the same frozen weights and the same
   trainable bias set attached (its own copy and AdamW), next-token cross-entropy loss, clipping
   and an AdamW step; no sparsification, no teacher. Gradients flow through the same layers as in
@@ -81,13 +85,17 @@ def make_steps(
         "autocast": lambda: torch.autocast("cpu", dtype=torch.bfloat16),
     }
 
-    def student(target: torch.Tensor, precision: str = "fp32") -> None:
+    def autograd_kl(target: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        logq = F.log_softmax(logits.float(), dim=-1)  # the 2026-12-03 KL, autograd's backward
+        return F.kl_div(logq, target, log_target=True, reduction="none").sum(-1).mean()
+
+    def student(target: torch.Tensor, precision: str = "fp32", kl=kl_to_teacher) -> None:
         with (
             sparsified(model, site_map, spec),
             spon_biases.attached(model, site_map),
             precisions[precision](),
         ):
-            loss = kl_to_teacher(target, model(ids).logits)
+            loss = kl(target, model(ids).logits)
         optimizer_step(loss, spon_biases, spon_opt)
 
     def dense() -> None:
@@ -105,6 +113,7 @@ def make_steps(
         "dense": dense,
         "spon": lambda: student(dense_logprobs(model, ids)),
         "spon-cached": lambda: student(cached),
+        "spon-cached-2026-12-03": lambda: student(cached, kl=autograd_kl),
         "spon-bf16": lambda: student(dense_logprobs(model, ids), "bf16"),
         "spon-cached-bf16": lambda: student(cached, "bf16"),
         "spon-cached-autocast": lambda: student(cached, "autocast"),
@@ -160,9 +169,23 @@ def main() -> None:
                     paired_ratio(timings[key.rsplit("-", 1)[0]], timing)
                     if key.endswith(("-bf16", "-autocast")) else None
                 ),
+                "vs_before": (
+                    paired_ratio(timings["spon-cached-2026-12-03"], timing)
+                    if key.startswith("spon-cached") else None
+                ),
             }
         )  # fmt: skip
-    print_table(rows, ["model", "variant", "median_s", "tokens_per_s", "ratio", "speedup", "ok"])
+    columns = [
+        "model",
+        "variant",
+        "median_s",
+        "tokens_per_s",
+        "ratio",
+        "speedup",
+        "vs_before",
+        "ok",
+    ]
+    print_table(rows, columns)
     save_result(
         args.name,
         {

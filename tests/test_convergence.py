@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 
 import pytest
 import torch
@@ -88,17 +89,35 @@ def _bf16_loss_and_grads(model, site_map, blocks, precision):
 
 
 def test_bf16_student_matches_plain_autocast_bit_for_bit_and_restores_the_weights(llama, blocks):
+    """The student is plain bf16 autocast with eager attention, only faster; the float32 weights
+    and SDPA come back after the step, even when it raises."""
     model, site_map = llama
+    assert model.config._attn_implementation == "sdpa"
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    plain = _bf16_loss_and_grads(model, site_map, blocks, torch.autocast("cpu", torch.bfloat16))
+
+    @contextmanager
+    def eager_autocast():  # the teacher (computed before entering) keeps SDPA, as in training
+        model.set_attn_implementation("eager")
+        try:
+            with torch.autocast("cpu", torch.bfloat16):
+                yield
+        finally:
+            model.set_attn_implementation("sdpa")
+
+    plain = _bf16_loss_and_grads(model, site_map, blocks, eager_autocast())
+    sdpa = _bf16_loss_and_grads(model, site_map, blocks, torch.autocast("cpu", torch.bfloat16))
     student = Bf16Student(model)
     assert student.copies and all(c.dtype == torch.bfloat16 for c in student.copies.values())
     cached = _bf16_loss_and_grads(model, site_map, blocks, student.active())
+    assert model.config._attn_implementation == "sdpa"
     fp32 = _bf16_loss_and_grads(model, site_map, blocks, torch.autocast("cpu", enabled=False))
     assert torch.equal(plain[0], cached[0]) and not torch.equal(plain[0], fp32[0])
     assert all(torch.equal(a, b) for a, b in zip(plain[1], cached[1], strict=True))
+    assert torch.allclose(sdpa[0], cached[0], rtol=1e-2)  # the same loss up to bf16 rounding
     with pytest.raises(RuntimeError), student.active():
+        assert model.config._attn_implementation == "eager"
         raise RuntimeError("inside the step")
+    assert model.config._attn_implementation == "sdpa"
     after = model.state_dict()
     assert all(
         after[k].dtype == torch.float32 and torch.equal(after[k], v) for k, v in before.items()
