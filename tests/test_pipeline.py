@@ -104,7 +104,7 @@ def test_tiny_dvc_pipeline_end_to_end(repo: Path):
     # the README's command, venv not on PATH; VENV points make at the installed environment
     first = run(["make", "repro", f"VENV={VENV}", "TARGETS=plots"], repo)
     assert "pip install" not in first, "make repro reinstalled although the venv is current"
-    expected = {"base", "prepare", "dense", "summarize", "plots", "layer-importance"}
+    expected = {"base", "prepare", "teacher", "dense", "summarize", "plots", "layer-importance"}
     expected |= {f"{kind}@{s}-0.5" for kind in ("calibrate", "baseline") for s in SETS}
     expected |= {f"{kind}@{c}-0.5" for kind in ("train", "evaluate") for c in CONFIGS}
     expected |= {f"{kind}-ranked@{c}-0.5" for kind in ("train", "evaluate") for c in RANKED}
