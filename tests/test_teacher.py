@@ -61,11 +61,11 @@ def test_hidden_states_of_other_blocks_or_another_model_are_refused(tmp_path: Pa
     model, _ = llama
     ids = torch.randint(0, 512, (6, 8), generator=torch.Generator().manual_seed(4))
     write_hidden(tmp_path, "val", model, ids, 2, {"model_fingerprint": "abc"})
-    with pytest.raises(InputFileError, match="blocks_md5.*dvc repro teacher"):
+    with pytest.raises(InputFileError, match=r"blocks_md5.*dvc repro teacher"):
         HiddenStates(tmp_path, "val", ids.flip(0), "abc")
     with pytest.raises(InputFileError, match="model_fingerprint"):
         HiddenStates(tmp_path, "val", ids, "other")
-    with pytest.raises(InputFileError, match="train-0000.safetensors: file not found"):
+    with pytest.raises(InputFileError, match=r"train-0000\.safetensors: file not found"):
         read_hidden(tmp_path, ids, ids, "abc")
 
 
