@@ -106,33 +106,30 @@ def load_tensors(
     ``producer`` names the stage that writes the file, for the error message when it is missing
     or unreadable.
     """
-    path = Path(path)
+    return _read(Path(path), producer, with_tensors=True)
+
+
+def read_metadata(path: Path, producer: str | None = None) -> dict[str, Any]:
+    """The metadata :func:`save_tensors` wrote (JSON values decoded), without reading tensors."""
+    return _read(Path(path), producer, with_tensors=False)[1]
+
+
+def _read(
+    path: Path, producer: str | None, with_tensors: bool
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """One owner of opening a safetensors file: missing or unreadable is an error naming it."""
     if not path.is_file():
         raise input_error(path, "file not found", producer)
     tensors: dict[str, torch.Tensor] = {}
     try:
         with safe_open(str(path), framework="pt") as handle:
             raw = handle.metadata() or {}
-            for key in handle.keys():  # noqa: SIM118 - safe_open is not a Mapping
+            for key in handle.keys() if with_tensors else ():
                 tensors[key] = handle.get_tensor(key)
     except (SafetensorError, OSError, ValueError) as err:
         problem = f"not a readable safetensors file, truncated or corrupt ({err})"
         raise input_error(path, problem, producer) from err
     return tensors, {k: _decode(v) for k, v in raw.items()}
-
-
-def read_metadata(path: Path, producer: str | None = None) -> dict[str, Any]:
-    """The metadata :func:`save_tensors` wrote (JSON values decoded), without reading tensors."""
-    path = Path(path)
-    if not path.is_file():
-        raise input_error(path, "file not found", producer)
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            raw = handle.metadata() or {}
-    except (SafetensorError, OSError, ValueError) as err:
-        problem = f"not a readable safetensors file, truncated or corrupt ({err})"
-        raise input_error(path, problem, producer) from err
-    return {k: _decode(v) for k, v in raw.items()}
 
 
 def check_made_for(
